@@ -1,0 +1,113 @@
+"""Click commands only: parse options, call the pfp_onnx API, print. No pruning logic lives here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from dataclasses import asdict
+
+import click
+
+from pfp_onnx import PfpError, analyze, compress
+from pfp_onnx.model import check_output_path, save_model
+from pfp_onnx.pipeline import MODES
+from pfp_onnx.report import render_table, write_json
+from pfp_onnx.runtime import DEVICES
+
+
+def _user_errors(command):
+    """A user error becomes one paragraph on stderr and exit status 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except PfpError as error:
+            click.echo(f"Error: {' '.join(str(error).split())}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _progress_printer(quiet: bool):
+    if quiet or not sys.stderr.isatty():
+        return None
+
+    def show(stage: str, done: int, total: int) -> None:
+        end = "\n" if done >= total else ""
+        click.echo(f"\r{stage}: {done}/{total} points", err=True, nl=False)
+        if end:
+            click.echo("", err=True)
+
+    return show
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="pfp-onnx")
+def main() -> None:
+    """Provable Filter Pruning for ONNX models: remove whole filters and neurons, keep a dense model."""
+
+
+@main.command("compress")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="Calibration .npz: one array per model input (by input name), optional 'labels'.")
+@click.option("--budget", required=True, type=float,
+              help="Fraction of the Conv/Gemm/MatMul weights to keep, in (0, 1].")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model.")
+@click.option("--mode", type=click.Choice(MODES), default="deterministic", show_default=True,
+              help="Keep the most sensitive channels, or sample them by sensitivity (randomized, hybrid).")
+@click.option("--holdout", type=float, default=0.2, show_default=True,
+              help="Fraction of the calibration points held out to verify the pruned model.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Points per onnxruntime run.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and for sampling.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+              help="Execution provider: CUDA when onnxruntime can use it (auto), or force one.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@_user_errors
+def compress_command(model, data, budget, output, mode, holdout, batch_size, seed, device, report_path, quiet):
+    """Prune MODEL to keep BUDGET of its layer weights and write a smaller dense ONNX model."""
+    output_path = check_output_path(output, model)
+    if report_path is not None:
+        check_output_path(report_path, model)
+    result = compress(model, data, budget=budget, mode=mode, holdout=holdout, batch_size=batch_size,
+                      seed=seed, device=device, progress=_progress_printer(quiet))
+    save_model(result.model, output_path)
+    if report_path is not None:
+        write_json(result.report, report_path)
+    if not quiet:
+        for note in result.notes:
+            click.echo(f"note: {note}", err=True)
+        sys.stderr.flush()
+        click.echo(render_table(result.report))
+        click.echo(f"wrote {output_path}" + (f" and {report_path}" if report_path else ""))
+
+
+@main.command("analyze")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data", type=click.Path(dir_okay=False),
+              help="Optional calibration .npz to make dynamic sizes concrete.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
+@_user_errors
+def analyze_command(model, data, as_json):
+    """Show MODEL's channel groups: which can be pruned, and why the others are frozen."""
+    analysis = analyze(model, data)
+    if as_json:
+        click.echo(json.dumps({"groups": [asdict(group) for group in analysis.groups],
+                               "layers": [asdict(layer) for layer in analysis.layers],
+                               "weights_total": analysis.weights_total,
+                               "weights_in_prunable_groups": analysis.weights_in_prunable_groups}, indent=2))
+        return
+    click.echo(f"{'group':>5}  {'width':>5}  {'producers':<30} {'consumers':<30} status")
+    for group in analysis.groups:
+        status = "prunable" if group.prunable else "frozen: " + "; ".join(group.frozen)
+        click.echo(f"{group.id:>5}  {group.width:>5}  {', '.join(group.producers):<30.30} "
+                   f"{', '.join(group.consumers):<30.30} {status}")
+    share = analysis.weights_in_prunable_groups / analysis.weights_total if analysis.weights_total else 0.0
+    click.echo(f"\n{share:.1%} of the {analysis.weights_total:,} Conv/Gemm/MatMul weights sit in prunable groups")
+
+
+if __name__ == "__main__":
+    main()

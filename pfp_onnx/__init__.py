@@ -1,0 +1,12 @@
+"""pfp-onnx: Provable Filter Pruning (Liebenwein et al., ICLR 2020) for ONNX models.
+
+    result = pfp_onnx.compress("model.onnx", "calib.npz", budget=0.4)
+    onnx.save(result.model, "model.pruned.onnx"); print(result.report.totals)
+"""
+
+from pfp_onnx.errors import BudgetError, DataError, ModelError, OptionError, OutputError, PfpError
+from pfp_onnx.pipeline import CompressResult, analyze, compress
+
+__all__ = ["compress", "analyze", "CompressResult", "PfpError", "BudgetError", "DataError", "ModelError",
+           "OptionError", "OutputError"]
+__version__ = "0.1.0"

@@ -1,0 +1,223 @@
+"""How many channels each group keeps: one error bound ε for the whole model, solved for the budget (PFP.md §2–3).
+
+Every group's keep count n(ε) follows from its sensitivities through PFP's sample complexity: a group whose
+sensitivity mass is spread over many channels, or whose consumer sees many patches, needs more channels for
+the same ε. Using one ε everywhere is the allocation that minimises the largest per-layer error bound, and
+since size(ε) — the prunable-layer weights kept — falls as ε grows, ε is found by bisection.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pfp_onnx.errors import BudgetError
+
+__all__ = [
+    "Allocation",
+    "GroupDemand",
+    "LayerSize",
+    "allocate",
+    "channels_for_epsilon",
+    "expected_distinct",
+    "kept_weights",
+    "sample_size",
+]
+
+# Bisection bracket for ε. At the top every group keeps one channel (m(ε) = 1); the reference starts at
+# 1e-300, but m(ε) ~ 1/ε² overflows float64 below about 1e-150, and 1e-12 already keeps every channel with
+# any noticeable sensitivity.
+EPSILON_MIN = 1e-12
+EPSILON_MAX = 1e150
+# Float noise in Σ 1−(1−p)^m must not push ceil() up by a whole channel.
+DISTINCT_TOLERANCE = 1e-9
+
+
+@dataclass(frozen=True)
+class GroupDemand:
+    """What a prunable channel group needs to be allocated: its sensitivities and its hardest consumer.
+
+    patches (P) and kernel (K, elements per channel) are those of the consuming layer with the largest
+    ln(8(P+1)K/δ), the term of PFP's bound that grows with the consumer's size.
+    """
+
+    name: str
+    sensitivity: np.ndarray
+    patches: int
+    kernel: int
+
+
+@dataclass(frozen=True)
+class LayerSize:
+    """A Conv/Gemm/MatMul weight seen as in_units · in_block · out_units elements.
+
+    in_group/out_group name the groups whose channels are its input/output units; None means that side
+    keeps its full width (frozen or not prunable).
+    """
+
+    name: str
+    in_group: str | None
+    in_units: int
+    in_block: int
+    out_group: str | None
+    out_units: int
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The solved error bound, the channels each group keeps, and the weights that leaves."""
+
+    epsilon: float
+    kept: dict[str, int]
+    weights_total: int
+    weights_kept: int
+    weights_floor: int
+
+
+def sample_size(epsilon: float, sensitivity_sum_tilde: float) -> int:
+    """m(ε) = ceil(3(6+2ε)·S̃/ε²), at least 1: draws with replacement that give error ≤ ε (PFP.md §2)."""
+    if not epsilon > 0:
+        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    # (6+2ε)/ε² written as (6/ε + 2)/ε so that a tiny ε does not underflow ε² to zero first.
+    samples = 3.0 * (6.0 / epsilon + 2.0) / epsilon * float(sensitivity_sum_tilde)
+    if not math.isfinite(samples):
+        raise ValueError(f"sample size overflows for epsilon={epsilon} and S̃={sensitivity_sum_tilde}")
+    return max(1, math.ceil(samples))
+
+
+def expected_distinct(probabilities: np.ndarray, samples: int | float) -> float:
+    """Σ_c 1−(1−p_c)^m: the expected number of distinct channels among m draws with replacement from p.
+
+    Computed as −expm1(m·log1p(−p)), which stays accurate when p is tiny and m is huge.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    m = float(samples)
+    positive = p > 0
+    with np.errstate(divide="ignore"):
+        log_miss = np.log1p(-p[positive])  # −inf where p == 1: that channel is always drawn
+    return float(np.sum(-np.expm1(m * log_miss)))
+
+
+def channels_for_epsilon(group: GroupDemand, epsilon: float, *, delta: float = 1e-16,
+                         c_constant: float = 3.0) -> int:
+    """n(ε) = min(C, max(1, ceil(expected distinct channels among m(ε) draws))) (PFP.md §2).
+
+    A group with no sensitivity at all cannot influence any output, so it keeps one channel.
+    """
+    sensitivity = np.asarray(group.sensitivity, dtype=np.float64)
+    channels = int(sensitivity.size)
+    total = float(sensitivity.sum())
+    if total <= 0:
+        return 1
+    alpha = 2.0 * c_constant * math.log(8.0 * (group.patches + 1) * group.kernel / delta)
+    samples = sample_size(epsilon, alpha * total)
+    distinct = expected_distinct(sensitivity / total, samples)
+    return min(channels, max(1, math.ceil(distinct - DISTINCT_TOLERANCE)))
+
+
+def kept_weights(layers: Sequence[LayerSize], kept: Mapping[str, int]) -> int:
+    """Σ_layers kept_in · in_block · kept_out; a group missing from `kept` (or a None side) is full width."""
+    total = 0
+    for layer in layers:
+        in_units = kept.get(layer.in_group, layer.in_units) if layer.in_group is not None else layer.in_units
+        out_units = kept.get(layer.out_group, layer.out_units) if layer.out_group is not None else layer.out_units
+        total += in_units * layer.in_block * out_units
+    return total
+
+
+def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
+             delta: float = 1e-16, c_constant: float = 3.0) -> Allocation:
+    """The PFP allocation that keeps as many weights as possible while keeping ≤ budget · all of them.
+
+    budget is the fraction of the prunable layers' weights (Σ in_units·in_block·out_units) to keep. The
+    result is the smallest ε in [1e-12, 1e150] with size(ε) ≤ budget · total, found by bisection on log ε down
+    to adjacent floats, so it sits on the step of n(ε) where one more channel anywhere would break the
+    budget. No greedy top-up follows: the gap to the budget is whatever PFP's steps leave. budget == 1
+    keeps every channel (ε reported as 1e-12).
+
+    Raises BudgetError when budget is outside (0, 1] or below the floor (every group keeping one channel).
+    """
+    demands = _check_inputs(groups, layers)
+    given = budget
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if not 0 < budget <= 1:
+        raise BudgetError(
+            f"The budget must be a fraction in (0, 1] of the prunable layers' weights to keep "
+            f"(e.g. 0.5 keeps half of them), but {given!r} was given; pass a value such as --budget 0.5."
+        )
+    full = {name: int(np.asarray(group.sensitivity).size) for name, group in demands.items()}
+    weights_total = kept_weights(layers, full)
+    weights_floor = kept_weights(layers, dict.fromkeys(demands, 1))
+    target = budget * weights_total
+
+    if weights_floor > target:
+        frozen = kept_weights([layer for layer in layers if layer.in_group is None and layer.out_group is None], {})
+        # Round up: a budget printed below the true floor would still fail.
+        smallest = math.ceil(weights_floor / weights_total * 1000 - 1e-9) / 1000
+        raise BudgetError(
+            f"A budget of {budget:g} cannot be met: the smallest feasible budget for this model is {smallest:.3f} "
+            f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer weights, "
+            f"{frozen / weights_total:.1%}, and every prunable channel group keeps at least one channel, "
+            f"{weights_floor} weights in all); raise --budget to at least {smallest:.3f} or unfreeze more "
+            f"channel groups (`pfp-onnx analyze` shows why each group is frozen)."
+        )
+    if budget >= 1:
+        return Allocation(EPSILON_MIN, full, weights_total, weights_total, weights_floor)
+
+    def kept_at(epsilon: float) -> dict[str, int]:
+        return {name: channels_for_epsilon(group, epsilon, delta=delta, c_constant=c_constant)
+                for name, group in demands.items()}
+
+    low, high = EPSILON_MIN, EPSILON_MAX
+    kept_high = kept_at(high)
+    kept_low = kept_at(low)
+    if kept_weights(layers, kept_low) <= target:
+        return Allocation(low, kept_low, weights_total, kept_weights(layers, kept_low), weights_floor)
+    if kept_weights(layers, kept_high) > target:
+        # Only reachable with astronomically large sensitivities; the floor itself meets the budget.
+        kept_high = dict.fromkeys(demands, 1)
+    # Invariant: size(low) > target >= size(high). Halve log ε until the two are adjacent floats.
+    for _ in range(2000):
+        middle = math.sqrt(low) * math.sqrt(high)
+        if not low < middle < high:
+            break
+        kept_middle = kept_at(middle)
+        if kept_weights(layers, kept_middle) <= target:
+            high, kept_high = middle, kept_middle
+        else:
+            low = middle
+    return Allocation(high, kept_high, weights_total, kept_weights(layers, kept_high), weights_floor)
+
+
+def _check_inputs(groups: Sequence[GroupDemand], layers: Sequence[LayerSize]) -> dict[str, GroupDemand]:
+    """Inconsistent groups and layers are a bug in the caller, not a user error."""
+    demands: dict[str, GroupDemand] = {}
+    for group in groups:
+        if group.name in demands:
+            raise ValueError(f"channel group {group.name!r} is listed twice")
+        sensitivity = np.asarray(group.sensitivity)
+        if sensitivity.ndim != 1 or sensitivity.size == 0:
+            raise ValueError(f"group {group.name!r}: sensitivity must be a non-empty vector, got {sensitivity.shape}")
+        if not np.all(np.isfinite(sensitivity)) or np.any(sensitivity < 0):
+            raise ValueError(f"group {group.name!r}: sensitivities must be finite and non-negative")
+        if group.patches < 0 or group.kernel < 1:
+            raise ValueError(f"group {group.name!r}: need patches >= 0 and kernel >= 1")
+        demands[group.name] = group
+    for layer in layers:
+        for side, units in ((layer.in_group, layer.in_units), (layer.out_group, layer.out_units)):
+            if side is None:
+                continue
+            if side not in demands:
+                raise ValueError(f"layer {layer.name!r} refers to unknown channel group {side!r}")
+            if np.asarray(demands[side].sensitivity).size != units:
+                raise ValueError(f"layer {layer.name!r} has {units} units of group {side!r}, "
+                                 f"which has {np.asarray(demands[side].sensitivity).size} channels")
+    if kept_weights(layers, {}) == 0:
+        raise ValueError("there are no prunable-layer weights to allocate")
+    return demands

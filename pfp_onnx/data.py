@@ -1,0 +1,159 @@
+"""Calibration data: read an .npz, validate it against the model's inputs, split it, batch it.
+
+All validation happens before any expensive work, so a mismatch costs the user seconds, not minutes.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from pfp_onnx.errors import DataError
+
+LABELS = "labels"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One graph input: name, numpy dtype, and dims (None where dynamic)."""
+
+    name: str
+    dtype: np.dtype
+    dims: tuple[int | None, ...]
+
+
+@dataclass(frozen=True)
+class CalibrationData:
+    inputs: dict[str, np.ndarray]  # every array has the points on axis 0
+    labels: np.ndarray | None
+
+    @property
+    def count(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def subset(self, indices: np.ndarray) -> CalibrationData:
+        return CalibrationData({name: array[indices] for name, array in self.inputs.items()},
+                               None if self.labels is None else self.labels[indices])
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, self.count, batch_size):
+            yield {name: array[start:start + batch_size] for name, array in self.inputs.items()}
+
+    def point_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of a single point (batch 1): makes dynamic dims concrete for shape inference."""
+        return {name: (1,) + array.shape[1:] for name, array in self.inputs.items()}
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for info in model.graph.input:
+        if info.name in initializers:
+            continue
+        tensor_type = info.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        dims = tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim)
+        specs.append(InputSpec(info.name, dtype, dims))
+    return specs
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Calibration file '{path}' does not exist. Pass an .npz file with --data.")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not hasattr(archive, "files"):
+                raise ValueError("it holds a single array, not an archive of named arrays")
+            return {name: archive[name] for name in archive.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(
+            f"Could not read '{path}' as a NumPy .npz archive ({exc}). Save the calibration set with "
+            "numpy.savez(path, <input name>=array, labels=optional_class_ids)."
+        ) from None
+
+
+def validate(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto) -> CalibrationData:
+    """Match arrays to graph inputs and check names, ranks, fixed dims, dtypes, finiteness and counts."""
+    specs = input_specs(model)
+    arrays = dict(arrays)
+    labels = arrays.pop(LABELS, None)
+    expected = ", ".join(f"'{spec.name}' {_describe(spec)}" for spec in specs)
+    if len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
+        arrays = {specs[0].name: next(iter(arrays.values()))}
+    missing = [spec.name for spec in specs if spec.name not in arrays]
+    if missing:
+        raise DataError(
+            f"The calibration data has no array for model input(s) {', '.join(map(repr, missing))}. "
+            f"The model expects {expected}; save one array per input under the input's name "
+            f"(found: {', '.join(map(repr, arrays)) or 'none'}).")
+    extra = sorted(set(arrays) - {spec.name for spec in specs})
+    if extra:
+        raise DataError(
+            f"The calibration data holds arrays {', '.join(map(repr, extra))} that match no model input. "
+            f"The model expects {expected} (plus an optional '{LABELS}' array); remove or rename them.")
+    inputs = {spec.name: _checked(np.asarray(arrays[spec.name]), spec) for spec in specs}
+    counts = {len(array) for array in inputs.values()}
+    if len(counts) != 1:
+        raise DataError("The calibration arrays hold different numbers of points "
+                        f"({', '.join(f'{n}: {len(a)}' for n, a in inputs.items())}); give every input the same count.")
+    count = counts.pop()
+    if count == 0:
+        raise DataError("The calibration data holds zero points; give at least a few dozen.")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or len(labels) != count or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"The '{LABELS}' array must be 1-D integer class ids, one per point ({count}); got shape "
+                f"{labels.shape} and dtype {labels.dtype}. Fix or remove it.")
+    return CalibrationData(inputs, labels)
+
+
+def _checked(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+    if array.ndim != len(spec.dims):
+        raise DataError(
+            f"Calibration array '{spec.name}' has rank {array.ndim} (shape {array.shape}) but the model input "
+            f"has rank {len(spec.dims)} {_describe(spec)}. Stack the points along axis 0 in the model's layout.")
+    for axis, (size, expected) in enumerate(zip(array.shape, spec.dims)):
+        if axis > 0 and expected is not None and size != expected:
+            raise DataError(
+                f"Calibration array '{spec.name}' has size {size} on axis {axis} but the model fixes it to "
+                f"{expected} {_describe(spec)}. Resize or transpose the data to the model's input layout.")
+    if array.dtype != spec.dtype:
+        raise DataError(
+            f"Calibration array '{spec.name}' has dtype {array.dtype} but the model input is {spec.dtype}. "
+            f"Convert it, e.g. array.astype(numpy.{spec.dtype}).")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.count_nonzero(~np.isfinite(array)))
+        raise DataError(
+            f"Calibration array '{spec.name}' holds {bad} NaN or infinite value(s). Clean or drop those "
+            "points before pruning.")
+    return array
+
+
+def _describe(spec: InputSpec) -> str:
+    dims = ", ".join("?" if dim is None else str(dim) for dim in spec.dims)
+    return f"[{dims}] {spec.dtype}"
+
+
+def split(data: CalibrationData, holdout: float, seed: int) -> tuple[CalibrationData, CalibrationData | None]:
+    """Sensitivity part and held-out verification part, chosen by a seeded permutation."""
+    if not 0 <= holdout < 1:
+        raise DataError(f"--holdout must be in [0, 1); got {holdout}.")
+    held = int(round(data.count * holdout))
+    if holdout > 0:
+        held = max(held, 1)
+    if data.count - held < 1 or (holdout > 0 and data.count < 2):
+        raise DataError(
+            f"{data.count} calibration point(s) are too few to keep {holdout:.0%} for verification and "
+            "still have points for sensitivity. Give more points or lower --holdout.")
+    order = np.random.default_rng(seed).permutation(data.count)
+    sensitivity_part = data.subset(np.sort(order[held:]))
+    return sensitivity_part, (data.subset(np.sort(order[:held])) if held else None)

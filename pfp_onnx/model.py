@@ -1,0 +1,246 @@
+"""Loading, checking, shape inference and atomic saving of ONNX models.
+
+Everything that touches model files lives here, so that the rest of the pipeline sees only in-memory
+ModelProtos and graphsurgeon graphs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from pfp_onnx.errors import ModelError, OutputError
+
+# protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
+PROTOBUF_LIMIT = 2**31 - 1
+PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """Read a model (external data included) and check it, turning every failure into a ModelError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"Model file '{path}' does not exist or is not a file. Check the path.")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # protobuf raises several unrelated types for corrupt bytes
+        raise ModelError(
+            f"Could not read '{path}' as an ONNX model ({type(exc).__name__}: {_first_line(exc)}). "
+            "Make sure the file is a complete .onnx file (not truncated, not another format) and that "
+            "any external-data files sit beside it."
+        ) from None
+    if not model.graph.node:
+        raise ModelError(f"'{path}' holds no ONNX graph nodes; it is not a usable ONNX model.")
+    check_model(model, what=f"'{path}'")
+    return model
+
+
+def check_model(model: onnx.ModelProto, *, what: str = "the model", full: bool = False) -> None:
+    """onnx.checker, routed through a file for models too large for one protobuf message."""
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            with tempfile.TemporaryDirectory() as tmp:
+                tmp_path = os.path.join(tmp, "model.onnx")
+                onnx.save(model, tmp_path, save_as_external_data=True)
+                onnx.checker.check_model(tmp_path, full_check=full)
+        else:
+            onnx.checker.check_model(model, full_check=full)
+    except onnx.checker.ValidationError as exc:
+        raise ModelError(
+            f"{what} fails the ONNX checker: {_first_line(exc)}. Fix or re-export the model "
+            "(e.g. with a newer exporter) before pruning it."
+        ) from None
+
+
+def with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
+    """A copy whose graph inputs have the given concrete shapes, with every intermediate shape inferred.
+
+    Channel counts and spatial sizes (for Flatten blocks and FLOPs) need concrete numbers even when the
+    model declares dynamic batch or spatial dimensions.
+    """
+    concrete = onnx.ModelProto()
+    concrete.CopyFrom(model)
+    for graph_input in concrete.graph.input:
+        if graph_input.name not in input_shapes:
+            continue
+        dims = graph_input.type.tensor_type.shape.dim
+        for dim, size in zip(dims, input_shapes[graph_input.name]):
+            dim.Clear()
+            dim.dim_value = int(size)
+    del concrete.graph.value_info[:]
+    return infer_shapes(concrete)
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        if model.ByteSize() > PROTOBUF_LIMIT:
+            return _infer_shapes_via_file(model)
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as exc:
+        raise ModelError(
+            f"ONNX shape inference failed on the model ({_first_line(exc)}); pfp-onnx needs it to know "
+            "channel counts. Check the model with onnx.checker and re-export it."
+        ) from None
+
+
+def _infer_shapes_via_file(model: onnx.ModelProto) -> onnx.ModelProto:
+    with tempfile.TemporaryDirectory() as tmp:
+        source, target = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
+        onnx.save(model, source, save_as_external_data=True)
+        onnx.shape_inference.infer_shapes_path(source, target, data_prop=True)
+        return onnx.load(target, load_external_data=True)
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import into graphsurgeon with every node named and every Constant node turned into a constant.
+
+    Exporters (PaddlePaddle, some PyTorch paths) store weights as Constant nodes; treating them as
+    constants lets one set of rules handle both. Node names are made unique and deterministic so that a
+    second import of the same model (as the rewrite step does) names everything identically.
+    """
+    graph = gs.import_onnx(model)
+    counts = Counter(node.name for node in graph.nodes)
+    used = set(counts)
+    for index, node in enumerate(graph.nodes):
+        if not node.name or counts[node.name] > 1:
+            candidate = f"{node.op}_{index}"
+            while candidate in used:
+                candidate += "_"
+            used.add(candidate)
+            node.name = candidate
+    for node in list(graph.nodes):
+        if node.op == "Constant" and len(node.outputs) == 1:
+            values = _constant_node_values(node)
+            if values is not None and not any(out.name == node.outputs[0].name for out in graph.outputs):
+                output = node.outputs[0]
+                node.outputs.clear()
+                output.to_constant(values)
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return graph
+
+
+def _constant_node_values(node: gs.Node) -> np.ndarray | None:
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return np.asarray(value.values if isinstance(value, gs.Constant) else value)
+    scalar_kinds = {"value_float": np.float32, "value_int": np.int64}
+    for key, dtype in scalar_kinds.items():
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    list_kinds = {"value_floats": np.float32, "value_ints": np.int64}
+    for key, dtype in list_kinds.items():
+        if key in attrs:
+            return np.array(attrs[key], dtype=dtype)
+    return None
+
+
+def from_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
+    """Export a rewritten graph, keeping the original's signature, opset, IR version and metadata."""
+    model = gs.export_onnx(graph, do_type_check=True)
+    model.ir_version = original.ir_version
+    del model.opset_import[:]
+    model.opset_import.extend(original.opset_import)
+    model.producer_name = original.producer_name
+    model.producer_version = original.producer_version
+    model.domain = original.domain
+    model.model_version = original.model_version
+    model.doc_string = original.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(original.metadata_props)
+    model.graph.name = original.graph.name
+    model.graph.doc_string = original.graph.doc_string
+    # Old exporters also list initializers as graph inputs; those entries must follow the new shapes.
+    initializers = {init.name for init in model.graph.initializer}
+    exported_inputs = {info.name: info for info in model.graph.input}
+    inputs = [exported_inputs.get(info.name, info) if info.name in initializers else info
+              for info in original.graph.input]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    del model.graph.output[:]
+    model.graph.output.extend(original.graph.output)
+    del model.graph.value_info[:]
+    return model
+
+
+def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Every stored number: initializers plus tensors held by Constant nodes."""
+    count = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    count += int(np.prod(attr.t.dims))
+    return count
+
+
+def check_output_path(output: str | os.PathLike, model_path: str | os.PathLike | None) -> Path:
+    """Refuse outputs that would overwrite the input model or land in a missing/read-only folder."""
+    output = Path(output)
+    if model_path is not None and output.resolve() == Path(model_path).resolve():
+        raise OutputError(
+            f"The output path '{output}' is the input model itself; pfp-onnx never modifies its input. "
+            "Choose another file name with -o."
+        )
+    folder = output.resolve().parent
+    if not folder.is_dir():
+        raise OutputError(f"The output folder '{folder}' does not exist. Create it or choose another -o path.")
+    if not os.access(folder, os.W_OK):
+        raise OutputError(f"The output folder '{folder}' is not writable. Choose another -o path.")
+    if output.is_dir():
+        raise OutputError(f"The output path '{output}' is a folder; give a file name such as model.pruned.onnx.")
+    return output
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool = False) -> None:
+    """Write atomically: to a temporary file in the target folder, then rename over the target.
+
+    A crash or error mid-write therefore never leaves a partial model behind.
+    """
+    output = Path(output)
+    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.resolve().parent)
+    os.close(handle)
+    data_name = f"{output.name}.data"
+    tmp_data = output.resolve().parent / f"{Path(tmp_name).name}.data"
+    try:
+        if external_data:
+            onnx.save(model, tmp_name, save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=tmp_data.name, size_threshold=1024)
+            os.replace(tmp_data, output.resolve().parent / data_name)
+            _relocate_external_data(tmp_name, data_name, tmp_data.name)
+        else:
+            onnx.save(model, tmp_name)
+        os.replace(tmp_name, output)
+    except OSError as exc:
+        raise OutputError(f"Could not write '{output}': {exc.strerror or exc}. Check the disk and permissions.") from None
+    finally:
+        for leftover in (Path(tmp_name), tmp_data):
+            if leftover.exists():
+                leftover.unlink()
+
+
+def _relocate_external_data(model_file: str, new_location: str, old_location: str) -> None:
+    """Point the saved model's external-data references at the final data file name."""
+    model = onnx.load(model_file, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old_location:
+                entry.value = new_location
+    onnx.save(model, model_file)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

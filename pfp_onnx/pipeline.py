@@ -1,0 +1,213 @@
+"""compress() and analyze(): load → analyse → capture → score → allocate → select → rewrite → verify.
+
+The CLI and the Python API both call these; each step is a function of the previous steps' plain data.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import numpy as np
+import onnx
+
+from pfp_onnx.allocate import Allocation, GroupDemand, LayerSize, allocate, kept_weights
+from pfp_onnx.capture import capture_sensitivities
+from pfp_onnx.data import CalibrationData, input_specs, read_npz, split, validate
+from pfp_onnx.errors import ModelError, OptionError
+from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
+from pfp_onnx.model import check_model, load_model, parameter_count
+from pfp_onnx.report import CompressReport, GroupRow, Totals
+from pfp_onnx.rewrite import rewrite
+from pfp_onnx.runtime import choose_device
+from pfp_onnx.select import Selection, select_channels
+from pfp_onnx.verify import verify
+
+MODES = ("deterministic", "randomized", "hybrid")
+SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
+
+Progress = Callable[[str, int, int], None]  # (stage, points done, points total)
+ModelSource = "str | os.PathLike | onnx.ModelProto"
+DataSource = "str | os.PathLike | Mapping[str, np.ndarray]"
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    model: onnx.ModelProto
+    report: CompressReport
+    analysis: ChannelAnalysis
+    selections: dict[int, Selection]
+    notes: tuple[str, ...] = field(default=())
+
+
+def load(model: ModelSource) -> tuple[onnx.ModelProto, str]:
+    if isinstance(model, onnx.ModelProto):
+        check_model(model)
+        return model, model.graph.name or "<in-memory model>"
+    return load_model(model), str(model)
+
+
+def load_data(data: DataSource, model: onnx.ModelProto) -> CalibrationData:
+    arrays = read_npz(data) if isinstance(data, (str, os.PathLike)) else data
+    return validate(arrays, model)
+
+
+def analyze(model: ModelSource, data: DataSource | None = None) -> ChannelAnalysis:
+    """Channel groups of a model; calibration data (optional) makes dynamic sizes concrete."""
+    proto, _ = load(model)
+    shapes = load_data(data, proto).point_shapes() if data is not None else None
+    return analyse_channel_groups(proto, shapes)
+
+
+def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
+             holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
+             progress: Progress | None = None) -> CompressResult:
+    """Prune `model` to keep `budget` of its prunable-layer weights, guided by PFP sensitivities."""
+    started = time.perf_counter()
+    if mode not in MODES:
+        raise OptionError(f"Unknown mode '{mode}'; use one of {', '.join(MODES)}.")
+    if batch_size < 1:
+        raise OptionError(f"--batch-size must be at least 1; got {batch_size}.")
+    proto, name = load(model)
+    calibration = load_data(data, proto)
+    sensitivity_part, holdout_part = split(calibration, holdout, seed)
+    batch_size = _fixed_batch(proto) or batch_size
+    analysis = analyse_channel_groups(proto, calibration.point_shapes())
+    if not analysis.layers:
+        raise ModelError(f"{name} has no Conv, Gemm or MatMul layer with constant weights: nothing to prune.")
+    if not analysis.prunable_groups:
+        reasons = "; ".join(sorted({group.frozen[0] for group in analysis.groups}))[:400]
+        raise ModelError(f"No channel group of {name} can be pruned safely ({reasons or 'no groups'}). "
+                         "Run `pfp-onnx analyze` to see why each group is frozen.")
+    layer_sizes = _layer_sizes(analysis)
+    # Fail on an impossible budget before the expensive capture.
+    allocate(_demands(analysis, {g.id: np.ones(g.width, np.float32) for g in analysis.prunable_groups}),
+             layer_sizes, budget)
+    chosen_device = choose_device(device)
+    notes = [chosen_device.note]
+    recommended = _recommended_points(analysis)
+    if sensitivity_part.count < recommended:
+        notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
+                     f"{recommended} (more points make the sensitivities more reliable)")
+    timings = {"analyse": time.perf_counter() - started}
+
+    stage_start = time.perf_counter()
+    sensitivity = capture_sensitivities(
+        proto, analysis, _batches(sensitivity_part, batch_size), chosen_device,
+        progress=_stage_progress(progress, "sensitivity", sensitivity_part.count))
+    timings["sensitivity"] = time.perf_counter() - stage_start
+
+    allocation = allocate(_demands(analysis, sensitivity), layer_sizes, budget)
+    rng = np.random.default_rng(seed)
+    selections = {group.id: select_channels(sensitivity[group.id], allocation.kept[str(group.id)], mode, rng)
+                  for group in analysis.prunable_groups}
+    stage_start = time.perf_counter()
+    pruned = rewrite(proto, analysis, selections)
+    timings["rewrite"] = time.perf_counter() - stage_start
+
+    verification = None
+    if holdout_part is not None:
+        stage_start = time.perf_counter()
+        verification = verify(proto, pruned, _batches(holdout_part, batch_size), chosen_device,
+                              labels=holdout_part.labels, epsilon=allocation.epsilon)
+        timings["verify"] = time.perf_counter() - stage_start
+    timings["total"] = time.perf_counter() - started
+    report = CompressReport(
+        model=name, budget=budget, mode=mode, seed=seed, epsilon=allocation.epsilon,
+        device=chosen_device.note, sensitivity_points=sensitivity_part.count,
+        recommended_sensitivity_points=recommended,
+        groups=_group_rows(analysis, sensitivity, selections),
+        totals=_totals(proto, pruned, analysis, selections, allocation),
+        verification=verification, seconds={k: round(v, 3) for k, v in timings.items()})
+    return CompressResult(pruned, report, analysis, selections, tuple(notes))
+
+
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    """A model exported with a fixed batch size can only be fed batches of exactly that size."""
+    sizes = {spec.dims[0] for spec in input_specs(model) if spec.dims and spec.dims[0] is not None}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _batches(data: CalibrationData, batch_size: int):
+    return data.batches(batch_size)
+
+
+def _stage_progress(progress: Progress | None, stage: str, total: int):
+    if progress is None:
+        return None
+    done = [0]
+
+    def advance(points: int) -> None:
+        done[0] += points
+        progress(stage, done[0], total)
+
+    return advance
+
+
+def _layer_sizes(analysis: ChannelAnalysis) -> list[LayerSize]:
+    prunable = {group.id for group in analysis.prunable_groups}
+
+    def side(group_id: int | None) -> str | None:
+        return str(group_id) if group_id in prunable else None
+
+    return [LayerSize(name=layer.node, in_group=side(layer.in_group), in_units=layer.in_units,
+                      in_block=layer.in_block * layer.kernel, out_group=side(layer.out_group),
+                      out_units=layer.out_units)
+            for layer in analysis.layers]
+
+
+def _demands(analysis: ChannelAnalysis, sensitivity: Mapping[int, np.ndarray]) -> list[GroupDemand]:
+    """Per group, the consumer whose error bound term ln(8(P+1)K/δ) is largest sets P and K."""
+    demands = []
+    for group in analysis.prunable_groups:
+        consumers = [layer for layer in analysis.layers if layer.in_group == group.id]
+        patches, kernel = max(((layer.positions or 1, layer.kernel * layer.in_block) for layer in consumers),
+                              key=lambda pk: (pk[0] + 1) * pk[1])
+        demands.append(GroupDemand(name=str(group.id), sensitivity=np.asarray(sensitivity[group.id], np.float64),
+                                   patches=patches, kernel=kernel))
+    return demands
+
+
+def _recommended_points(analysis: ChannelAnalysis) -> int:
+    """|S| = ceil(3 ln(8 η* η / δ_S)) with η the output activations of all prunable layers (PFP.md §1)."""
+    counts = [layer.out_units * (layer.positions or 1) for layer in analysis.layers]
+    eta, eta_max = sum(counts), max(counts)
+    return math.ceil(3 * math.log(8 * eta_max * eta / SENSITIVITY_DELTA))
+
+
+def _group_rows(analysis: ChannelAnalysis, sensitivity: Mapping[int, np.ndarray],
+                selections: Mapping[int, Selection]) -> tuple[GroupRow, ...]:
+    rows = []
+    for group in analysis.groups:
+        selection = selections.get(group.id)
+        kept_share = None
+        if selection is not None:
+            scores = sensitivity[group.id]
+            total = float(scores.sum())
+            kept_share = float(scores[selection.kept].sum()) / total if total > 0 else 1.0
+        rows.append(GroupRow(group=group.id, producers=group.producers, consumers=group.consumers,
+                             channels_before=group.width,
+                             channels_after=group.width if selection is None else len(selection.kept),
+                             sensitivity_kept=kept_share, frozen=group.frozen))
+    return tuple(rows)
+
+
+def _totals(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAnalysis,
+            selections: Mapping[int, Selection], allocation: Allocation) -> Totals:
+    kept = {group.id: len(selection.kept) for group, selection in
+            ((analysis.group(gid), sel) for gid, sel in selections.items())}
+
+    def layer_weights(layer, counts) -> int:
+        in_units = counts.get(layer.in_group, layer.in_units)
+        out_units = counts.get(layer.out_group, layer.out_units)
+        return in_units * layer.in_block * layer.kernel * out_units
+
+    macs_before = sum(layer_weights(layer, {}) * (layer.positions or 0) for layer in analysis.layers)
+    macs_after = sum(layer_weights(layer, kept) * (layer.positions or 0) for layer in analysis.layers)
+    return Totals(parameters_before=parameter_count(original), parameters_after=parameter_count(pruned),
+                  layer_weights_before=analysis.weights_total,
+                  layer_weights_after=sum(layer_weights(layer, kept) for layer in analysis.layers),
+                  macs_before=macs_before, macs_after=macs_after)

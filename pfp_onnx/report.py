@@ -1,0 +1,106 @@
+"""The compress report: one data structure, rendered as a terminal table or written as JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pfp_onnx.verify import Verification
+
+
+@dataclass(frozen=True)
+class GroupRow:
+    group: int
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+    channels_before: int
+    channels_after: int
+    sensitivity_kept: float | None  # share of the group's sensitivity mass that survives
+    frozen: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Totals:
+    parameters_before: int
+    parameters_after: int
+    layer_weights_before: int  # Conv/Gemm/MatMul weight tensors: what --budget refers to
+    layer_weights_after: int
+    macs_before: int  # multiply-accumulates of those layers, per point
+    macs_after: int
+
+
+@dataclass(frozen=True)
+class CompressReport:
+    model: str
+    budget: float
+    mode: str
+    seed: int
+    epsilon: float
+    device: str
+    sensitivity_points: int
+    recommended_sensitivity_points: int
+    groups: tuple[GroupRow, ...]
+    totals: Totals
+    verification: Verification | None
+    seconds: dict[str, float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def write_json(report: CompressReport, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(report.to_dict(), indent=2, default=_plain) + "\n")
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _names(names: tuple[str, ...], limit: int = 2) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" +{len(names) - limit}" if len(names) > limit else "")
+
+
+def _ratio(after: float, before: float) -> str:
+    return f"{after / before:6.1%}" if before else "   n/a"
+
+
+def render_table(report: CompressReport) -> str:
+    """The summary a user reads after `pfp-onnx compress`."""
+    lines = [f"pfp-onnx compress {report.model}  budget={report.budget}  mode={report.mode}  "
+             f"seed={report.seed}  ε={report.epsilon:.4g}  ({report.device})",
+             "",
+             f"{'group':>5}  {'producers':<34} {'channels':>13}  {'sens. kept':>10}  note"]
+    for row in report.groups:
+        channels = f"{row.channels_before:>5} → {row.channels_after:<5}"
+        kept = "" if row.sensitivity_kept is None else f"{row.sensitivity_kept:10.1%}"
+        note = "frozen: " + row.frozen[0] if row.frozen else ""
+        lines.append(f"{row.group:>5}  {_names(row.producers):<34.34} {channels:>13}  {kept:>10}  {note}")
+    totals = report.totals
+    lines += ["",
+              f"parameters     {totals.parameters_before:>12,} → {totals.parameters_after:<12,} "
+              f"({_ratio(totals.parameters_after, totals.parameters_before)} kept)",
+              f"layer weights  {totals.layer_weights_before:>12,} → {totals.layer_weights_after:<12,} "
+              f"({_ratio(totals.layer_weights_after, totals.layer_weights_before)} kept)",
+              f"MACs / point   {totals.macs_before:>12,} → {totals.macs_after:<12,} "
+              f"({_ratio(totals.macs_after, totals.macs_before)} kept)"]
+    check = report.verification
+    if check is None:
+        lines.append("verification   skipped (no held-out points; use --holdout > 0)")
+    else:
+        lines.append(f"held-out points {check.points}: relative output error max {check.max_relative_error:.4g}, "
+                     f"mean {check.mean_relative_error:.4g}")
+        if check.within_epsilon is not None:
+            lines.append(f"                within (1±ε) for ε={check.epsilon:.4g}: {check.within_epsilon:.1%} of points")
+        if check.top1_agreement is not None:
+            lines.append(f"                top-1 agreement with the original: {check.top1_agreement:.1%}")
+        if check.accuracy_original is not None:
+            lines.append(f"                accuracy: original {check.accuracy_original:.1%} → "
+                         f"pruned {check.accuracy_pruned:.1%}")
+    timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report.seconds.items())
+    lines.append(f"time           {timing}")
+    return "\n".join(lines)

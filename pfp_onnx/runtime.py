@@ -1,0 +1,88 @@
+"""onnxruntime sessions and the choice of execution provider (CUDA when it really loads, else CPU).
+
+onnxruntime-gpu lists CUDAExecutionProvider as available even when CUDA or cuDNN libraries are missing,
+and then silently falls back to CPU at session creation. So availability is decided by a probe session,
+once per process, and the answer is said once to the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper
+
+from pfp_onnx.errors import OptionError
+from pfp_onnx.model import PROTOBUF_LIMIT
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+DEVICES = ("auto", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class Device:
+    providers: tuple[str, ...]
+    note: str  # one line for the user: what runs where, and why
+
+
+@functools.lru_cache(maxsize=None)
+def cuda_loads() -> bool:
+    """True if a session on CUDAExecutionProvider really gets CUDA (not a silent CPU fallback)."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    if hasattr(ort, "preload_dlls"):
+        # Best effort: it prints a line per missing library, and the probe below decides anyway.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            try:
+                ort.preload_dlls()
+            except Exception:
+                pass
+    probe_input = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    probe_output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    probe = helper.make_model(
+        helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [probe_input], [probe_output]),
+        ir_version=8, opset_imports=[helper.make_opsetid("", 13)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    previous = 2
+    ort.set_default_logger_severity(4)  # the failed CUDA load otherwise prints an error banner
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=[CUDA, CPU])
+        return CUDA in session.get_providers()
+    except Exception:
+        return False
+    finally:
+        ort.set_default_logger_severity(previous)
+
+
+def choose_device(device: str = "auto") -> Device:
+    if device not in DEVICES:
+        raise OptionError(f"Unknown device '{device}'; use one of {', '.join(DEVICES)}.")
+    if device == "cpu":
+        return Device((CPU,), "running on CPU (as requested)")
+    if cuda_loads():
+        return Device((CUDA, CPU), "running on CUDA (onnxruntime CUDAExecutionProvider)")
+    if device == "cuda":
+        raise OptionError(
+            "--device cuda was requested but onnxruntime cannot use CUDA here (onnxruntime-gpu with "
+            "CUDA 13 and cuDNN 9 libraries is needed). Install them, or use --device auto or cpu.")
+    return Device((CPU,), "running on CPU (CUDA is not available to onnxruntime)")
+
+
+def create_session(model: onnx.ModelProto, device: Device) -> ort.InferenceSession:
+    """A session for an in-memory model; models over protobuf's 2 GiB limit go through a temp file."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if model.ByteSize() <= PROTOBUF_LIMIT:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=list(device.providers))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "model.onnx")
+        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(path, options, providers=list(device.providers))

@@ -1,0 +1,180 @@
+"""The ε bisection: budgets are met tightly, n(ε) behaves monotonically, bad budgets raise BudgetError."""
+
+import math
+
+import numpy as np
+import pytest
+
+from pfp_onnx.allocate import (
+    GroupDemand,
+    LayerSize,
+    allocate,
+    channels_for_epsilon,
+    expected_distinct,
+    kept_weights,
+    sample_size,
+)
+from pfp_onnx.errors import BudgetError, PfpError
+
+
+def _group(name: str, channels: int, patches: int, kernel: int, seed: int) -> GroupDemand:
+    rng = np.random.default_rng(seed)
+    # Heavy-tailed sensitivities, as real ones are: a few channels matter much more than the rest.
+    return GroupDemand(name, rng.lognormal(0.0, 1.5, channels), patches, kernel)
+
+
+def chain():
+    """conv 3→8 (3x3), conv 8→16 (3x3), flatten 16x4x4 → dense 10."""
+    groups = [_group("a", 8, 32 * 32, 9, 1), _group("b", 16, 1, 16, 2)]
+    layers = [
+        LayerSize("conv1", None, 3, 9, "a", 8),
+        LayerSize("conv2", "a", 8, 9, "b", 16),
+        LayerSize("fc", "b", 16, 16, None, 10),
+    ]
+    return groups, layers
+
+
+def shared():
+    """Group "a" feeds two branches (conv2 and conv3) whose outputs are groups of their own."""
+    groups = [_group("a", 24, 16 * 16, 9, 3), _group("b", 32, 8 * 8, 9, 4), _group("c", 12, 8 * 8, 1, 5)]
+    layers = [
+        LayerSize("stem", None, 3, 9, "a", 24),
+        LayerSize("branch_b", "a", 24, 9, "b", 32),
+        LayerSize("branch_c", "a", 24, 1, "c", 12),
+        LayerSize("head_b", "b", 32, 1, None, 10),
+        LayerSize("head_c", "c", 12, 1, None, 10),
+    ]
+    return groups, layers
+
+
+def with_frozen():
+    """A chain with a layer whose input and output widths are both fixed."""
+    groups, layers = chain()
+    return groups, layers + [LayerSize("frozen", None, 16, 9, None, 16)]
+
+
+CONFIGURATIONS = {"chain": chain, "shared": shared, "frozen": with_frozen}
+BUDGETS = [0.08, 0.15, 0.3, 0.5, 0.7, 0.9, 0.99]
+
+
+def _one_more_channel_costs(groups, layers, kept) -> int:
+    widths = {group.name: group.sensitivity.size for group in groups}
+    base = kept_weights(layers, kept)
+    return sum(kept_weights(layers, {**kept, name: kept[name] + 1}) - base
+               for name in kept if kept[name] < widths[name])
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_budget_met_and_tight(configuration, budget):
+    groups, layers = CONFIGURATIONS[configuration]()
+    everything = allocate(groups, layers, 1.0)
+    if everything.weights_floor > budget * everything.weights_total:
+        pytest.skip("below this configuration's floor")
+    allocation = allocate(groups, layers, budget)
+    assert allocation.weights_total == kept_weights(layers, {})
+    assert allocation.weights_kept == kept_weights(layers, allocation.kept)
+    assert allocation.weights_kept <= budget * allocation.weights_total
+    # Within one channel per group of the budget ...
+    slack = budget * allocation.weights_total - allocation.weights_kept
+    assert slack <= _one_more_channel_costs(groups, layers, allocation.kept)
+    # ... and on the step: any smaller ε keeps too much.
+    smaller = {g.name: channels_for_epsilon(g, allocation.epsilon * (1 - 1e-9)) for g in groups}
+    assert kept_weights(layers, smaller) > budget * allocation.weights_total
+    for group in groups:
+        assert 1 <= allocation.kept[group.name] <= group.sensitivity.size
+        assert allocation.kept[group.name] == channels_for_epsilon(group, allocation.epsilon)
+
+
+def test_kept_weights_counts_each_layer():
+    _, layers = chain()
+    assert kept_weights(layers, {}) == 3 * 9 * 8 + 8 * 9 * 16 + 16 * 16 * 10
+    assert kept_weights(layers, {"a": 2, "b": 5}) == 3 * 9 * 2 + 2 * 9 * 5 + 5 * 16 * 10
+
+
+def test_smaller_budget_keeps_no_more():
+    groups, layers = shared()
+    kept = [allocate(groups, layers, budget).kept for budget in BUDGETS]
+    for looser, tighter in zip(kept[1:], kept[:-1]):
+        assert all(tighter[name] <= looser[name] for name in looser)
+
+
+def test_epsilon_monotone():
+    groups, layers = shared()
+    epsilons = np.logspace(-4, 8, 400)
+    counts = np.array([[channels_for_epsilon(g, eps) for g in groups] for eps in epsilons])
+    assert np.all(np.diff(counts, axis=0) <= 0)
+    sizes = [kept_weights(layers, dict(zip([g.name for g in groups], row.tolist()))) for row in counts]
+    assert np.all(np.diff(sizes) <= 0)
+    assert counts[0].tolist() == [g.sensitivity.size for g in groups] and counts[-1].tolist() == [1, 1, 1]
+
+
+def test_more_sensitivity_mass_keeps_more():
+    light = _group("light", 64, 100, 9, 7)
+    heavy = GroupDemand("heavy", light.sensitivity * 10, light.patches, light.kernel)
+    epsilons = np.logspace(-2, 4, 200)
+    light_counts = np.array([channels_for_epsilon(light, eps) for eps in epsilons])
+    heavy_counts = np.array([channels_for_epsilon(heavy, eps) for eps in epsilons])
+    assert np.all(heavy_counts >= light_counts) and np.any(heavy_counts > light_counts)
+
+
+def test_budget_one_keeps_everything():
+    groups, layers = chain()
+    groups[0] = GroupDemand("a", np.array([1.0, 1e-30, 2.0, 0.0, 3.0, 1.0, 1.0, 1.0]), 1024, 9)
+    allocation = allocate(groups, layers, 1.0)
+    assert allocation.kept == {"a": 8, "b": 16}
+    assert allocation.weights_kept == allocation.weights_total
+
+
+@pytest.mark.parametrize("budget", [0, 0.0, 1.5, -0.3, float("nan"), float("inf")])
+def test_budget_out_of_range(budget):
+    groups, layers = chain()
+    with pytest.raises(BudgetError, match=r"\(0, 1\]"):
+        allocate(groups, layers, budget)
+
+
+def test_budget_below_floor():
+    groups, layers = with_frozen()
+    allocation = allocate(groups, layers, 1.0)
+    floor = allocation.weights_floor / allocation.weights_total
+    with pytest.raises(BudgetError) as raised:
+        allocate(groups, layers, floor * 0.9)
+    message = str(raised.value)
+    assert isinstance(raised.value, PfpError)
+    assert f"{math.ceil(floor * 1000) / 1000:.3f}" in message
+    assert "smallest feasible budget" in message and "frozen layers alone keep 2304" in message
+    # The floor itself is feasible and keeps one channel per group.
+    at_floor = allocate(groups, layers, floor)
+    assert at_floor.kept == {"a": 1, "b": 1} and at_floor.weights_kept == allocation.weights_floor
+
+
+def test_zero_sensitivity_group_keeps_one_channel():
+    groups, layers = chain()
+    groups[0] = GroupDemand("a", np.zeros(8), 1024, 9)
+    assert channels_for_epsilon(groups[0], 1e-9) == 1
+    allocation = allocate(groups, layers, 0.5)
+    assert allocation.kept["a"] == 1
+    assert allocation.weights_kept <= 0.5 * allocation.weights_total
+
+
+def test_expected_distinct_matches_direct_formula():
+    rng = np.random.default_rng(0)
+    probabilities = rng.dirichlet(np.ones(30))
+    for samples in [1, 2, 7, 50, 400]:
+        direct = np.sum(1 - (1 - probabilities) ** samples)
+        assert expected_distinct(probabilities, samples) == pytest.approx(direct, rel=1e-12)
+    assert expected_distinct(probabilities, 1) == pytest.approx(1.0)
+    # Where the direct formula loses everything to rounding, the stable one still gives ≈ m·p.
+    assert expected_distinct(np.array([1e-20, 1 - 1e-20]), 1e10) == pytest.approx(1 + 1e-10, rel=1e-12)
+    assert expected_distinct(np.array([0.0, 1.0]), 5) == 1.0
+
+
+def test_sample_size_and_channels_formula():
+    assert sample_size(1.0, 1.0) == 24  # ceil(3 · 8 · 1 / 1)
+    assert sample_size(0.5, 2.0) == math.ceil(3 * 7 * 2 / 0.25)
+    assert sample_size(1e150, 1e6) == 1
+    group = GroupDemand("g", np.array([4.0, 2.0, 1.0, 1.0]), 9, 1)
+    alpha = 2 * 3.0 * math.log(8 * 10 * 1 / 1e-16)
+    samples = math.ceil(3 * (6 + 2 * 50.0) * alpha * 8.0 / 50.0**2)
+    expected = sum(1 - (1 - p) ** samples for p in [0.5, 0.25, 0.125, 0.125])
+    assert channels_for_epsilon(group, 50.0) == min(4, max(1, math.ceil(expected)))

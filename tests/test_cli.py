@@ -1,0 +1,94 @@
+"""End-to-end: the `pfp-onnx` command on the shipped, really trained digits fixture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MODEL = FIXTURES / "digits_resnet.onnx"
+DATA = FIXTURES / "digits_calib.npz"
+CHANCE = 0.1  # ten digit classes
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pfp_onnx_cli.main", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """Compress the fixture once per budget; tests below read the results."""
+    folder = tmp_path_factory.mktemp("compressed")
+    results = {}
+    for budget in (0.8, 0.6, 0.4):
+        output, report = folder / f"pruned_{budget}.onnx", folder / f"report_{budget}.json"
+        done = run_cli("compress", MODEL, "--data", DATA, "--budget", budget, "-o", output, "--report", report)
+        results[budget] = (done, output, report)
+    return results
+
+
+@pytest.mark.parametrize("budget", [0.8, 0.6, 0.4])
+def test_compress_fixture_end_to_end(compressed, budget):
+    done, output, report_path = compressed[budget]
+    assert done.returncode == 0, done.stderr
+    pruned = onnx.load(str(output))
+    onnx.checker.check_model(pruned, full_check=True)
+    original = onnx.load(str(MODEL))
+    assert [(i.name, i.type) for i in pruned.graph.input] == [(i.name, i.type) for i in original.graph.input]
+    assert [(o.name, o.type) for o in pruned.graph.output] == [(o.name, o.type) for o in original.graph.output]
+
+    report = json.loads(report_path.read_text())
+    totals = report["totals"]
+    assert totals["layer_weights_after"] <= budget * totals["layer_weights_before"]
+    assert totals["parameters_after"] < totals["parameters_before"]
+    assert totals["macs_after"] < totals["macs_before"]
+
+    data = np.load(DATA)
+    session = ort.InferenceSession(str(output), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": data["input"]})[0]
+    assert logits.shape == (len(data["labels"]), 10)
+
+    verification = report["verification"]
+    print(f"budget {budget}: held-out accuracy {verification['accuracy_original']:.3f} → "
+          f"{verification['accuracy_pruned']:.3f}, weights kept {totals['layer_weights_after']}/"
+          f"{totals['layer_weights_before']}, MACs kept {totals['macs_after']}/{totals['macs_before']}")
+    assert verification["points"] == 100  # 20% of 500
+    assert verification["accuracy_pruned"] > CHANCE
+    assert f"pruned {verification['accuracy_pruned']:.1%}" in done.stdout
+    assert "layer weights" in done.stdout and "MACs" in done.stdout
+
+
+def test_accuracy_degrades_gracefully(compressed):
+    """A mild budget on an easy task keeps nearly all accuracy; harder budgets keep less or equal."""
+    accuracy = {b: json.loads(compressed[b][2].read_text())["verification"]["accuracy_pruned"]
+                for b in compressed}
+    assert accuracy[0.8] >= 0.9
+    assert accuracy[0.4] > CHANCE
+
+
+def test_input_model_untouched(compressed):
+    before = MODEL.read_bytes()
+    assert all(result[0].returncode == 0 for result in compressed.values())
+    assert MODEL.read_bytes() == before
+
+
+def test_console_script_installed():
+    import shutil
+
+    assert shutil.which("pfp-onnx") or shutil.which("pfp-onnx", path=str(Path(sys.executable).parent))
+
+
+def test_analyze_command():
+    done = run_cli("analyze", MODEL)
+    assert done.returncode == 0, done.stderr
+    assert "prunable" in done.stdout and "reaches graph output 'logits'" in done.stdout
+    as_json = json.loads(run_cli("analyze", MODEL, "--json").stdout)
+    assert as_json["weights_in_prunable_groups"] == as_json["weights_total"]

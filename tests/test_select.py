@@ -1,0 +1,98 @@
+"""Channel selection: top-k, importance sampling that is reproducible and unbiased, and the hybrid."""
+
+import numpy as np
+import pytest
+
+from pfp_onnx.allocate import expected_distinct
+from pfp_onnx.errors import OptionError
+from pfp_onnx.select import Selection, sample_count_for, select_channels
+
+
+def _sensitivity(channels: int = 20, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(0.2, 1.0, channels)
+
+
+def test_deterministic_picks_top_k_with_stable_ties():
+    sensitivity = np.array([0.1, 0.5, 0.5, 0.2, 0.9])
+    selection = select_channels(sensitivity, 3, "deterministic", np.random.default_rng(0))
+    assert selection.kept.tolist() == [1, 2, 4] and selection.kept.dtype == np.int64
+    assert selection.scale.tolist() == [1.0, 1.0, 1.0] and selection.scale.dtype == np.float32
+    assert select_channels(sensitivity, 2, "deterministic", None).kept.tolist() == [1, 4]
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "randomized", "hybrid"])
+def test_edge_counts(mode):
+    rng = np.random.default_rng(0)
+    sensitivity = _sensitivity(6)
+    everything = select_channels(sensitivity, 9, mode, rng)
+    assert everything.kept.tolist() == list(range(6)) and np.all(everything.scale == 1)
+    assert len(select_channels(sensitivity, 0, mode, rng).kept) >= 1
+    zero = select_channels(np.zeros(5), 2, mode, rng)
+    assert zero.kept.tolist() == [0, 1] and np.all(zero.scale == 1)
+    # Sampling could never reach 2 distinct channels when only 2 matter: keep both, unscaled.
+    few = select_channels(np.array([0.0, 3.0, 0.0, 1.0]), 2, mode, rng)
+    assert few.kept.tolist() == [1, 3] and np.all(few.scale == 1)
+
+
+def test_unknown_mode():
+    with pytest.raises(OptionError, match="deterministic, randomized, hybrid"):
+        select_channels(_sensitivity(), 3, "greedy", np.random.default_rng(0))
+
+
+def test_sample_count_is_smallest_reaching_count():
+    probabilities = _sensitivity(30) / _sensitivity(30).sum()
+    for count in [1, 5, 12, 29]:
+        samples = sample_count_for(probabilities, count)
+        assert expected_distinct(probabilities, samples) >= count
+        assert samples == 1 or expected_distinct(probabilities, samples - 1) < count
+
+
+def test_randomized_reproducible_per_seed():
+    sensitivity = _sensitivity(50)
+    first = select_channels(sensitivity, 20, "randomized", np.random.default_rng(7))
+    again = select_channels(sensitivity, 20, "randomized", np.random.default_rng(7))
+    assert np.array_equal(first.kept, again.kept) and np.array_equal(first.scale, again.scale)
+    others = [select_channels(sensitivity, 20, "randomized", np.random.default_rng(seed)) for seed in range(8, 12)]
+    assert any(not np.array_equal(first.kept, other.kept) for other in others)
+    assert np.all(np.diff(first.kept) > 0)
+
+
+def _draw_many(sensitivity, count, mode, draws=20000):
+    rng = np.random.default_rng(123)
+    kept_counts = np.empty(draws)
+    estimates = np.empty(draws)
+    weight = np.zeros((draws, sensitivity.size))
+    for index in range(draws):
+        selection = select_channels(sensitivity, count, mode, rng)
+        kept_counts[index] = selection.kept.size
+        weight[index, selection.kept] = selection.scale
+        estimates[index] = float(np.sum(selection.scale * sensitivity[selection.kept]))
+    return kept_counts, estimates, weight
+
+
+@pytest.mark.parametrize("mode", ["randomized", "hybrid"])
+def test_sampling_is_unbiased_and_near_target(mode):
+    sensitivity = _sensitivity(20) ** 3  # skewed enough that the hybrid has heavy channels
+    count = 8
+    kept_counts, estimates, weight = _draw_many(sensitivity, count, mode)
+    assert abs(kept_counts.mean() - count) < 1.0
+    draws = estimates.size
+    assert abs(estimates.mean() - sensitivity.sum()) < 5 * estimates.std() / np.sqrt(draws) + 1e-9
+    per_channel_error = np.abs(weight.mean(axis=0) - 1)
+    assert np.all(per_channel_error < 5 * weight.std(axis=0) / np.sqrt(draws) + 1e-6)
+
+
+def test_hybrid_always_keeps_heavy_channels():
+    sensitivity = np.concatenate([[10.0, 8.0], np.ones(20)])
+    count = 6
+    probabilities = sensitivity / sensitivity.sum()
+    heavy = np.flatnonzero(probabilities >= 1 / sample_count_for(probabilities, count))
+    assert heavy.tolist() == [0, 1]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        selection = select_channels(sensitivity, count, "hybrid", rng)
+        assert isinstance(selection, Selection)
+        assert selection.kept[:2].tolist() == [0, 1] and selection.scale[:2].tolist() == [1.0, 1.0]
+    # Plain sampling sometimes misses the second-heaviest channel or rescales it.
+    randomized = [select_channels(sensitivity, count, "randomized", rng) for _ in range(300)]
+    assert any(not np.all(sel.scale[np.isin(sel.kept, heavy)] == 1) for sel in randomized)

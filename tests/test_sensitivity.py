@@ -1,0 +1,266 @@
+"""PFP sensitivities against a slow, literal transcription of PFP.md §1 (explicit loops everywhere)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from pfp_onnx.sensitivity import conv_sensitivity, dense_sensitivity
+
+EPS = np.finfo(np.float32).eps
+
+
+def reference_conv(activation, weight, strides, pads, dilations):
+    """s[C] by loops over samples, sign of a, sign of W, f, c, k and p; z by loops too (float64)."""
+    activation = np.asarray(activation, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    filters, channels, *kernel_shape = weight.shape
+    rank = len(kernel_shape)
+    spatial = activation.shape[2:]
+    out_shape = [
+        (spatial[d] + pads[d] + pads[d + rank] - dilations[d] * (kernel_shape[d] - 1) - 1) // strides[d] + 1
+        for d in range(rank)
+    ]
+    kernel_offsets = list(itertools.product(*[range(n) for n in kernel_shape]))
+    positions = list(itertools.product(*[range(n) for n in out_shape]))
+
+    def patch_value(point, c, k, p):
+        index = []
+        for d in range(rank):
+            i = p[d] * strides[d] + k[d] * dilations[d] - pads[d]
+            if not 0 <= i < spatial[d]:
+                return 0.0  # zero padding
+            index.append(i)
+        return point[(c, *index)]
+
+    sensitivity = np.zeros(channels)
+    for sample in activation:
+        for point in (np.maximum(sample, 0), np.maximum(-sample, 0)):
+            for signed in (np.maximum(weight, 0), np.minimum(weight, 0)):
+                for f in range(filters):
+                    for p in positions:
+                        z = 0.0
+                        for c in range(channels):
+                            for k in kernel_offsets:
+                                z += signed[(f, c, *k)] * patch_value(point, c, k, p)
+                        if abs(z) <= EPS:
+                            continue  # denominator counts as +infinity: ratio 0
+                        for c in range(channels):
+                            for k in kernel_offsets:
+                                g = signed[(f, c, *k)] * patch_value(point, c, k, p) / z
+                                assert g >= 0
+                                sensitivity[c] = max(sensitivity[c], g)
+    return sensitivity
+
+
+def reference_dense(activation, weight):
+    """Dense as a 1x1 conv whose patches are the rows of activation [..., C]."""
+    rows = np.asarray(activation).reshape(-1, weight.shape[1])
+    return reference_conv(rows[:, :, None], weight[:, :, None], [1], [0, 0], [1])
+
+
+def assert_matches(actual, expected):
+    assert actual.dtype == np.float32
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+def random_activation(rng, shape):
+    """Mixed signs with exact zeros. Negatives come in blocks (every other sample, half of its axis 1),
+    so that a⁻ is a dense data point: scattered negatives would make each a⁻ entry the lone term of its
+    neuron, pinning every sensitivity at its maximum of 1 and hiding errors."""
+    activation = rng.uniform(0.1, 1.0, shape).astype(np.float32)
+    activation[rng.random(shape) < 0.1] = 0.0
+    activation[1::2, : shape[1] // 2] *= -1
+    return activation
+
+
+def assert_informative(expected):
+    """Most reference values must be strictly between 0 and 1, or the comparison proves little."""
+    assert ((expected > 0) & (expected < 0.99)).mean() >= 0.5, expected
+
+
+# Enough channels that most neurons sum many products (see random_activation); all seed 0.
+CONV_CASES = {
+    "2d stride 2 pad 1 dilation 2 non-square kernel": dict(
+        activation_shape=(2, 8, 7, 6), weight_shape=(4, 8, 2, 3), strides=[2, 2], pads=[1, 1, 1, 1], dilations=[2, 2]
+    ),
+    "2d asymmetric pads, strides and dilations": dict(
+        activation_shape=(2, 6, 5, 8), weight_shape=(3, 6, 3, 2), strides=[1, 2], pads=[0, 2, 1, 0], dilations=[1, 3]
+    ),
+    "2d plain 3x3": dict(
+        activation_shape=(2, 6, 5, 5), weight_shape=(3, 6, 3, 3), strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1]
+    ),
+    "1d stride 2 pad dilation": dict(
+        activation_shape=(3, 8, 9), weight_shape=(4, 8, 3), strides=[2], pads=[2, 1], dilations=[2]
+    ),
+    "1d kernel 1": dict(activation_shape=(2, 12, 5), weight_shape=(3, 12, 1), strides=[1], pads=[0, 0], dilations=[1]),
+    "3d": dict(
+        activation_shape=(2, 6, 3, 4, 4), weight_shape=(2, 6, 2, 2, 3), strides=[1, 2, 1], pads=[0, 1, 1, 1, 0, 1],
+        dilations=[1, 1, 2],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES.values()), ids=list(CONV_CASES))
+def test_conv_matches_reference(case):
+    rng = np.random.default_rng(0)
+    activation = random_activation(rng, case["activation_shape"])
+    weight = rng.standard_normal(case["weight_shape"]).astype(np.float32)
+    kwargs = dict(strides=case["strides"], pads=case["pads"], dilations=case["dilations"])
+    expected = reference_conv(activation, weight, **kwargs)
+    assert_informative(expected)
+    assert_matches(conv_sensitivity(activation, weight, **kwargs), expected)
+
+
+def test_conv_nonnegative_activation_matches_reference():
+    rng = np.random.default_rng(1)
+    activation = np.maximum(random_activation(rng, (2, 6, 6, 6)), 0)
+    weight = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)
+    kwargs = dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    expected = reference_conv(activation, weight, **kwargs)
+    assert_informative(expected)
+    assert_matches(conv_sensitivity(activation, weight, **kwargs), expected)
+
+
+def test_conv_zero_denominators_and_all_negative_filters():
+    """An all-zero input region, an all-zero filter and all-negative filters: z = 0 entries are skipped."""
+    rng = np.random.default_rng(2)
+    activation = random_activation(rng, (2, 6, 6, 5))
+    activation[:, :, :3, :] = 0.0  # every channel zero in the top half: z = 0 at those positions
+    activation[1] = np.abs(activation[1])  # second sample has no negatives
+    weight = rng.standard_normal((4, 6, 2, 2)).astype(np.float32)
+    weight[0] = 0.0  # z⁺ = z⁻ = 0 everywhere for this filter
+    weight[1] = -np.abs(weight[1])  # all-negative: z⁺ = 0
+    weight[2] = -np.abs(weight[2])
+    kwargs = dict(strides=[1, 1], pads=[0, 0, 1, 1], dilations=[1, 1])
+    expected = reference_conv(activation, weight, **kwargs)
+    assert (expected > 0).all()
+    assert_matches(conv_sensitivity(activation, weight, **kwargs), expected)
+
+
+def test_conv_all_zero_activation_scores_zero():
+    weight = np.random.default_rng(3).standard_normal((2, 3, 3, 3)).astype(np.float32)
+    result = conv_sensitivity(np.zeros((2, 3, 4, 4)), weight, strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    assert_matches(result, np.zeros(3))
+
+
+def test_conv_dead_channel_scores_zero():
+    rng = np.random.default_rng(4)
+    activation = random_activation(rng, (2, 3, 5, 5))
+    activation[:, 1] = 0.0
+    weight = rng.standard_normal((3, 3, 3, 3)).astype(np.float32)
+    kwargs = dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    result = conv_sensitivity(activation, weight, **kwargs)
+    assert result[1] == 0.0
+    assert_matches(result, reference_conv(activation, weight, **kwargs))
+
+
+def test_conv_single_contributor_scores_one():
+    """A lone nonzero product is the whole of its neuron's z, so its relative contribution is exactly 1."""
+    activation = np.zeros((1, 2, 3, 3), dtype=np.float32)
+    activation[0, 0, 1, 1] = 2.5
+    weight = np.random.default_rng(5).standard_normal((3, 2, 1, 1)).astype(np.float32)
+    result = conv_sensitivity(activation, weight, strides=[1, 1], pads=[0, 0, 0, 0], dilations=[1, 1])
+    assert_matches(result, np.array([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("activation_shape", [(5, 12), (2, 3, 12)], ids=["2d", "3d"])
+def test_dense_matches_reference(activation_shape):
+    rng = np.random.default_rng(6)
+    activation = random_activation(rng, activation_shape)
+    weight = rng.standard_normal((3, 12)).astype(np.float32)
+    weight[1] = -np.abs(weight[1])
+    expected = reference_dense(activation, weight)
+    assert_informative(expected)
+    assert_matches(dense_sensitivity(activation, weight), expected)
+
+
+def test_dense_zero_denominators():
+    rng = np.random.default_rng(7)
+    activation = random_activation(rng, (4, 5))
+    activation[0] = 0.0  # a row with z = 0 for every filter
+    activation[1, :3] = 0.0
+    weight = rng.standard_normal((3, 5)).astype(np.float32)
+    weight[0] = 0.0
+    weight[2] = -np.abs(weight[2])
+    weight[1, 3:] = 0.0  # filter 1 sees only channels 0-2, all zero in row 1
+    assert_matches(dense_sensitivity(activation, weight), reference_dense(activation, weight))
+
+
+def test_conv_batches_fold_with_maximum():
+    rng = np.random.default_rng(8)
+    activation = random_activation(rng, (5, 6, 6, 6))
+    weight = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)
+    kwargs = dict(strides=[2, 2], pads=[1, 1, 1, 1], dilations=[1, 1])
+    folded = np.maximum(
+        conv_sensitivity(activation[:2], weight, **kwargs), conv_sensitivity(activation[2:], weight, **kwargs)
+    )
+    np.testing.assert_array_equal(folded, conv_sensitivity(activation, weight, **kwargs))
+
+
+def test_dense_batches_fold_with_maximum():
+    rng = np.random.default_rng(9)
+    activation = random_activation(rng, (7, 2, 12))
+    weight = rng.standard_normal((5, 12)).astype(np.float32)
+    folded = np.maximum(dense_sensitivity(activation[:3], weight), dense_sensitivity(activation[3:], weight))
+    np.testing.assert_array_equal(folded, dense_sensitivity(activation, weight))
+
+
+def test_invariant_to_per_filter_scaling():
+    rng = np.random.default_rng(10)
+    activation = random_activation(rng, (2, 6, 6, 6))
+    weight = rng.standard_normal((4, 6, 3, 3)).astype(np.float32)
+    scaled = weight.copy()
+    scaled[1] *= 3
+    scaled[3] *= 0.5
+    kwargs = dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    np.testing.assert_allclose(
+        conv_sensitivity(activation, scaled, **kwargs), conv_sensitivity(activation, weight, **kwargs), rtol=1e-5
+    )
+    dense_activation = random_activation(rng, (6, 6))
+    np.testing.assert_allclose(
+        dense_sensitivity(dense_activation, scaled[:, :, 0, 0]),
+        dense_sensitivity(dense_activation, weight[:, :, 0, 0]),
+        rtol=1e-5,
+    )
+
+
+def test_chunking_does_not_change_the_result(monkeypatch):
+    """Tiny chunk budgets force many point chunks and position blocks (on threads); the max must not notice."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    rng = np.random.default_rng(11)
+    activation = random_activation(rng, (4, 6, 7, 7))
+    weight = rng.standard_normal((5, 6, 3, 3)).astype(np.float32)
+    kwargs = dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    whole = conv_sensitivity(activation, weight, **kwargs)
+    dense_activation = random_activation(rng, (9, 6))
+    dense_whole = dense_sensitivity(dense_activation, weight[:, :, 0, 0])
+    monkeypatch.setattr(sensitivity, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(sensitivity, "MAX_TIMES_BYTES", 200)
+    monkeypatch.setattr(sensitivity, "MAX_THREADS", 4)
+    np.testing.assert_array_equal(conv_sensitivity(activation, weight, **kwargs), whole)
+    np.testing.assert_array_equal(dense_sensitivity(dense_activation, weight[:, :, 0, 0]), dense_whole)
+
+
+def test_mismatched_shapes_are_rejected():
+    with pytest.raises(ValueError):
+        conv_sensitivity(np.zeros((1, 3, 4, 4)), np.zeros((2, 4, 3, 3)), strides=[1, 1], pads=[0] * 4, dilations=[1, 1])
+    with pytest.raises(ValueError):
+        conv_sensitivity(np.zeros((1, 3, 4, 4)), np.zeros((2, 3, 3, 3)), strides=[1], pads=[0] * 4, dilations=[1, 1])
+    with pytest.raises(ValueError):
+        dense_sensitivity(np.zeros((2, 3)), np.zeros((4, 5)))
+
+
+def test_eps_cutoff_is_absolute():
+    """Scaling the data keeps every ratio while |z| > float32 eps; below it every z counts as infinite."""
+    rng = np.random.default_rng(12)
+    activation = random_activation(rng, (2, 6, 5, 5))
+    weight = rng.standard_normal((3, 6, 3, 3)).astype(np.float32)
+    kwargs = dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    unscaled = conv_sensitivity(activation, weight, **kwargs)
+    np.testing.assert_allclose(conv_sensitivity(activation * 1e-4, weight, **kwargs), unscaled, rtol=1e-5)
+    assert_matches(conv_sensitivity(activation * 1e-9, weight, **kwargs), np.zeros(6))

@@ -1,0 +1,324 @@
+"""Small ONNX graphs built in code, one per graph shape the channel analysis and rewrite must handle.
+
+Every builder returns a checked float32 ModelProto (IR 8, opset 17, so that onnxruntime here runs it)
+with seeded random weights and uniquely named nodes. `ZOO` names them all; `random_inputs` feeds them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+DYNAMIC_SIZE = 8  # what a dynamic non-batch dimension becomes in random_inputs
+
+
+class _GraphBuilder:
+    """Collects nodes, initializers and value infos; weights come from one seeded generator."""
+
+    def __init__(self, name: str, seed: int, *, constant_nodes: bool = False):
+        self.name = name
+        self.rng = np.random.default_rng(seed)
+        self.constant_nodes = constant_nodes
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+
+    # ---- constants ---------------------------------------------------------------------------------
+    def constant(self, name: str, values, dtype=np.float32, *, as_floats: bool = False) -> str:
+        """Store `values` as an initializer, or as a Constant node when the builder says so."""
+        values = np.asarray(values, dtype=dtype)
+        if not self.constant_nodes:
+            self.initializers.append(numpy_helper.from_array(values, name))
+        elif as_floats:  # the value_floats spelling some exporters use for 1-D tensors
+            self.nodes.append(helper.make_node("Constant", [], [name], name=f"const_{name}",
+                                               value_floats=values.reshape(-1).tolist()))
+        else:
+            self.nodes.append(helper.make_node("Constant", [], [name], name=f"const_{name}",
+                                               value=numpy_helper.from_array(values, name)))
+        return name
+
+    def weight(self, name: str, shape, fan_in: int | None = None) -> str:
+        fan_in = fan_in if fan_in is not None else int(np.prod(shape[1:]))
+        return self.constant(name, self.rng.normal(0.0, np.sqrt(2.0 / fan_in), size=shape))
+
+    def bias(self, name: str, shape, *, as_floats: bool = False) -> str:
+        return self.constant(name, self.rng.normal(0.0, 0.1, size=shape), as_floats=as_floats)
+
+    # ---- nodes -------------------------------------------------------------------------------------
+    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        """Add one node named `name` whose single output is also called `name`."""
+        self.nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def conv(self, name: str, data: str, in_channels: int, out_channels: int, kernel: int = 3, *,
+             bias: bool = True, weight: str | None = None, conv_bias: str | None = None, **attrs) -> str:
+        weight = weight or self.weight(f"{name}.weight", (out_channels, in_channels, kernel, kernel))
+        inputs = [data, weight]
+        if conv_bias is not None:
+            inputs.append(conv_bias)
+        elif bias:
+            inputs.append(self.bias(f"{name}.bias", (out_channels,)))
+        return self.node("Conv", inputs, name, kernel_shape=[kernel, kernel], **attrs)
+
+    def batch_norm(self, name: str, data: str, channels: int) -> str:
+        scale = self.constant(f"{name}.scale", self.rng.uniform(0.5, 1.5, channels))
+        shift = self.constant(f"{name}.shift", self.rng.normal(0.0, 0.1, channels))
+        mean = self.constant(f"{name}.mean", self.rng.normal(0.0, 0.1, channels))
+        var = self.constant(f"{name}.var", self.rng.uniform(0.5, 1.5, channels))
+        return self.node("BatchNormalization", [data, scale, shift, mean, var], name, epsilon=1e-5)
+
+    def gemm(self, name: str, data: str, in_features: int, out_features: int, *, trans_b: int = 1,
+             bias_shape=None, **attrs) -> str:
+        shape = (out_features, in_features) if trans_b else (in_features, out_features)
+        weight = self.weight(f"{name}.weight", shape, fan_in=in_features)
+        bias = self.bias(f"{name}.bias", bias_shape if bias_shape is not None else (out_features,))
+        return self.node("Gemm", [data, weight, bias], name, transB=trans_b, **attrs)
+
+    def matmul(self, name: str, data: str, in_features: int, out_features: int) -> str:
+        weight = self.weight(f"{name}.weight", (in_features, out_features), fan_in=in_features)
+        return self.node("MatMul", [data, weight], name)
+
+    # ---- signature ---------------------------------------------------------------------------------
+    def input(self, name: str, shape) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+        return name
+
+    def output(self, name: str, shape) -> None:
+        self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+
+    def build(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
+        model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)],
+                                  producer_name="pfp-onnx tests")
+        onnx.checker.check_model(model, full_check=True)
+        return model
+
+
+# ---- the zoo ---------------------------------------------------------------------------------------
+def chain() -> onnx.ModelProto:
+    """A plain CNN: every conv/dense kind of weight and the per-channel ops between them.
+
+    conv1 (no bias) → BN → Relu → MaxPool → conv2 (bias, stride 2, pads 2, dilation 2) → LeakyRelu
+    → conv3 → Clip (min/max inputs) → Flatten ([N,6,3,3]: 9 features per channel) → gemm1 (transB=1)
+    → Relu → gemm2 (transB=0, bias [1,10]) → Relu → gemm3 (transB=0, bias [1,5]) → logits.
+    """
+    b = _GraphBuilder("chain", seed=1)
+    x = b.input("x", ["N", 3, 12, 12])
+    h = b.conv("conv1", x, 3, 8, bias=False, pads=[1, 1, 1, 1])                          # [N,8,12,12]
+    h = b.batch_norm("bn1", h, 8)
+    h = b.node("Relu", [h], "relu1")
+    h = b.node("MaxPool", [h], "pool1", kernel_shape=[2, 2], strides=[2, 2])            # [N,8,6,6]
+    h = b.conv("conv2", h, 8, 10, strides=[2, 2], pads=[2, 2, 2, 2], dilations=[2, 2])  # [N,10,3,3]
+    h = b.node("LeakyRelu", [h], "leaky2", alpha=0.1)
+    h = b.conv("conv3", h, 10, 6, pads=[1, 1, 1, 1])                                     # [N,6,3,3]
+    low = b.constant("clip.min", -0.5)
+    high = b.constant("clip.max", 1.5)
+    h = b.node("Clip", [h, low, high], "clip3")
+    h = b.node("Flatten", [h], "flatten", axis=1)                                        # [N,54]
+    h = b.gemm("gemm1", h, 54, 12, trans_b=1, alpha=0.5, beta=2.0)
+    h = b.node("Relu", [h], "relu4")
+    h = b.gemm("gemm2", h, 12, 10, trans_b=0, bias_shape=(1, 10))
+    h = b.node("Relu", [h], "relu5")
+    b.gemm("logits", h, 10, 5, trans_b=0, bias_shape=(1, 5))
+    b.output("logits", ["N", 5])
+    return b.build()
+
+
+def residual() -> onnx.ModelProto:
+    """A ResNet in miniature: identity and projection shortcuts couple groups through Add.
+
+    stem conv → BN → Relu; block A (identity Add); block B (stride 2, projection 1x1 conv + BN, Add);
+    PRelu with slope [12,1,1]; AveragePool; GlobalAveragePool → Reshape to [-1, 12] → fc.
+    """
+    b = _GraphBuilder("residual", seed=2)
+    x = b.input("x", ["N", 3, 16, 16])
+    stem = b.node("Relu", [b.batch_norm("stem.bn", b.conv("stem.conv", x, 3, 8, bias=False, pads=[1] * 4), 8)],
+                  "stem.relu")
+    h = b.batch_norm("a.bn1", b.conv("a.conv1", stem, 8, 8, bias=False, pads=[1] * 4), 8)
+    h = b.node("Relu", [h], "a.relu1")
+    h = b.batch_norm("a.bn2", b.conv("a.conv2", h, 8, 8, bias=False, pads=[1] * 4), 8)
+    a_out = b.node("Relu", [b.node("Add", [h, stem], "a.add")], "a.relu2")               # [N,8,16,16]
+    h = b.batch_norm("b.bn1", b.conv("b.conv1", a_out, 8, 12, bias=False, strides=[2, 2], pads=[1] * 4), 12)
+    h = b.node("Relu", [h], "b.relu1")
+    h = b.batch_norm("b.bn2", b.conv("b.conv2", h, 12, 12, bias=False, pads=[1] * 4), 12)
+    shortcut = b.batch_norm("b.proj.bn", b.conv("b.proj", a_out, 8, 12, kernel=1, bias=False, strides=[2, 2]), 12)
+    h = b.node("Add", [shortcut, h], "b.add")                                            # [N,12,8,8]
+    slope = b.constant("b.prelu.slope", b.rng.uniform(0.05, 0.3, (12, 1, 1)))
+    h = b.node("PRelu", [h, slope], "b.prelu")
+    h = b.node("AveragePool", [h], "pool", kernel_shape=[2, 2], strides=[2, 2])         # [N,12,4,4]
+    h = b.node("GlobalAveragePool", [h], "gap")                                          # [N,12,1,1]
+    target = b.constant("flat.shape", [-1, 12], dtype=np.int64)
+    h = b.node("Reshape", [h, target], "flat")
+    b.gemm("logits", h, 12, 10)
+    b.output("logits", ["N", 10])
+    return b.build()
+
+
+def reshape_variants() -> onnx.ModelProto:
+    """Both Reshape spellings of a flatten, with H·W > 1, and two dense branches coupled by Add.
+
+    branch 1: conv_a → Relu → MaxPool → Reshape [-1, 24] (explicit width) → fc_a (Gemm)
+    branch 2: conv_b (1x1 stride 4) → Reshape [0, -1] → fc_b (MatMul)
+    fc_a + fc_b → Relu → head (Gemm transB=0).
+    """
+    b = _GraphBuilder("reshape_variants", seed=3)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.conv("conv_a", x, 3, 6, strides=[2, 2], pads=[1] * 4)                        # [N,6,4,4]
+    h = b.node("Relu", [h], "relu_a")
+    h = b.node("MaxPool", [h], "pool_a", kernel_shape=[2, 2], strides=[2, 2])          # [N,6,2,2]
+    h = b.node("Reshape", [h, b.constant("flat_a.shape", [-1, 24], dtype=np.int64)], "flat_a")
+    fc_a = b.gemm("fc_a", h, 24, 8)
+    g = b.conv("conv_b", x, 3, 5, kernel=1, strides=[4, 4])                             # [N,5,2,2]
+    g = b.node("Reshape", [g, b.constant("flat_b.shape", [0, -1], dtype=np.int64)], "flat_b")
+    fc_b = b.matmul("fc_b", g, 20, 8)
+    h = b.node("Relu", [b.node("Add", [fc_a, fc_b], "fc_sum")], "relu_sum")
+    b.gemm("head", h, 8, 4, trans_b=0)
+    b.output("head", ["N", 4])
+    return b.build()
+
+
+def mlp3d() -> onnx.ModelProto:
+    """A sequence MLP on [N, T, F]: MatMul on the last axis, biases and activations between."""
+    b = _GraphBuilder("mlp3d", seed=4)
+    h = b.input("x", ["N", "T", 6])
+    h = b.node("Add", [b.matmul("mm1", h, 6, 16), b.bias("mm1.bias", (16,))], "add1")
+    h = b.node("Tanh", [h], "tanh1")
+    h = b.node("Add", [b.bias("mm2.bias", (1, 1, 12)), b.matmul("mm2", h, 16, 12)], "add2")  # constant first
+    h = b.node("Sigmoid", [h], "sigmoid2")
+    h = b.node("Mul", [h, b.constant("mm2.gain", b.rng.uniform(0.5, 2.0, 12))], "gain2")
+    h = b.node("HardSigmoid", [b.matmul("mm3", h, 12, 10)], "hardsigmoid3", alpha=0.3, beta=0.4)
+    h = b.node("HardSwish", [b.matmul("mm4", h, 10, 10)], "hardswish4")
+    h = b.node("Elu", [b.matmul("mm5", h, 10, 9)], "elu5", alpha=0.7)
+    h = b.node("Selu", [b.matmul("mm6", h, 9, 8)], "selu6")
+    h = b.node("Softplus", [b.matmul("mm7", h, 8, 7)], "softplus7")
+    b.matmul("out", h, 7, 3)
+    b.output("out", ["N", "T", 3])
+    return b.build()
+
+
+def constant_nodes_dynamic() -> onnx.ModelProto:
+    """Weights in Constant nodes (Paddle-style) and an input with dynamic batch, height and width."""
+    b = _GraphBuilder("constant_nodes_dynamic", seed=5, constant_nodes=True)
+    x = b.input("x", ["N", 3, "H", "W"])
+    h = b.conv("conv1", x, 3, 8, bias=False, pads=[1] * 4,
+               conv_bias=b.bias("conv1.bias", (8,), as_floats=True))
+    h = b.node("Dropout", [h], "drop1")
+    h = b.node("Relu", [h], "relu1")
+    h = b.node("Identity", [h], "id1")
+    h = b.conv("conv2", h, 8, 6, pads=[1] * 4)
+    h = b.node("Relu", [b.batch_norm("bn2", h, 6)], "relu2")
+    h = b.node("GlobalMaxPool", [h], "gmp")                                              # [N,6,1,1]
+    h = b.node("Flatten", [h], "flatten")
+    b.gemm("logits", h, 6, 5)
+    b.output("logits", ["N", 5])
+    return b.build()
+
+
+def shared_weight() -> onnx.ModelProto:
+    """One weight and one bias initializer read by two Convs: conv_a (from the input) and conv_b."""
+    b = _GraphBuilder("shared_weight", seed=6)
+    x = b.input("x", ["N", 4, 8, 8])
+    weight = b.weight("shared.weight", (4, 4, 3, 3))
+    bias = b.bias("shared.bias", (4,))
+    h = b.node("Relu", [b.conv("conv_a", x, 4, 4, weight=weight, conv_bias=bias, pads=[1] * 4)], "relu_a")
+    h = b.node("Relu", [b.conv("conv_b", h, 4, 4, weight=weight, conv_bias=bias, pads=[1] * 4)], "relu_b")
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h], "gap")], "flatten")
+    b.gemm("logits", h, 4, 3)
+    b.output("logits", ["N", 3])
+    return b.build()
+
+
+def branches() -> onnx.ModelProto:
+    """Per-channel Sub/Mul/Div constants, a spatial attention map, and an Add whose sum feeds two convs.
+
+    left = (c0 - conv_l) * m[1,6,1,1] / 2;  right = conv_r * m[6,1,1];  sum = left + right
+    sum * sigmoid(mean over channels of x) → conv_p, conv_q → Add → Relu → GAP → Flatten → fc.
+    """
+    b = _GraphBuilder("branches", seed=7)
+    x = b.input("x", ["N", 3, 8, 8])
+    left = b.conv("conv_l", x, 3, 6, pads=[1] * 4)
+    left = b.node("Sub", [b.constant("left.offset", b.rng.normal(0, 0.1, (6, 1, 1))), left], "left_sub")
+    left = b.node("Mul", [left, b.constant("left.gain", b.rng.uniform(0.5, 2, (1, 6, 1, 1)))], "left_mul")
+    left = b.node("Div", [left, b.constant("left.divisor", 2.0)], "left_div")
+    right = b.conv("conv_r", x, 3, 6, pads=[1] * 4)
+    right = b.node("Mul", [right, b.constant("right.gain", b.rng.uniform(0.5, 2, (6, 1, 1)))], "right_mul")
+    total = b.node("Add", [left, right], "sum")
+    attention = b.node("Sigmoid", [b.node("ReduceMean", [x], "x_mean", axes=[1], keepdims=1)], "attention")
+    total = b.node("Mul", [total, attention], "attend")                                 # [N,1,8,8] map
+    p = b.conv("conv_p", total, 6, 5, pads=[1] * 4)
+    q = b.conv("conv_q", total, 6, 5, kernel=1)
+    h = b.node("Relu", [b.node("Add", [p, q], "pq")], "relu_pq")
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h], "gap")], "flatten")
+    b.gemm("logits", h, 5, 4)
+    b.output("logits", ["N", 4])
+    return b.build()
+
+
+def frozen_cases() -> onnx.ModelProto:
+    """Every way a group must freeze, beside two prunable groups so compress can still act.
+
+    conv_out's output is a graph output; conv_soft feeds Softmax(axis=1); conv_c and conv_d meet in a
+    Concat; conv_e is added to the graph input y; conv_t feeds a Transpose; conv_h feeds a depthwise conv.
+    conv_f → Relu → conv_f2 is prunable, and so is the group of the six convs summed into `merged`.
+    """
+    b = _GraphBuilder("frozen_cases", seed=8)
+    x = b.input("x", ["N", 4, 8, 8])
+    y = b.input("y", ["N", 6, 8, 8])
+    a = b.conv("conv_out", x, 4, 6, pads=[1] * 4)
+    b.output("conv_out", ["N", 6, 8, 8])
+    branch = [b.conv("conv_out2", b.node("Relu", [a], "relu_out"), 6, 4, kernel=1)]
+    soft = b.node("Softmax", [b.conv("conv_soft", x, 4, 6, kernel=1)], "softmax", axis=1)
+    branch.append(b.conv("conv_soft2", soft, 6, 4, kernel=1))
+    both = b.node("Concat", [b.conv("conv_c", x, 4, 5, kernel=1), b.conv("conv_d", x, 4, 3, kernel=1)],
+                  "concat", axis=1)
+    branch.append(b.conv("conv_cd", both, 8, 4, kernel=1))
+    plus_input = b.node("Add", [b.conv("conv_e", x, 4, 6, kernel=1), y], "add_input")
+    branch.append(b.conv("conv_e2", plus_input, 6, 4, kernel=1))
+    flipped = b.node("Transpose", [b.conv("conv_t", x, 4, 5, kernel=1)], "transpose", perm=[0, 1, 3, 2])
+    branch.append(b.conv("conv_t2", flipped, 5, 4, kernel=1))
+    depthwise = b.conv("conv_dw", b.conv("conv_h", x, 4, 6, kernel=1), 1, 6, group=6, pads=[1] * 4)
+    branch.append(b.conv("conv_h2", depthwise, 6, 4, kernel=1))
+    f = b.node("Relu", [b.conv("conv_f", x, 4, 7, pads=[1] * 4)], "relu_f")
+    branch.append(b.conv("conv_f2", f, 7, 4, kernel=1))
+    merged = branch[0]
+    for index, other in enumerate(branch[1:]):
+        merged = b.node("Add", [merged, other], f"merge{index}")
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [merged], "gap")], "flatten")
+    b.gemm("logits", h, 4, 3)
+    b.output("logits", ["N", 3])
+    return b.build()
+
+
+ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
+    "chain": chain,
+    "residual": residual,
+    "reshape_variants": reshape_variants,
+    "mlp3d": mlp3d,
+    "constant_nodes_dynamic": constant_nodes_dynamic,
+    "shared_weight": shared_weight,
+    "branches": branches,
+    "frozen_cases": frozen_cases,
+}
+
+
+def input_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[int, ...]]:
+    """Concrete input shapes: a dynamic first dim becomes `batch`, any other dynamic dim DYNAMIC_SIZE."""
+    shapes = {}
+    for graph_input in model.graph.input:
+        dims = graph_input.type.tensor_type.shape.dim
+        shapes[graph_input.name] = tuple(
+            dim.dim_value if dim.HasField("dim_value") else (batch if index == 0 else DYNAMIC_SIZE)
+            for index, dim in enumerate(dims))
+    return shapes
+
+
+def random_inputs(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np.ndarray]:
+    """Standard-normal float32 feeds for every graph input, with batch `count`."""
+    rng = np.random.default_rng(seed)
+    initializers = {init.name for init in model.graph.initializer}
+    return {name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in input_shapes(model, batch=count).items() if name not in initializers}
