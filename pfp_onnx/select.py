@@ -37,10 +37,12 @@ def select_channels(sensitivity: np.ndarray, count: int, mode: str, rng: np.rand
     - "randomized": m = the fewest draws whose expected distinct count reaches `count`; draw m times with
       replacement from p = s/Σs and keep the distinct channels with scale count_c/(m·p_c). The number
       kept is random, close to `count`; E[scale_c·1[kept_c]] = 1 for every channel with p_c > 0.
-    - "hybrid": with m as for randomized, channels with p_c ≥ 1/m — those the sampler would almost surely
-      draw — are kept deterministically with scale 1 (at most `count` of them, the largest). The other
-      m − |D| draws come from p' = the rest renormalised, and those kept get count_c/((m − |D|)·p'_c),
-      which keeps the rest's contribution unbiased. No draws are left when |D| ≥ `count` or |D| = m.
+    - "hybrid" (the reference's PFPNetTop split): with m as for randomized, the set D of channels with
+      p_c ≥ 1/m — those the sampler would almost surely draw — is kept with scale 1 (if |D| ≥ `count`, just
+      the `count` largest). The remaining `count` − |D| channels are sampled like "randomized" from
+      p' = the rest renormalised: m' draws, m' the fewest whose expected distinct count reaches
+      `count` − |D|, scale count_c/(m'·p'_c), so the rest's contribution stays unbiased. (Spending the
+      leftover m − |D| draws instead would overshoot `count`: the heavy channels' repeat draws are freed.)
 
     count ≥ C keeps everything. When sampling could never reach `count` distinct channels (count is at least
     the number with s_c > 0) or Σs = 0, the choice falls back to deterministic: keeping every channel that
@@ -71,11 +73,8 @@ def select_channels(sensitivity: np.ndarray, count: int, mode: str, rng: np.rand
     if heavy.size >= count:
         return _top(sensitivity, count)
     rest = np.setdiff1d(np.arange(channels), heavy)
-    rest_samples = samples - heavy.size
-    rest_mass = float(probabilities[rest].sum())
-    if rest_samples <= 0 or rest_mass <= 0:
-        return Selection(heavy.astype(np.int64), np.ones(heavy.size, np.float32))
-    rest_probabilities = probabilities[rest] / rest_mass
+    rest_probabilities = probabilities[rest] / float(probabilities[rest].sum())
+    rest_samples = sample_count_for(rest_probabilities, count - heavy.size)
     draws = rng.multinomial(rest_samples, rest_probabilities)
     drawn = np.flatnonzero(draws)
     drawn_scale = draws[drawn] / (rest_samples * rest_probabilities[drawn])

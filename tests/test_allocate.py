@@ -70,7 +70,9 @@ def test_budget_met_and_tight(configuration, budget):
     groups, layers = CONFIGURATIONS[configuration]()
     everything = allocate(groups, layers, 1.0)
     if everything.weights_floor > budget * everything.weights_total:
-        pytest.skip("below this configuration's floor")
+        with pytest.raises(BudgetError, match="smallest feasible budget"):
+            allocate(groups, layers, budget)
+        return
     allocation = allocate(groups, layers, budget)
     assert allocation.weights_total == kept_weights(layers, {})
     assert allocation.weights_kept == kept_weights(layers, allocation.kept)

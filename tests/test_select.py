@@ -17,7 +17,7 @@ def test_deterministic_picks_top_k_with_stable_ties():
     selection = select_channels(sensitivity, 3, "deterministic", np.random.default_rng(0))
     assert selection.kept.tolist() == [1, 2, 4] and selection.kept.dtype == np.int64
     assert selection.scale.tolist() == [1.0, 1.0, 1.0] and selection.scale.dtype == np.float32
-    assert select_channels(sensitivity, 2, "deterministic", None).kept.tolist() == [1, 4]
+    assert select_channels(sensitivity, 2, "deterministic", np.random.default_rng(0)).kept.tolist() == [1, 4]
 
 
 @pytest.mark.parametrize("mode", ["deterministic", "randomized", "hybrid"])
@@ -57,7 +57,7 @@ def test_randomized_reproducible_per_seed():
     assert np.all(np.diff(first.kept) > 0)
 
 
-def _draw_many(sensitivity, count, mode, draws=20000):
+def _draw_many(sensitivity, count, mode, draws=10000):
     rng = np.random.default_rng(123)
     kept_counts = np.empty(draws)
     estimates = np.empty(draws)
@@ -77,7 +77,8 @@ def test_sampling_is_unbiased_and_near_target(mode):
     kept_counts, estimates, weight = _draw_many(sensitivity, count, mode)
     assert abs(kept_counts.mean() - count) < 1.0
     draws = estimates.size
-    assert abs(estimates.mean() - sensitivity.sum()) < 5 * estimates.std() / np.sqrt(draws) + 1e-9
+    # Since p ∝ s, every single draw estimates Σs exactly (up to float32 scales); per channel it is random.
+    assert estimates.mean() == pytest.approx(sensitivity.sum(), rel=1e-5)
     per_channel_error = np.abs(weight.mean(axis=0) - 1)
     assert np.all(per_channel_error < 5 * weight.std(axis=0) / np.sqrt(draws) + 1e-6)
 

@@ -293,6 +293,59 @@ def frozen_cases() -> onnx.ModelProto:
     return b.build()
 
 
+def squeeze_excite() -> onnx.ModelProto:
+    """A squeeze-and-excitation block: Mul couples [N,C,H,W] with the gate's broadcast [N,C,1,1].
+
+    stem → Relu → s; gate = HardSigmoid(excite(Relu(squeeze(GAP(s))))); s * gate → conv_out → … → fc.
+    """
+    b = _GraphBuilder("squeeze_excite", seed=9)
+    x = b.input("x", ["N", 3, 8, 8])
+    s = b.node("Relu", [b.conv("stem", x, 3, 8, pads=[1] * 4)], "stem.relu")
+    gate = b.conv("squeeze", b.node("GlobalAveragePool", [s], "se.gap"), 8, 3, kernel=1)
+    gate = b.conv("excite", b.node("Relu", [gate], "se.relu"), 3, 8, kernel=1)
+    gate = b.node("HardSigmoid", [gate], "se.gate", alpha=0.2, beta=0.5)
+    h = b.node("Mul", [s, gate], "se.scale")
+    h = b.node("Relu", [b.conv("conv_out", h, 8, 6, pads=[1] * 4)], "out.relu")
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h], "gap")], "flatten")
+    b.gemm("logits", h, 6, 4)
+    b.output("logits", ["N", 4])
+    return b.build()
+
+
+def self_coupled() -> onnx.ModelProto:
+    """h + conv(h) with a square conv: one weight is both producer (axis 0) and consumer (axis 1)
+    of the same group, and the coupled group passes through two such blocks."""
+    b = _GraphBuilder("self_coupled", seed=10)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.node("Relu", [b.conv("stem", x, 3, 5, pads=[1] * 4)], "stem.relu")
+    h = b.node("Add", [h, b.conv("block1", h, 5, 5, pads=[1] * 4)], "add1")
+    h = b.node("Add", [b.conv("block2", h, 5, 5, kernel=1), h], "add2")
+    h = b.node("Flatten", [b.node("MaxPool", [h], "pool", kernel_shape=[2, 2], strides=[2, 2])], "flatten")
+    b.gemm("logits", h, 45, 3, trans_b=0)
+    b.output("logits", ["N", 3])
+    return b.build()
+
+
+def outer_scope_subgraph() -> onnx.ModelProto:
+    """conv1's output `h` feeds conv2 and is also read, implicitly, inside both branches of an If whose
+    result is a graph output. Not in ZOO: the analysis does not see the subgraph read yet."""
+    b = _GraphBuilder("outer_scope_subgraph", seed=11)
+    x = b.input("x", ["N", 3, 4, 4])
+    h = b.conv("conv1", x, 3, 6, kernel=1)
+    b.node("Relu", [b.conv("conv2", h, 6, 4, kernel=1)], "relu2")
+    branches = []
+    for name, op in (("then", "Relu"), ("else", "Sigmoid")):
+        branches.append(helper.make_graph(
+            [helper.make_node(op, [h], [f"{name}_out"], name=f"{name}_op")], name, [],
+            [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["N", 6, 4, 4])]))
+    condition = b.constant("condition", True, dtype=np.bool_)
+    b.nodes.append(helper.make_node("If", [condition], ["branch"], name="if",
+                                    then_branch=branches[0], else_branch=branches[1]))
+    b.output("relu2", ["N", 4, 4, 4])
+    b.output("branch", ["N", 6, 4, 4])
+    return b.build()
+
+
 ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "chain": chain,
     "residual": residual,
@@ -302,6 +355,8 @@ ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "shared_weight": shared_weight,
     "branches": branches,
     "frozen_cases": frozen_cases,
+    "squeeze_excite": squeeze_excite,
+    "self_coupled": self_coupled,
 }
 
 

@@ -1,0 +1,78 @@
+"""Calibration data: matching arrays to inputs, validation messages, the seeded split, batching."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from pfp_onnx.data import read_npz, split, validate
+from pfp_onnx.errors import DataError
+from test_cli import DATA, MODEL
+
+
+@pytest.fixture(scope="module")
+def model():
+    return onnx.load(str(MODEL))
+
+
+def test_single_input_accepts_any_name(model):
+    images = np.load(DATA)["input"][:10]
+    data = validate({"whatever": images}, model)
+    assert list(data.inputs) == ["input"] and data.count == 10 and data.labels is None
+
+
+def test_labels_are_kept_and_checked(model):
+    arrays = dict(np.load(DATA))
+    assert validate(arrays, model).labels.shape == (500,)
+    with pytest.raises(DataError, match="one per point"):
+        validate({**arrays, "labels": arrays["labels"][:-1]}, model)
+    with pytest.raises(DataError, match="integer class ids"):
+        validate({**arrays, "labels": arrays["labels"].astype(np.float32)}, model)
+
+
+def test_extra_arrays_and_zero_points_rejected(model):
+    arrays = dict(np.load(DATA))
+    with pytest.raises(DataError, match="match no model input"):
+        validate({**arrays, "mask": np.zeros(500)}, model)
+    with pytest.raises(DataError, match="zero points"):
+        validate({"input": arrays["input"][:0]}, model)
+
+
+def test_inf_rejected(model):
+    images = np.load(DATA)["input"].copy()
+    images[0, 0, 0, 0] = np.inf
+    with pytest.raises(DataError, match="NaN or infinite"):
+        validate({"input": images}, model)
+
+
+def test_not_an_npz(tmp_path):
+    path = tmp_path / "calib.npz"
+    path.write_bytes(b"garbage")
+    with pytest.raises(DataError, match="Could not read"):
+        read_npz(path)
+
+
+def test_split_is_seeded_and_disjoint(model):
+    data = validate(dict(np.load(DATA)), model)
+    first, held = split(data, 0.2, seed=3)
+    again, held_again = split(data, 0.2, seed=3)
+    assert first.count == 400 and held.count == 100
+    np.testing.assert_array_equal(held.inputs["input"], held_again.inputs["input"])
+    together = np.concatenate([first.inputs["input"], held.inputs["input"]]).reshape(500, -1)
+    assert len(np.unique(together, axis=0)) == len(np.unique(data.inputs["input"].reshape(500, -1), axis=0))
+    other, _ = split(data, 0.2, seed=4)
+    assert not np.array_equal(other.inputs["input"], first.inputs["input"])
+
+
+def test_split_needs_enough_points(model):
+    data = validate({"input": np.load(DATA)["input"][:1]}, model)
+    with pytest.raises(DataError, match="too few"):
+        split(data, 0.2, seed=0)
+    assert split(data, 0.0, seed=0)[1] is None
+
+
+def test_batches_cover_every_point_once(model):
+    data = validate({"input": np.load(DATA)["input"][:23]}, model)
+    sizes = [len(batch["input"]) for batch in data.batches(5)]
+    assert sizes == [5, 5, 5, 5, 3]

@@ -1,0 +1,83 @@
+"""Model files: external data, Constant-node weights, output-path safety, atomic saving."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+
+import pfp_onnx
+from pfp_onnx.errors import ModelError, OutputError
+from pfp_onnx.model import check_output_path, load_model, parameter_count, save_model, to_graph
+from test_cli import DATA, MODEL
+
+
+def test_external_data_model_compresses(tmp_path):
+    model = onnx.load(str(MODEL))
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location="external.onnx.data", size_threshold=0)
+    assert (tmp_path / "external.onnx.data").stat().st_size > 500_000
+    loaded = load_model(path)
+    assert parameter_count(loaded) == parameter_count(model)
+    result = pfp_onnx.compress(path, DATA, budget=0.7)
+    assert result.report.totals.layer_weights_after <= 0.7 * result.report.totals.layer_weights_before
+
+
+def test_external_data_missing_is_a_model_error(tmp_path):
+    model = onnx.load(str(MODEL))
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0)
+    os.remove(tmp_path / "weights.bin")
+    with pytest.raises(ModelError, match="external-data"):
+        load_model(path)
+
+
+def test_save_with_external_data_roundtrips(tmp_path):
+    model = onnx.load(str(MODEL))
+    target = tmp_path / "out.onnx"
+    save_model(model, target, external_data=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    reloaded = onnx.load(str(target))
+    assert parameter_count(reloaded) == parameter_count(model)
+
+
+def test_constant_nodes_become_constants():
+    model = onnx.load(str(MODEL))
+    constant_model = onnx.ModelProto()
+    constant_model.CopyFrom(model)
+    nodes = [onnx.helper.make_node("Constant", [], [init.name], value=init) for init in model.graph.initializer]
+    del constant_model.graph.initializer[:]
+    graph_nodes = list(constant_model.graph.node)
+    del constant_model.graph.node[:]
+    constant_model.graph.node.extend(nodes + graph_nodes)
+    onnx.checker.check_model(constant_model)
+    graph = to_graph(constant_model)
+    assert not [node for node in graph.nodes if node.op == "Constant"]
+    assert pfp_onnx.analyze(constant_model).weights_total == pfp_onnx.analyze(model).weights_total
+
+
+def test_output_path_checks(tmp_path):
+    with pytest.raises(OutputError, match="input model itself"):
+        check_output_path(MODEL, MODEL)
+    with pytest.raises(OutputError, match="does not exist"):
+        check_output_path(tmp_path / "missing" / "x.onnx", MODEL)
+    with pytest.raises(OutputError, match="is a folder"):
+        check_output_path(tmp_path, MODEL)
+    assert check_output_path(tmp_path / "x.onnx", MODEL) == tmp_path / "x.onnx"
+
+
+def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "out.onnx"
+
+    def broken_save(*args, **kwargs):
+        with open(args[1], "wb") as handle:
+            handle.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", broken_save)
+    with pytest.raises(OutputError, match="No space left"):
+        save_model(onnx.load(str(MODEL)), target)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,280 @@
+"""The rewrite against the zero-channel oracle (PFP.md §6).
+
+The pruned model must compute exactly what the original computes once every removed channel's entries
+are zeroed at all its consumers and the kept entries multiplied by their scale. The oracle is built here,
+independently of rewrite.py: it edits a copy of the original model's consumer weights in place of
+cutting anything, so the two paths share nothing but the analysis.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
+from pfp_onnx.rewrite import block_indices, rewrite
+from pfp_onnx.select import Selection
+from zoo import ZOO, input_shapes, random_inputs
+
+SEEDS = (0, 1, 2)
+RTOL, ATOL = 1e-4, 1e-5
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the oracle leaves the original weights behind, unused
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def constant_values(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """Every constant a node can read: initializers and Constant-node outputs."""
+    values = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            continue
+        for attr in node.attribute:
+            if attr.name == "value":
+                values[node.output[0]] = numpy_helper.to_array(attr.t)
+            elif attr.name == "value_floats":
+                values[node.output[0]] = np.array(attr.floats, dtype=np.float32)
+    return values
+
+
+def constant_input_sizes(model: onnx.ModelProto) -> dict[tuple[str, int], int]:
+    """(node, input index) → element count, for every constant input of every non-Constant node."""
+    values = constant_values(model)
+    return {(node.name, index): values[name].size
+            for node in model.graph.node if node.op_type != "Constant"
+            for index, name in enumerate(node.input) if name in values}
+
+
+def random_selections(analysis: ChannelAnalysis, seed: int, *, randomized: bool) -> dict[int, Selection]:
+    """A non-empty random subset per prunable group: one channel, all but one, or anything between.
+
+    Now and then a group is left out of the selections, which must leave it untouched.
+    """
+    rng = np.random.default_rng(seed)
+    selections = {}
+    for group in analysis.prunable_groups:
+        kind = rng.integers(4)
+        if kind == 3 and seed % 2:
+            continue
+        if kind == 0:
+            count = 1
+        elif kind == 1:
+            count = max(group.width - 1, 1)
+        else:
+            count = int(rng.integers(1, group.width + 1))
+        kept = np.sort(rng.choice(group.width, size=count, replace=False)).astype(np.int64)
+        scale = (rng.uniform(0.25, 3.0, size=count) if randomized else np.ones(count)).astype(np.float32)
+        selections[group.id] = Selection(kept=kept, scale=scale)
+    return selections
+
+
+def zeroed_oracle(model: onnx.ModelProto, analysis: ChannelAnalysis,
+                  selections: dict[int, Selection]) -> onnx.ModelProto:
+    """The original model with removed channels zeroed (and kept ones scaled) at every consumer.
+
+    Each edited (node, input) gets its own new initializer, so a weight shared with another node (which
+    may read it unpruned) is never changed under that node's feet.
+    """
+    oracle = onnx.ModelProto()
+    oracle.CopyFrom(model)
+    nodes = {node.name: node for node in oracle.graph.node}
+    values = constant_values(model)
+    edited: dict[tuple[str, int], np.ndarray] = {}
+    for group_id, selection in selections.items():
+        group = analysis.group(group_id)
+        factor = np.zeros(group.width, dtype=np.float64)
+        factor[selection.kept] = selection.scale
+        for weight_slice in group.slices:
+            if weight_slice.role != "consumer":
+                continue
+            key = (weight_slice.node, weight_slice.input_index)
+            array = edited.get(key)
+            if array is None:
+                array = values[nodes[weight_slice.node].input[weight_slice.input_index]].astype(np.float64)
+            shape = [1] * array.ndim
+            shape[weight_slice.axis] = -1
+            # channel c owns entries c·block … c·block + block - 1 along the axis
+            edited[key] = array * np.repeat(factor, weight_slice.block).reshape(shape)
+    for (node_name, index), array in edited.items():
+        node = nodes[node_name]
+        name = f"{node.input[index]}__oracle__{node_name}__{index}"
+        oracle.graph.initializer.append(numpy_helper.from_array(array.astype(np.float32), name))
+        node.input[index] = name
+    onnx.checker.check_model(oracle)
+    return oracle
+
+
+def signature(infos) -> list[tuple[str, bytes]]:
+    """Name and full type (element type, dims with dim_params) of graph inputs or outputs."""
+    return [(info.name, info.type.SerializeToString(deterministic=True)) for info in infos]
+
+
+def assert_same_outputs(actual: list[np.ndarray], expected: list[np.ndarray]) -> None:
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        assert got.shape == want.shape and got.dtype == want.dtype
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+def prune_and_check(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: dict[int, Selection],
+                    feeds: list[dict[str, np.ndarray]]) -> onnx.ModelProto:
+    """Rewrite, then hold the result to every contract the oracle test states; returns the pruned model."""
+    before = model.SerializeToString()
+    pruned = rewrite(model, analysis, selections)
+    assert model.SerializeToString() == before, "rewrite changed its input model"
+    onnx.checker.check_model(pruned, full_check=True)
+    assert signature(pruned.graph.input) == signature(model.graph.input)
+    assert signature(pruned.graph.output) == signature(model.graph.output)
+
+    oracle = zeroed_oracle(model, analysis, selections)
+    for feed in feeds:
+        assert_same_outputs(run(pruned, feed), run(oracle, feed))
+
+    original_sizes, pruned_sizes = constant_input_sizes(model), constant_input_sizes(pruned)
+    for key, size in pruned_sizes.items():
+        assert size <= original_sizes[key], f"constant input {key} grew from {original_sizes[key]} to {size}"
+    removed = any(len(selection.kept) < analysis.group(group_id).width
+                  for group_id, selection in selections.items())
+    if removed:
+        assert sum(pruned_sizes.values()) < sum(original_sizes.values())
+    return pruned
+
+
+# ---- the oracle test over the zoo ----------------------------------------------------------------------
+@pytest.mark.parametrize("randomized", [False, True], ids=["deterministic", "randomized"])
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_pruned_model_equals_zeroed_oracle(name, seed, randomized):
+    model = ZOO[name]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    assert analysis.prunable_groups, f"zoo model {name} has nothing to prune"
+    selections = random_selections(analysis, seed, randomized=randomized)
+    prune_and_check(model, analysis, selections, [random_inputs(model, 3, seed), random_inputs(model, 1, 99)])
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_keeping_every_channel_changes_nothing(name):
+    model = ZOO[name]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    selections = {group.id: Selection(np.arange(group.width, dtype=np.int64), np.ones(group.width, np.float32))
+                  for group in analysis.prunable_groups}
+    pruned = rewrite(model, analysis, selections)
+    feed = random_inputs(model, 2, 5)
+    assert_same_outputs(run(pruned, feed), run(model, feed))
+    assert constant_input_sizes(pruned) == constant_input_sizes(model)
+
+
+@pytest.mark.parametrize("name", ["chain", "residual", "reshape_variants", "mlp3d"])
+def test_single_channel_everywhere(name):
+    """The harshest cut: every prunable group down to its last channel, with a non-trivial scale."""
+    model = ZOO[name]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    selections = {group.id: Selection(np.array([group.width - 1], np.int64), np.array([1.5], np.float32))
+                  for group in analysis.prunable_groups}
+    prune_and_check(model, analysis, selections, [random_inputs(model, 2, 0)])
+
+
+# ---- specific cases ------------------------------------------------------------------------------------
+def test_flatten_block_slices_whole_channel_runs():
+    """chain: conv3's 6 channels reach gemm1 as 6 runs of 9 features; keeping {1, 4} keeps 18 columns."""
+    model = ZOO["chain"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    group = next(group for group in analysis.groups if group.producers == ("conv3",))
+    pruned = prune_and_check(model, analysis, {group.id: Selection(np.array([1, 4]), np.ones(2, np.float32))},
+                             [random_inputs(model, 2, 0)])
+    weights = constant_values(pruned)
+    gemm1 = next(node for node in pruned.graph.node if node.name == "gemm1")
+    original = constant_values(model)["gemm1.weight"]
+    np.testing.assert_array_equal(weights[gemm1.input[1]], original[:, np.r_[9:18, 36:45]])
+    np.testing.assert_array_equal(block_indices(np.array([1, 4]), 9), np.r_[9:18, 36:45])
+
+
+def test_explicit_reshape_width_is_rewritten():
+    """reshape_variants: Reshape [-1, 24] becomes [-1, 4·kept]; [0, -1] needs no change."""
+    model = ZOO["reshape_variants"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    by_producer = {group.producers[0]: group for group in analysis.groups}
+    selections = {by_producer["conv_a"].id: Selection(np.array([0, 2, 5]), np.ones(3, np.float32)),
+                  by_producer["conv_b"].id: Selection(np.array([3]), np.ones(1, np.float32))}
+    pruned = prune_and_check(model, analysis, selections, [random_inputs(model, 2, 0)])
+    values = constant_values(pruned)
+    targets = {node.name: values[node.input[1]].tolist() for node in pruned.graph.node if node.op_type == "Reshape"}
+    assert targets == {"flat_a": [-1, 12], "flat_b": [0, -1]}
+
+
+def test_residual_coupled_group_prunes_both_branches_alike():
+    model = ZOO["residual"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    stem_group = next(group for group in analysis.groups if "stem.conv" in group.producers)
+    pruned = prune_and_check(model, analysis, {stem_group.id: Selection(np.array([0, 3, 7]), np.ones(3, np.float32))},
+                             [random_inputs(model, 2, 0)])
+    sizes = constant_input_sizes(pruned)
+    assert sizes[("stem.conv", 1)] == 3 * 3 * 9 and sizes[("a.conv2", 1)] == 3 * 8 * 9
+    assert sizes[("a.conv1", 1)] == 8 * 3 * 9 and sizes[("b.conv1", 1)] == 12 * 3 * 9
+    assert sizes[("b.proj", 1)] == 12 * 3 * 1
+
+
+def test_shared_weight_is_copied_not_cut_for_both_readers():
+    """shared_weight: conv_a and conv_b read one initializer; pruning conv_a's output channels cuts
+    conv_a's filters (axis 0) and conv_b's inputs (axis 1), which must land in two different tensors."""
+    model = ZOO["shared_weight"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    first = next(group for group in analysis.groups if group.producers == ("conv_a",))
+    selections = {first.id: Selection(np.array([1, 2]), np.array([0.5, 2.0], np.float32))}
+    pruned = prune_and_check(model, analysis, selections, [random_inputs(model, 2, 0)])
+    nodes = {node.name: node for node in pruned.graph.node}
+    values = constant_values(pruned)
+    shared = constant_values(model)["shared.weight"]
+    conv_a, conv_b = values[nodes["conv_a"].input[1]], values[nodes["conv_b"].input[1]]
+    assert nodes["conv_a"].input[1] != nodes["conv_b"].input[1]
+    np.testing.assert_array_equal(conv_a, shared[[1, 2]])
+    np.testing.assert_allclose(conv_b, shared[:, [1, 2]] * np.array([0.5, 2.0]).reshape(1, 2, 1, 1), rtol=1e-6)
+    # conv_b's output channels were not pruned: its bias keeps all 4 entries, conv_a's keeps 2
+    assert values[nodes["conv_a"].input[2]].shape == (2,) and values[nodes["conv_b"].input[2]].shape == (4,)
+
+
+def test_oracle_keeps_shared_weight_intact_for_the_other_reader():
+    """The oracle itself: zeroing conv_b's input slice must not zero conv_a's filters, which read the
+    same initializer. Compared with a hand-made model in which conv_b alone gets the zeroed copy."""
+    model = ZOO["shared_weight"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    first = next(group for group in analysis.groups if group.producers == ("conv_a",))
+    oracle = zeroed_oracle(model, analysis, {first.id: Selection(np.array([0, 3]), np.ones(2, np.float32))})
+    nodes = {node.name: node for node in oracle.graph.node}
+    values = constant_values(oracle)
+    assert nodes["conv_a"].input[1] == "shared.weight"
+    np.testing.assert_array_equal(values["shared.weight"], constant_values(model)["shared.weight"])
+    zeroed = values[nodes["conv_b"].input[1]]
+    assert not zeroed[:, [1, 2]].any() and zeroed[:, [0, 3]].all()
+
+
+def test_constant_node_weights_prune_and_dynamic_sizes_still_run():
+    """constant_nodes_dynamic: weights live in Constant nodes and H, W are dynamic; the pruned model
+    runs at spatial sizes other than the one the analysis saw, and still matches the oracle."""
+    model = ZOO["constant_nodes_dynamic"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    by_producer = {group.producers[0]: group for group in analysis.groups}
+    selections = {by_producer["conv1"].id: Selection(np.array([0, 5, 6]), np.ones(3, np.float32)),
+                  by_producer["conv2"].id: Selection(np.array([2, 3]), np.array([1.25, 0.75], np.float32))}
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for shape in [(2, 3, 8, 8), (1, 3, 11, 5)]]
+    pruned = prune_and_check(model, analysis, selections, feeds)
+    sizes = constant_input_sizes(pruned)
+    assert sizes[("conv1", 1)] == 3 * 3 * 9 and sizes[("conv1", 2)] == 3
+    assert sizes[("conv2", 1)] == 2 * 3 * 9 and sizes[("bn2", 1)] == 2 and sizes[("logits", 1)] == 5 * 2
+
+
+def test_frozen_group_cannot_be_pruned():
+    model = ZOO["frozen_cases"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    frozen = next(group for group in analysis.groups if not group.prunable)
+    with pytest.raises(ValueError, match="frozen"):
+        rewrite(model, analysis, {frozen.id: Selection(np.array([0]), np.ones(1, np.float32))})

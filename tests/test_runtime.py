@@ -1,0 +1,69 @@
+"""Execution-provider choice, including onnxruntime's silent fallback to CPU."""
+
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from pfp_onnx import runtime
+from pfp_onnx.errors import OptionError
+
+
+@pytest.fixture(autouse=True)
+def fresh_probe():
+    runtime.cuda_loads.cache_clear()
+    yield
+    runtime.cuda_loads.cache_clear()
+
+
+def test_cpu_is_always_possible():
+    assert runtime.choose_device("cpu").providers == (runtime.CPU,)
+
+
+def test_unknown_device_rejected():
+    with pytest.raises(OptionError, match="auto, cuda, cpu"):
+        runtime.choose_device("tpu")
+
+
+def test_silent_cuda_fallback_is_detected(monkeypatch):
+    """CUDA listed as available but the session ends up on CPU: treat CUDA as absent."""
+
+    class FallbackSession:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def get_providers(self):
+            return [runtime.CPU]
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
+    monkeypatch.setattr(ort, "InferenceSession", FallbackSession)
+    assert runtime.cuda_loads() is False
+    assert runtime.choose_device("auto").providers == (runtime.CPU,)
+    with pytest.raises(OptionError, match="cannot use CUDA"):
+        runtime.choose_device("cuda")
+
+
+def test_cuda_chosen_when_it_loads(monkeypatch):
+    class CudaSession:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def get_providers(self):
+            return [runtime.CUDA, runtime.CPU]
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [runtime.CUDA, runtime.CPU])
+    monkeypatch.setattr(ort, "InferenceSession", CudaSession)
+    device = runtime.choose_device("auto")
+    assert device.providers == (runtime.CUDA, runtime.CPU) and "CUDA" in device.note
+
+
+def test_no_cuda_provider_at_all(monkeypatch):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [runtime.CPU])
+    assert runtime.choose_device("auto").providers == (runtime.CPU,)
+    assert "not available" in runtime.choose_device("auto").note
+
+
+def test_real_probe_on_this_machine():
+    """Whatever the machine, the probe answers without raising and auto picks a working provider."""
+    device = runtime.choose_device("auto")
+    assert runtime.CPU in device.providers
