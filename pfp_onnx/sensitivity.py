@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["conv_sensitivity", "dense_sensitivity"]
+__all__ = ["conv_sensitivity", "conv_transpose_sensitivity", "dense_sensitivity"]
 
 # Denominators at or below this are treated as +infinity (the reference's float32 eps cut-off).
 Z_EPS = float(np.finfo(np.float32).eps)
@@ -84,6 +84,83 @@ def conv_sensitivity(
         for point in _sign_split(padded[start : start + samples_per_chunk]):
             scorer.update(_unfold(point, kernel_shape, out_shape, strides, dilations))
     return scorer.sensitivity
+
+
+def conv_transpose_sensitivity(
+    activation: np.ndarray,
+    weight: np.ndarray,
+    *,
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int],
+    output_padding: Sequence[int] | None = None,
+) -> np.ndarray:
+    """Sensitivities s[C_in] (float32) of a group=1 ConvTranspose's input channels over one calibration batch.
+
+    activation is [N, C_in, *spatial], weight is in ONNX ConvTranspose layout [C_in, C_out, *kernel]; pads
+    follow ONNX order (x1_begin, …, x1_end, …). The definition is conv_sensitivity's, for the scatter form of
+    the layer: input position q and kernel offset k land (per spatial axis) on output position
+    o = q·stride + k·dilation − pad_begin when 0 ≤ o < out_size, with
+    out_size = stride·(in − 1) + output_padding + (kernel − 1)·dilation + 1 − pad_begin − pad_end, and
+    g±[c, f, k, o] = W±[c, f, k] · a[c, q] / z±[f, o], maximised over everything.
+
+    It is computed as the equivalent stride-1 Conv: insert stride − 1 zeros between input pixels, pad each
+    axis by dilation·(kernel − 1) − pad_begin at the start and dilation·(kernel − 1) − pad_end +
+    output_padding at the end (cropping where that is negative: the cropped inputs land on no valid output),
+    flip the kernel spatially and swap its first two axes to [C_out, C_in, *kernel], then call
+    conv_sensitivity with stride 1, the same dilation and no further padding. Every (q, k) → o pair of the
+    transposed conv is exactly one nonzero-able product of that conv, with the same z; the inserted and
+    padded zeros only add zero products, which do not change z or the max.
+    """
+    activation = np.asarray(activation, dtype=np.float32)
+    weight = np.asarray(weight, dtype=np.float32)
+    spatial_rank = weight.ndim - 2
+    if spatial_rank < 0 or activation.ndim != weight.ndim or activation.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"activation {activation.shape} and weight {weight.shape} do not form a group=1 ConvTranspose "
+            "(expected [N, C_in, *spatial] and [C_in, C_out, *kernel] with the same C_in)"
+        )
+    if output_padding is None:
+        output_padding = [0] * spatial_rank
+    if not (
+        len(strides) == len(dilations) == len(output_padding) == spatial_rank and len(pads) == 2 * spatial_rank
+    ):
+        raise ValueError(
+            f"need {spatial_rank} strides/dilations/output_padding and {2 * spatial_rank} pads, got "
+            f"{len(strides)}, {len(dilations)}, {len(output_padding)} and {len(pads)}"
+        )
+    kernel_shape = weight.shape[2:]
+    samples, channels = activation.shape[:2]
+    spatial = activation.shape[2:]
+    if min(spatial, default=1) <= 0:
+        return np.zeros(channels, dtype=np.float32)
+
+    # Zero insertion: input pixel q sits at q·stride.
+    upsampled = np.zeros(
+        (samples, channels, *((n - 1) * s + 1 for n, s in zip(spatial, strides))), dtype=np.float32
+    )
+    upsampled[(slice(None), slice(None), *(slice(None, None, s) for s in strides))] = activation
+
+    # Pad (or crop, where negative) each side so that the equivalent conv needs no padding of its own.
+    crops, extra_pads = [], []
+    for d in range(spatial_rank):
+        reach = dilations[d] * (kernel_shape[d] - 1)
+        begin = reach - pads[d]
+        end = reach - pads[d + spatial_rank] + output_padding[d]
+        length = upsampled.shape[2 + d]
+        crops.append(slice(max(0, -begin), max(max(0, -begin), length - max(0, -end))))
+        extra_pads.append((max(0, begin), max(0, end)))
+    equivalent_input = np.pad(upsampled[(slice(None), slice(None), *crops)], [(0, 0), (0, 0), *extra_pads])
+
+    flipped = weight[(slice(None), slice(None), *([slice(None, None, -1)] * spatial_rank))]
+    equivalent_weight = np.ascontiguousarray(np.swapaxes(flipped, 0, 1))  # [C_out, C_in, *kernel]
+    return conv_sensitivity(
+        equivalent_input,
+        equivalent_weight,
+        strides=[1] * spatial_rank,
+        pads=[0] * (2 * spatial_rank),
+        dilations=list(dilations),
+    )
 
 
 def dense_sensitivity(activation: np.ndarray, weight: np.ndarray) -> np.ndarray:

@@ -346,6 +346,24 @@ def outer_scope_subgraph() -> onnx.ModelProto:
     return b.build()
 
 
+def extra_outputs() -> onnx.ModelProto:
+    """Second outputs that carry the channels too: Dropout's mask (cast and returned) and MaxPool's
+    Indices (returned as is). Not in ZOO: the analysis follows only the first output of these ops."""
+    b = _GraphBuilder("extra_outputs", seed=12)
+    x = b.input("x", ["N", 3, 4, 4])
+    b.nodes.append(helper.make_node("Dropout", [b.conv("conv_drop", x, 3, 6, kernel=1)], ["drop", "mask"],
+                                    name="drop"))
+    b.node("Cast", ["mask"], "mask_float", to=TensorProto.FLOAT)
+    b.nodes.append(helper.make_node("MaxPool", [b.conv("conv_pool", x, 3, 5, kernel=1)], ["pool", "indices"],
+                                    name="pool", kernel_shape=[2, 2], strides=[2, 2]))
+    b.node("Add", [b.conv("head_drop", "drop", 6, 4, kernel=2, strides=[2, 2]),
+                   b.conv("head_pool", "pool", 5, 4, kernel=1)], "out")
+    b.output("out", ["N", 4, 2, 2])
+    b.output("mask_float", ["N", 6, 4, 4])
+    b.outputs.append(helper.make_tensor_value_info("indices", TensorProto.INT64, ["N", 5, 2, 2]))
+    return b.build()
+
+
 ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "chain": chain,
     "residual": residual,

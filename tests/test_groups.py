@@ -1,0 +1,273 @@
+"""Channel-group analysis on the zoo: which groups exist, what couples them, what freezes them."""
+
+from __future__ import annotations
+
+import pytest
+
+from pfp_onnx.groups import ChannelAnalysis, ChannelGroup, ShapeFix, WeightSlice, analyse_channel_groups
+from zoo import ZOO, extra_outputs, input_shapes, outer_scope_subgraph
+
+
+def analyse(name: str, *, concrete: bool = True) -> ChannelAnalysis:
+    model = ZOO[name]()
+    return analyse_channel_groups(model, input_shapes(model) if concrete else None)
+
+
+def group_of(analysis: ChannelAnalysis, producer: str) -> ChannelGroup:
+    (found,) = [group for group in analysis.groups if producer in group.producers]
+    return found
+
+
+def consumer_slices(group: ChannelGroup) -> dict[str, WeightSlice]:
+    return {weight_slice.node: weight_slice for weight_slice in group.slices if weight_slice.role == "consumer"}
+
+
+def layer(analysis: ChannelAnalysis, node: str):
+    (found,) = [layer for layer in analysis.layers if layer.node == node]
+    return found
+
+
+# ---- plain chains ------------------------------------------------------------------------------------
+def test_chain_has_one_group_per_layer_output():
+    analysis = analyse("chain")
+    expected = {  # producer: (width, consumers)
+        "conv1": (8, ("conv2",)), "conv2": (10, ("conv3",)), "conv3": (6, ("gemm1",)),
+        "gemm1": (12, ("gemm2",)), "gemm2": (10, ("logits",)), "logits": (5, ())}
+    assert {group.producers: (group.width, group.consumers) for group in analysis.groups} == {
+        (producer,): value for producer, value in expected.items()}
+    assert [group.producers[0] for group in analysis.prunable_groups] == list(expected)[:-1]
+    assert group_of(analysis, "logits").frozen == ("reaches graph output 'logits'",)
+    # the channels ride through BN, Relu and MaxPool unchanged
+    assert group_of(analysis, "conv1").tensors == ("conv1", "bn1", "relu1", "pool1")
+    assert group_of(analysis, "conv3").tensors == ("conv3", "clip3", "flatten")
+
+
+def test_chain_slices_cover_filters_biases_and_batchnorm():
+    analysis = analyse("chain")
+    assert set(group_of(analysis, "conv1").slices) == {
+        WeightSlice("conv1", 1, 0, "producer"), *(WeightSlice("bn1", index, 0, "param") for index in range(1, 5)),
+        WeightSlice("conv2", 1, 1, "consumer")}
+    assert set(group_of(analysis, "conv2").slices) == {
+        WeightSlice("conv2", 1, 0, "producer"), WeightSlice("conv2", 2, 0, "param"),
+        WeightSlice("conv3", 1, 1, "consumer")}
+    # Gemm transB=1 stores [out, in]; transB=0 stores [in, out], and its bias [1, N] is cut on axis 1
+    assert set(group_of(analysis, "gemm1").slices) == {
+        WeightSlice("gemm1", 1, 0, "producer"), WeightSlice("gemm1", 2, 0, "param"),
+        WeightSlice("gemm2", 1, 0, "consumer")}
+    assert set(group_of(analysis, "gemm2").slices) == {
+        WeightSlice("gemm2", 1, 1, "producer"), WeightSlice("gemm2", 2, 1, "param"),
+        WeightSlice("logits", 1, 0, "consumer")}
+
+
+def test_flatten_gives_the_dense_consumer_a_block_of_h_times_w():
+    analysis = analyse("chain")
+    assert consumer_slices(group_of(analysis, "conv3")) == {"gemm1": WeightSlice("gemm1", 1, 1, "consumer", 9)}
+    gemm1 = layer(analysis, "gemm1")
+    assert (gemm1.in_units, gemm1.in_block, gemm1.out_units) == (6, 9, 12)
+
+
+def test_reshape_spellings_of_flatten():
+    """[-1, 24] spells the width out and gets a ShapeFix; [0, -1] does not need one. Both give block 4."""
+    analysis = analyse("reshape_variants")
+    conv_a, conv_b = group_of(analysis, "conv_a"), group_of(analysis, "conv_b")
+    assert consumer_slices(conv_a) == {"fc_a": WeightSlice("fc_a", 1, 1, "consumer", 4)}
+    assert conv_a.shape_fixes == (ShapeFix("flat_a", 1, 4),)
+    assert consumer_slices(conv_b) == {"fc_b": WeightSlice("fc_b", 1, 0, "consumer", 4)}  # MatMul: [in, out]
+    assert conv_b.shape_fixes == ()
+    assert conv_a.prunable and conv_b.prunable
+
+
+def test_mlp3d_groups_live_on_the_last_axis():
+    analysis = analyse("mlp3d")
+    widths = [group.width for group in analysis.groups]
+    assert widths == [16, 12, 10, 10, 9, 8, 7, 3]
+    assert len(analysis.prunable_groups) == 7
+    assert set(group_of(analysis, "mm1").slices) == {
+        WeightSlice("mm1", 1, 1, "producer"), WeightSlice("add1", 1, 0, "param"), WeightSlice("mm2", 1, 0, "consumer")}
+    # bias [1,1,12] given as the *first* Add input, then a per-channel Mul gain [12]
+    assert set(group_of(analysis, "mm2").slices) == {
+        WeightSlice("mm2", 1, 1, "producer"), WeightSlice("add2", 0, 2, "param"),
+        WeightSlice("gain2", 1, 0, "param"), WeightSlice("mm3", 1, 0, "consumer")}
+    assert all(layer.positions == 8 for layer in analysis.layers)  # T = 8 rows per point (batch 1)
+
+
+# ---- coupling ------------------------------------------------------------------------------------------
+def test_residual_identity_add_couples_stem_and_block_output():
+    analysis = analyse("residual")
+    stem = group_of(analysis, "stem.conv")
+    assert stem is group_of(analysis, "a.conv2")
+    assert (stem.width, set(stem.producers), set(stem.consumers)) == (
+        8, {"stem.conv", "a.conv2"}, {"a.conv1", "b.conv1", "b.proj"})
+    assert stem.prunable
+
+
+def test_residual_projection_add_couples_both_branches():
+    analysis = analyse("residual")
+    tail = group_of(analysis, "b.proj")
+    assert tail is group_of(analysis, "b.conv2")
+    assert (tail.width, set(tail.producers), tail.consumers) == (12, {"b.conv2", "b.proj"}, ("logits",))
+    params = {(s.node, s.input_index) for s in tail.slices if s.role == "param"}
+    assert params == {(bn, index) for bn in ("b.bn2", "b.proj.bn") for index in range(1, 5)} | {("b.prelu", 1)}
+    assert tail.shape_fixes == (ShapeFix("flat", 1, 1),)  # Reshape to [-1, 12]
+    assert [group.width for group in analysis.groups] == [8, 8, 12, 12, 10]
+    assert len(analysis.prunable_groups) == 4
+
+
+def test_dense_outputs_couple_through_add():
+    analysis = analyse("reshape_variants")
+    summed = group_of(analysis, "fc_a")
+    assert set(summed.producers) == {"fc_a", "fc_b"} and summed.consumers == ("head",) and summed.prunable
+
+
+def test_branch_sum_feeding_two_consumers_with_per_channel_constants():
+    analysis = analyse("branches")
+    summed = group_of(analysis, "conv_l")
+    assert set(summed.producers) == {"conv_l", "conv_r"} and set(summed.consumers) == {"conv_p", "conv_q"}
+    assert summed.prunable  # the [N,1,H,W] attention map broadcasts over the channels
+    params = {(s.node, s.input_index, s.axis) for s in summed.slices if s.role == "param"}
+    # Sub with the constant first, Mul by [1,6,1,1] and [6,1,1]; Div by a scalar has nothing to cut
+    assert params == {("conv_l", 2, 0), ("conv_r", 2, 0), ("left_sub", 0, 0), ("left_mul", 1, 1),
+                      ("right_mul", 1, 0)}
+    assert set(group_of(analysis, "conv_p").producers) == {"conv_p", "conv_q"}
+
+
+def test_squeeze_excite_gate_couples_with_the_gated_tensor():
+    analysis = analyse("squeeze_excite")
+    gated = group_of(analysis, "stem")
+    assert set(gated.producers) == {"stem", "excite"} and set(gated.consumers) == {"squeeze", "conv_out"}
+    assert group_of(analysis, "squeeze").consumers == ("excite",)
+
+
+def test_square_conv_in_a_residual_is_producer_and_consumer_of_one_group():
+    analysis = analyse("self_coupled")
+    group = group_of(analysis, "stem")
+    assert set(group.producers) == {"stem", "block1", "block2"}
+    assert {s for s in group.slices if s.node == "block1" and s.input_index == 1} == {
+        WeightSlice("block1", 1, 0, "producer"), WeightSlice("block1", 1, 1, "consumer")}
+    assert consumer_slices(group)["logits"] == WeightSlice("logits", 1, 0, "consumer", 9)
+    assert layer(analysis, "block1").in_group == layer(analysis, "block1").out_group == group.id
+
+
+# ---- freezing ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("producer, reason", [
+    ("conv_out", "graph output 'conv_out'"),
+    ("conv_soft", "Softmax 'softmax'"),
+    ("conv_c", "Concat 'concat'"),
+    ("conv_d", "Concat 'concat'"),
+    ("conv_e", "'y'"),
+    ("conv_t", "Transpose 'transpose'"),
+    ("conv_h", "group=6"),
+    ("logits", "graph output 'logits'"),
+])
+def test_frozen_groups_say_why(producer, reason):
+    group = group_of(analyse("frozen_cases"), producer)
+    assert not group.prunable
+    assert any(reason in text for text in group.frozen), group.frozen
+
+
+def test_frozen_cases_keep_two_prunable_groups():
+    analysis = analyse("frozen_cases")
+    prunable = {group.producers for group in analysis.prunable_groups}
+    merged = ("conv_out2", "conv_soft2", "conv_cd", "conv_e2", "conv_t2", "conv_h2", "conv_f2")
+    assert prunable == {("conv_f",), merged}
+    assert group_of(analysis, "conv_f2").consumers == ("logits",)
+    # the depthwise conv starts no group of its own and reads a frozen one
+    depthwise = layer(analysis, "conv_dw")
+    assert depthwise.out_group is None and depthwise.in_group is None
+    reachable = {"conv_f", "conv_f2", *merged, "logits"}
+    assert analysis.weights_in_prunable_groups == sum(
+        layer.weights for layer in analysis.layers if layer.node in reachable)
+
+
+@pytest.mark.parametrize("name", sorted(ZOO))
+def test_graph_inputs_and_outputs_are_never_pruned(name):
+    model = ZOO[name]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    inputs = {graph_input.name for graph_input in model.graph.input}
+    outputs = {graph_output.name for graph_output in model.graph.output}
+    for group in analysis.groups:
+        assert not inputs & set(group.tensors)
+        if outputs & set(group.tensors):
+            assert not group.prunable
+    for each in analysis.layers:
+        if each.input in inputs:
+            assert each.in_group is None
+    for group in analysis.prunable_groups:
+        assert group.consumers and group.producers
+        assert {s.node for s in group.slices if s.role == "consumer"} == set(group.consumers)
+
+
+# ---- layers ----------------------------------------------------------------------------------------------
+def test_chain_layers():
+    analysis = analyse("chain")
+    ids = {group.producers[0]: group.id for group in analysis.groups}
+    table = [(each.node, each.op, each.in_group, each.out_group, each.weights, each.positions)
+             for each in analysis.layers]
+    assert table == [
+        ("conv1", "Conv", None, ids["conv1"], 3 * 8 * 9, 144),
+        ("conv2", "Conv", ids["conv1"], ids["conv2"], 8 * 10 * 9, 9),
+        ("conv3", "Conv", ids["conv2"], ids["conv3"], 10 * 6 * 9, 9),
+        ("gemm1", "Gemm", ids["conv3"], ids["gemm1"], 54 * 12, 1),
+        ("gemm2", "Gemm", ids["gemm1"], ids["gemm2"], 12 * 10, 1),
+        ("logits", "Gemm", ids["gemm2"], ids["logits"], 10 * 5, 1),
+    ]
+    conv2 = layer(analysis, "conv2")
+    assert (conv2.conv.strides, conv2.conv.pads, conv2.conv.dilations) == ((2, 2), (2, 2, 2, 2), (2, 2))
+    assert not layer(analysis, "gemm1").weight_is_in_by_out and layer(analysis, "gemm2").weight_is_in_by_out
+    assert analysis.weights_total == sum(row[4] for row in table)
+    assert analysis.weights_in_prunable_groups == analysis.weights_total
+
+
+def test_residual_layers():
+    analysis = analyse("residual")
+    stem, tail = group_of(analysis, "stem.conv").id, group_of(analysis, "b.proj").id
+    assert [(each.node, each.in_group is None, each.weights) for each in analysis.layers] == [
+        ("stem.conv", True, 3 * 8 * 9), ("a.conv1", False, 8 * 8 * 9), ("a.conv2", False, 8 * 8 * 9),
+        ("b.conv1", False, 8 * 12 * 9), ("b.conv2", False, 12 * 12 * 9), ("b.proj", False, 8 * 12),
+        ("logits", False, 12 * 10)]
+    assert layer(analysis, "b.proj").in_group == stem and layer(analysis, "b.proj").out_group == tail
+    assert layer(analysis, "b.proj").positions == 64 and layer(analysis, "stem.conv").positions == 256
+
+
+# ---- Constant nodes and dynamic shapes -------------------------------------------------------------------
+def test_constant_node_weights_are_found():
+    analysis = analyse("constant_nodes_dynamic")
+    assert [(each.node, each.weights) for each in analysis.layers] == [
+        ("conv1", 3 * 8 * 9), ("conv2", 8 * 6 * 9), ("logits", 6 * 5)]
+    conv1, conv2 = group_of(analysis, "conv1"), group_of(analysis, "conv2")
+    assert conv1.prunable and conv2.prunable
+    assert WeightSlice("conv1", 2, 0, "param") in conv1.slices  # bias given as value_floats
+    assert {(s.node, s.input_index) for s in conv2.slices if s.node == "bn2"} == {("bn2", i) for i in range(1, 5)}
+    assert conv1.tensors == ("conv1", "drop1", "relu1", "id1")
+    assert consumer_slices(conv2) == {"logits": WeightSlice("logits", 1, 1, "consumer", 1)}
+
+
+def test_dynamic_dims_use_the_given_input_shapes():
+    model = ZOO["constant_nodes_dynamic"]()
+    dynamic = analyse_channel_groups(model)
+    assert [each.positions for each in dynamic.layers] == [None, None, 1]
+    concrete = analyse_channel_groups(model, {"x": (1, 3, 10, 6)})
+    assert [each.positions for each in concrete.layers] == [60, 60, 1]
+    assert concrete.shapes["conv1"] == (1, 8, 10, 6)
+    # the groups themselves do not depend on the spatial size
+    assert [(g.producers, g.consumers, g.frozen) for g in dynamic.groups] == [
+        (g.producers, g.consumers, g.frozen) for g in concrete.groups]
+
+
+def test_dynamic_batch_alone_needs_no_input_shapes():
+    assert analyse("chain", concrete=False).groups == analyse("chain").groups
+
+
+@pytest.mark.xfail(strict=True, reason="tensors read implicitly inside If/Loop/Scan subgraphs are not frozen")
+def test_tensor_read_inside_a_subgraph_is_frozen():
+    model = outer_scope_subgraph()
+    group = group_of(analyse_channel_groups(model, input_shapes(model)), "conv1")
+    assert not group.prunable
+
+
+@pytest.mark.xfail(strict=True, reason="Dropout's mask and MaxPool's Indices (when a graph output) carry the "
+                                       "channels but are not followed, so their groups stay prunable")
+@pytest.mark.parametrize("producer", ["conv_drop", "conv_pool"])
+def test_second_outputs_carrying_channels_freeze(producer):
+    model = extra_outputs()
+    assert not group_of(analyse_channel_groups(model, input_shapes(model)), producer).prunable
