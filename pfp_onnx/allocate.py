@@ -54,15 +54,16 @@ class GroupDemand:
 class LayerSize:
     """A Conv/Gemm/MatMul weight seen as in_units · in_block · out_units elements.
 
-    in_group/out_group name the groups whose channels are its input/output units; None means that side
-    keeps its full width (frozen or not prunable).
+    in_groups/out_groups list the prunable groups among its input/output units as (group, channels);
+    the remaining units of a side keep their full width (frozen or not prunable). After a Concat several
+    groups share one side.
     """
 
     name: str
-    in_group: str | None
+    in_groups: tuple[tuple[str, int], ...]
     in_units: int
     in_block: int
-    out_group: str | None
+    out_groups: tuple[tuple[str, int], ...]
     out_units: int
 
 
@@ -122,8 +123,8 @@ def kept_weights(layers: Sequence[LayerSize], kept: Mapping[str, int]) -> int:
     """Σ_layers kept_in · in_block · kept_out; a group missing from `kept` (or a None side) is full width."""
     total = 0
     for layer in layers:
-        in_units = kept.get(layer.in_group, layer.in_units) if layer.in_group is not None else layer.in_units
-        out_units = kept.get(layer.out_group, layer.out_units) if layer.out_group is not None else layer.out_units
+        in_units = layer.in_units - sum(width - kept.get(name, width) for name, width in layer.in_groups)
+        out_units = layer.out_units - sum(width - kept.get(name, width) for name, width in layer.out_groups)
         total += in_units * layer.in_block * out_units
     return total
 
@@ -157,7 +158,7 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     target = budget * weights_total
 
     if weights_floor > target:
-        frozen = kept_weights([layer for layer in layers if layer.in_group is None and layer.out_group is None], {})
+        frozen = kept_weights([layer for layer in layers if not layer.in_groups and not layer.out_groups], {})
         # Round up: a budget printed below the true floor would still fail.
         smallest = math.ceil(weights_floor / weights_total * 1000 - 1e-9) / 1000
         raise BudgetError(
@@ -210,14 +211,15 @@ def _check_inputs(groups: Sequence[GroupDemand], layers: Sequence[LayerSize]) ->
             raise ValueError(f"group {group.name!r}: need patches >= 0 and kernel >= 1")
         demands[group.name] = group
     for layer in layers:
-        for side, units in ((layer.in_group, layer.in_units), (layer.out_group, layer.out_units)):
-            if side is None:
-                continue
-            if side not in demands:
-                raise ValueError(f"layer {layer.name!r} refers to unknown channel group {side!r}")
-            if np.asarray(demands[side].sensitivity).size != units:
-                raise ValueError(f"layer {layer.name!r} has {units} units of group {side!r}, "
-                                 f"which has {np.asarray(demands[side].sensitivity).size} channels")
+        for side, units in ((layer.in_groups, layer.in_units), (layer.out_groups, layer.out_units)):
+            for name, width in side:
+                if name not in demands:
+                    raise ValueError(f"layer {layer.name!r} refers to unknown channel group {name!r}")
+                if np.asarray(demands[name].sensitivity).size != width:
+                    raise ValueError(f"layer {layer.name!r} has {width} units of group {name!r}, "
+                                     f"which has {np.asarray(demands[name].sensitivity).size} channels")
+            if sum(width for _, width in side) > units:
+                raise ValueError(f"layer {layer.name!r} lists more group channels than it has units")
     if kept_weights(layers, {}) == 0:
         raise ValueError("there are no prunable-layer weights to allocate")
     return demands

@@ -18,31 +18,37 @@ from onnx import TensorProto, helper
 from pfp_onnx.groups import ChannelAnalysis, Layer
 from pfp_onnx.model import infer_shapes, to_graph
 from pfp_onnx.runtime import Device, create_session
-from pfp_onnx.sensitivity import conv_sensitivity, dense_sensitivity
+from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, dense_sensitivity
 
 
 @dataclass(frozen=True)
 class ConsumerProbe:
-    """What one consuming layer contributes to its group's sensitivity."""
+    """What one consuming layer contributes to the sensitivity of the groups it reads."""
 
     layer: Layer
-    group: int
-    weight: np.ndarray  # conv: [F, C, k...]; dense: [F, C·block]
+    groups: tuple[tuple[int, int, int], ...]  # (prunable group, first channel, width) along the input
+    weight: np.ndarray  # conv: [F, C, k...]; transposed conv: [C, F, k...]; dense: [F, C·block]
 
 
 def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[ConsumerProbe]:
-    """One probe per (prunable group, consuming layer); weights read once from the model."""
+    """One probe per layer that reads a prunable group; weights read once from the model."""
     constants = {name: tensor for name, tensor in to_graph(model).tensors().items()
                  if isinstance(tensor, gs.Constant)}
     prunable = {group.id for group in analysis.prunable_groups}
     probes = []
     for layer in analysis.layers:
-        if layer.in_group not in prunable:
+        if not layer.sensitivity_probe or not prunable & set(layer.in_groups):
             continue
+        spans, start = [], 0
+        for group_id in layer.in_groups:
+            width = analysis.group(group_id).width
+            if group_id in prunable:
+                spans.append((group_id, start, width))
+            start += width
         weight = np.asarray(constants[layer.weight].values, dtype=np.float32)
         if layer.conv is None and layer.weight_is_in_by_out:
             weight = weight.T
-        probes.append(ConsumerProbe(layer, layer.in_group, np.ascontiguousarray(weight)))
+        probes.append(ConsumerProbe(layer, tuple(spans), np.ascontiguousarray(weight)))
     return probes
 
 
@@ -74,7 +80,8 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
         activations = dict(zip(names, session.run(names, dict(batch))))
         for probe in probes:
             channel_scores = _probe_batch(probe, activations[probe.layer.input])
-            np.maximum(sensitivity[probe.group], channel_scores, out=sensitivity[probe.group])
+            for group_id, start, width in probe.groups:
+                np.maximum(sensitivity[group_id], channel_scores[start:start + width], out=sensitivity[group_id])
         if progress is not None:
             progress(len(next(iter(batch.values()))))
         del activations
@@ -84,8 +91,12 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
 def _probe_batch(probe: ConsumerProbe, activation: np.ndarray) -> np.ndarray:
     activation = np.asarray(activation, dtype=np.float32)
     layer = probe.layer
-    if layer.conv is not None:
-        return conv_sensitivity(activation, probe.weight, strides=layer.conv.strides,
-                                pads=layer.conv.pads, dilations=layer.conv.dilations)
+    geometry = layer.conv
+    if geometry is not None and geometry.transposed:
+        return conv_transpose_sensitivity(activation, probe.weight, strides=geometry.strides, pads=geometry.pads,
+                                          dilations=geometry.dilations, output_padding=geometry.output_padding)
+    if geometry is not None:
+        return conv_sensitivity(activation, probe.weight, strides=geometry.strides, pads=geometry.pads,
+                                dilations=geometry.dilations)
     features = dense_sensitivity(activation, probe.weight)
     return features.reshape(layer.in_units, layer.in_block).max(axis=1)

@@ -1,21 +1,25 @@
 """Channel groups: which tensors share a channel axis and must be pruned together.
 
-The graph is walked once in topological order. A prunable layer (Conv, Gemm, MatMul with a constant
-weight) starts a group for its output channels; per-operator rules (op_rules.RULES) carry a group through
-the operators that keep channels independent, couple groups that meet (residual Add), and freeze groups
-that reach anything the rules cannot prove safe. The result, a ChannelAnalysis, is the one model of the
-graph that capture, allocation and rewrite all use.
+The graph is walked once in topological order. A prunable layer (Conv, ConvTranspose, Gemm, MatMul with
+a constant weight) starts a group for its output channels; per-operator rules (op_rules.RULES) carry
+groups through operators that keep channels independent, couple groups that meet (residual Add), and
+freeze groups that reach anything the rules cannot prove safe.
+
+A tensor's channel axis is an ordered list of groups: one group after a layer, several after a Concat.
+A Split (or an Add aligning two differently composed tensors) *refines* a group: its channels are cut
+into two groups at a boundary, and every slice recorded so far is cut with it. The result, a
+ChannelAnalysis, is the one model of the graph that capture, allocation and rewrite all use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from pfp_onnx.model import to_graph, with_input_shapes, infer_shapes
+from pfp_onnx.model import infer_shapes, to_graph, with_input_shapes
 
 Shape = tuple  # of int | None
 
@@ -24,10 +28,10 @@ Shape = tuple  # of int | None
 class WeightSlice:
     """One constant input of one node that is cut along `axis` when its group loses channels.
 
-    `block` consecutive entries belong to one channel (H·W features per channel after a Flatten).
-    Roles: "producer" (the filters that make the channels), "consumer" (a layer's input slice, where
-    randomised PFP also applies its reweighting) and "param" (bias, BatchNorm, PRelu, per-channel
-    constants).
+    The group's channel c sits at position (offset + c) of that axis (offset > 0 after a Concat), and
+    owns `block` consecutive entries there (H·W features per channel after a Flatten). Roles: "producer"
+    (the filters that make the channels), "consumer" (a layer's input slice, where randomised PFP also
+    applies its reweighting) and "param" (bias, BatchNorm, PRelu, depthwise filters, other constants).
     """
 
     node: str
@@ -35,15 +39,22 @@ class WeightSlice:
     axis: int
     role: str
     block: int = 1
+    offset: int = 0
 
 
 @dataclass(frozen=True)
-class ShapeFix:
-    """A Reshape whose constant target shape spells out the flattened width at `position`."""
+class SizeFix:
+    """A constant holding a channel count (Reshape width, Split sizes, Slice bounds, Resize sizes).
+
+    After pruning, entry `position` of input `input_index` of `node` becomes block · Σ kept channels of
+    `groups` (the channels it counts, in order).
+    """
 
     node: str
+    input_index: int
     position: int
-    block: int
+    groups: tuple[int, ...]
+    block: int = 1
 
 
 @dataclass(frozen=True)
@@ -51,29 +62,32 @@ class ConvGeometry:
     strides: tuple[int, ...]
     pads: tuple[int, ...]
     dilations: tuple[int, ...]
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Layer:
-    """A prunable-layer weight tensor (Conv/Gemm/MatMul) and the groups on its two sides.
+    """A prunable-layer weight tensor (Conv/ConvTranspose/Gemm/MatMul) and the groups on its two sides.
 
-    Weights of the layer = in_units · in_block · kernel · out_units. A side whose group is None keeps its
-    full width whatever is pruned.
+    Weights of the layer = in_units · in_block · kernel · out_units. A side with no groups keeps its full
+    width whatever is pruned; a side with groups has exactly their channels, in order.
     """
 
     node: str
     op: str
     input: str
     weight: str
-    in_group: int | None
+    in_groups: tuple[int, ...]
     in_units: int
     in_block: int
-    out_group: int | None
+    out_groups: tuple[int, ...]
     out_units: int
     kernel: int
     positions: int | None  # output positions per point (conv: output pixels; dense: rows)
     conv: ConvGeometry | None = None
     weight_is_in_by_out: bool = False  # dense weight stored [in, out] (MatMul, Gemm transB=0)
+    sensitivity_probe: bool = True  # False for depthwise convs: one channel per filter says nothing
 
     @property
     def weights(self) -> int:
@@ -88,7 +102,6 @@ class ChannelGroup:
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
     slices: tuple[WeightSlice, ...]
-    shape_fixes: tuple[ShapeFix, ...]
     frozen: tuple[str, ...]
 
     @property
@@ -100,14 +113,11 @@ class ChannelGroup:
 class ChannelAnalysis:
     groups: tuple[ChannelGroup, ...]
     layers: tuple[Layer, ...]
+    size_fixes: tuple[SizeFix, ...]
     shapes: dict[str, Shape]
 
     def group(self, group_id: int) -> ChannelGroup:
-        return self._by_id[group_id]
-
-    @property
-    def _by_id(self) -> dict[int, ChannelGroup]:
-        return {group.id: group for group in self.groups}
+        return self.groups[group_id]
 
     @property
     def prunable_groups(self) -> tuple[ChannelGroup, ...]:
@@ -122,14 +132,14 @@ class ChannelAnalysis:
         """Weights of layers with at least one prunable side: what pruning can reach at all."""
         prunable = {group.id for group in self.prunable_groups}
         return sum(layer.weights for layer in self.layers
-                   if layer.in_group in prunable or layer.out_group in prunable)
+                   if prunable & set(layer.in_groups + layer.out_groups))
 
 
 @dataclass(frozen=True)
 class Channels:
-    """How one tensor carries a group's channels."""
+    """How one tensor carries channels: the groups along `axis` (in order), its rank, and the block."""
 
-    group: int
+    groups: tuple[int, ...]
     axis: int
     rank: int
     block: int = 1
@@ -142,7 +152,6 @@ class _GroupState:
     producers: list[str] = field(default_factory=list)
     consumers: list[str] = field(default_factory=list)
     slices: list[WeightSlice] = field(default_factory=list)
-    shape_fixes: list[ShapeFix] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
 
 
@@ -152,9 +161,12 @@ class ChannelTracer:
     def __init__(self, graph: gs.Graph, shapes: dict[str, Shape]):
         self.graph = graph
         self.shapes = shapes
-        self.layers: list[Layer] = []
+        self.graph_outputs = {tensor.name for tensor in graph.outputs}
+        self._layers: list[Layer] = []
+        self._fixes: list[SizeFix] = []
         self._states: dict[int, _GroupState] = {}
         self._parent: dict[int, int] = {}
+        self._parts: dict[int, tuple[int, int]] = {}  # a refined group → its two halves
         self._channels: dict[str, Channels] = {}
         self._claimed: set[int] = set()
 
@@ -173,66 +185,80 @@ class ChannelTracer:
         found = self._channels.get(tensor.name)
         if found is None:
             return None
-        return Channels(self._find(found.group), found.axis, found.rank, found.block)
+        return replace(found, groups=self._resolve(found.groups))
 
     def width(self, channels: Channels) -> int:
-        return self._states[self._find(channels.group)].width
+        return sum(self._states[group].width for group in self._resolve(channels.groups))
+
+    def is_used(self, tensor: gs.Tensor) -> bool:
+        return bool(tensor.outputs) or tensor.name in self.graph_outputs
 
     # ---- building groups ---------------------------------------------------------------------------
-    def claim(self, node: gs.Node, *input_indices: int) -> None:
+    def claim(self, *input_indices: int) -> None:
         """Mark inputs the rule has handled; unclaimed channel inputs freeze their groups."""
-        for index in input_indices:
-            self._claimed.add(index)
+        self._claimed.update(input_indices)
 
-    def start_group(self, tensor: gs.Tensor, axis: int, rank: int, width: int, producer: str,
-                    slices: list[WeightSlice]) -> Channels:
-        """A prunable layer's output: a new group whose filters are cut by `slices`."""
+    def new_group(self, width: int, producer: str | None = None, slices: list[WeightSlice] = (),
+                  frozen: str | None = None) -> int:
         group_id = len(self._parent)
         self._parent[group_id] = group_id
-        self._states[group_id] = _GroupState(width=width, producers=[producer], slices=list(slices))
-        return self.follow(tensor, Channels(group_id, axis, rank))
+        self._states[group_id] = _GroupState(width=width, producers=[producer] if producer else [],
+                                             slices=list(slices), frozen=[frozen] if frozen else [])
+        return group_id
 
     def follow(self, tensor: gs.Tensor, channels: Channels) -> Channels:
-        """Record that `tensor` carries the same channels (at the given axis/rank/block)."""
-        root = self._find(channels.group)
-        carried = Channels(root, channels.axis, channels.rank, channels.block)
+        """Record that `tensor` carries these channels."""
+        carried = replace(channels, groups=self._resolve(channels.groups))
         self._channels[tensor.name] = carried
-        self._states[root].tensors.append(tensor.name)
+        for group in carried.groups:
+            self._states[group].tensors.append(tensor.name)
         return carried
 
+    def sub(self, channels: Channels, start: int, stop: int) -> Channels:
+        """The channels at positions [start, stop) of a tensor, refining groups cut by the bounds."""
+        self._boundary(channels, start)
+        self._boundary(channels, stop)
+        groups, position = [], 0
+        for group in self._resolve(channels.groups):
+            if start <= position < stop:
+                groups.append(group)
+            position += self._states[group].width
+        return replace(channels, groups=tuple(groups))
+
     def couple(self, first: Channels, second: Channels, reason_if_impossible: str) -> Channels:
-        a, b = self._find(first.group), self._find(second.group)
-        if a == b:
-            return first
-        if self._states[a].width != self._states[b].width:
+        """Channel c of one tensor is channel c of the other: align the group boundaries, then merge."""
+        if self.width(first) != self.width(second):
             self.freeze(first, reason_if_impossible)
             self.freeze(second, reason_if_impossible)
             return first
-        keep, gone = min(a, b), max(a, b)
-        self._parent[gone] = keep
-        kept_state, gone_state = self._states[keep], self._states.pop(gone)
-        for name in ("tensors", "producers", "consumers", "slices", "shape_fixes", "frozen"):
-            getattr(kept_state, name).extend(getattr(gone_state, name))
-        return Channels(keep, first.axis, first.rank, first.block)
+        for channels in (first, second):
+            for position in self._offsets(first)[1:-1] + self._offsets(second)[1:-1]:
+                self._boundary(channels, position)
+        for a, b in zip(self._resolve(first.groups), self._resolve(second.groups)):
+            self._union(a, b)
+        return replace(first, groups=self._resolve(first.groups))
 
-    def add_consumer(self, channels: Channels, node: gs.Node, weight_slice: WeightSlice) -> None:
-        state = self._states[self._find(channels.group)]
-        state.consumers.append(node.name)
-        state.slices.append(weight_slice)
+    def add_slice(self, channels: Channels, node: gs.Node, input_index: int, axis: int, role: str) -> None:
+        """Constant input `input_index` of `node` holds these channels along `axis`."""
+        offset = 0
+        for group in self._resolve(channels.groups):
+            state = self._states[group]
+            state.slices.append(WeightSlice(node.name, input_index, axis, role, channels.block, offset))
+            if role == "consumer" and node.name not in state.consumers:
+                state.consumers.append(node.name)
+            offset += state.width
 
-    def add_slice(self, channels: Channels, weight_slice: WeightSlice) -> None:
-        self._states[self._find(channels.group)].slices.append(weight_slice)
-
-    def add_shape_fix(self, channels: Channels, fix: ShapeFix) -> None:
-        self._states[self._find(channels.group)].shape_fixes.append(fix)
+    def add_size_fix(self, node: gs.Node, input_index: int, position: int, groups: tuple[int, ...],
+                     block: int = 1) -> None:
+        self._fixes.append(SizeFix(node.name, input_index, position, groups, block))
 
     def add_layer(self, layer: Layer) -> None:
-        self.layers.append(layer)
+        self._layers.append(layer)
 
     def freeze(self, channels: Channels, reason: str) -> None:
-        reasons = self._states[self._find(channels.group)].frozen
-        if reason not in reasons:
-            reasons.append(reason)
+        for group in self._resolve(channels.groups):
+            if reason not in self._states[group].frozen:
+                self._states[group].frozen.append(reason)
 
     def freeze_inputs(self, node: gs.Node, reason: str) -> None:
         for tensor in node.inputs:
@@ -247,12 +273,19 @@ class ChannelTracer:
             rule = rules.get(node.op) if node.domain in (None, "", "ai.onnx") else None
             if rule is None:
                 self.freeze_inputs(node, f"{node.op} '{node.name}' has no channel rule")
-                continue
-            rule(node, self)
-            for index, tensor in enumerate(node.inputs):
-                found = self.channels(tensor)
-                if found is not None and index not in self._claimed:
-                    self.freeze(found, f"used as input {index} of {node.op} '{node.name}'")
+            else:
+                rule(node, self)
+                for index, tensor in enumerate(node.inputs):
+                    found = self.channels(tensor)
+                    if found is not None and index not in self._claimed:
+                        self.freeze(found, f"used as input {index} of {node.op} '{node.name}'")
+            # Subgraphs (If/Loop/Scan) read outer tensors implicitly, outside node.inputs.
+            for subgraph in node.subgraphs(recursive=True):
+                for inner in subgraph.nodes:
+                    for tensor in inner.inputs:
+                        found = self.channels(tensor)
+                        if found is not None:
+                            self.freeze(found, f"read inside a subgraph of {node.op} '{node.name}'")
         for output in self.graph.outputs:
             found = self.channels(output)
             if found is not None:
@@ -260,32 +293,86 @@ class ChannelTracer:
         return self._result()
 
     def _result(self) -> ChannelAnalysis:
-        roots = sorted(self._states)
-        renumber = {root: index for index, root in enumerate(roots)}
+        leaves = sorted(group for group, state in self._states.items()
+                        if group not in self._parts and self._parent[group] == group)
+        number = {group: index for index, group in enumerate(leaves)}
+
+        def renumber(groups: tuple[int, ...]) -> tuple[int, ...]:
+            return tuple(number[group] for group in self._resolve(groups))
+
         groups = []
-        for root in roots:
-            state = self._states[root]
+        for group in leaves:
+            state = self._states[group]
             frozen = list(state.frozen)
             if not state.consumers and not frozen:
                 frozen.append("no prunable layer consumes these channels")
             groups.append(ChannelGroup(
-                id=renumber[root], width=state.width, tensors=tuple(state.tensors),
-                producers=tuple(state.producers), consumers=tuple(state.consumers),
-                slices=tuple(state.slices), shape_fixes=tuple(state.shape_fixes), frozen=tuple(frozen)))
+                id=number[group], width=state.width, tensors=tuple(dict.fromkeys(state.tensors)),
+                producers=tuple(dict.fromkeys(state.producers)), consumers=tuple(state.consumers),
+                slices=tuple(dict.fromkeys(state.slices)), frozen=tuple(frozen)))
+        layers = tuple(replace(layer, in_groups=renumber(layer.in_groups), out_groups=renumber(layer.out_groups))
+                       for layer in self._layers)
+        fixes = tuple(replace(fix, groups=renumber(fix.groups)) for fix in self._fixes)
+        return ChannelAnalysis(groups=tuple(groups), layers=layers, size_fixes=fixes, shapes=dict(self.shapes))
 
-        def remap(group_id: int | None) -> int | None:
-            return None if group_id is None else renumber[self._find(group_id)]
+    # ---- group algebra -----------------------------------------------------------------------------
+    def _find(self, group: int) -> int:
+        while self._parent[group] != group:
+            self._parent[group] = self._parent[self._parent[group]]
+            group = self._parent[group]
+        return group
 
-        layers = tuple(
-            Layer(**{**layer.__dict__, "in_group": remap(layer.in_group), "out_group": remap(layer.out_group)})
-            for layer in self.layers)
-        return ChannelAnalysis(groups=tuple(groups), layers=layers, shapes=dict(self.shapes))
+    def _resolve(self, groups: tuple[int, ...]) -> tuple[int, ...]:
+        """Current leaf groups, following merges and refinements."""
+        resolved: list[int] = []
+        for group in groups:
+            root = self._find(group)
+            if root in self._parts:
+                resolved.extend(self._resolve(self._parts[root]))
+            else:
+                resolved.append(root)
+        return tuple(resolved)
 
-    def _find(self, group_id: int) -> int:
-        while self._parent[group_id] != group_id:
-            self._parent[group_id] = self._parent[self._parent[group_id]]
-            group_id = self._parent[group_id]
-        return group_id
+    def _offsets(self, channels: Channels) -> list[int]:
+        offsets = [0]
+        for group in self._resolve(channels.groups):
+            offsets.append(offsets[-1] + self._states[group].width)
+        return offsets
+
+    def _boundary(self, channels: Channels, position: int) -> None:
+        """Make `position` of the tensor's channel axis fall between two groups."""
+        start = 0
+        for group in self._resolve(channels.groups):
+            width = self._states[group].width
+            if start < position < start + width:
+                self._refine(group, position - start)
+                return
+            start += width
+
+    def _refine(self, group: int, cut: int) -> None:
+        """Split a group's channels [0, cut) and [cut, width) into two groups, cutting every slice too."""
+        state = self._states.pop(group)
+        left = self.new_group(cut)
+        right = self.new_group(state.width - cut)
+        for part, shift in ((left, 0), (right, cut)):
+            target = self._states[part]
+            target.tensors = list(state.tensors)
+            target.producers = list(state.producers)
+            target.consumers = list(state.consumers)
+            target.frozen = list(state.frozen)
+            target.slices = [replace(piece, offset=piece.offset + shift) for piece in state.slices]
+        self._states[group] = _GroupState(width=state.width)  # placeholder; resolution skips it
+        self._parts[group] = (left, right)
+
+    def _union(self, first: int, second: int) -> None:
+        a, b = self._find(first), self._find(second)
+        if a == b:
+            return
+        keep, gone = min(a, b), max(a, b)
+        self._parent[gone] = keep
+        kept_state, gone_state = self._states[keep], self._states[gone]
+        for name in ("tensors", "producers", "consumers", "slices", "frozen"):
+            getattr(kept_state, name).extend(getattr(gone_state, name))
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
@@ -310,5 +397,4 @@ def analyse_channel_groups(model: onnx.ModelProto,
     from pfp_onnx.op_rules import RULES
 
     shaped = with_input_shapes(model, input_shapes) if input_shapes else infer_shapes(model)
-    graph = to_graph(model)
-    return ChannelTracer(graph, tensor_shapes(shaped)).run(RULES)
+    return ChannelTracer(to_graph(model), tensor_shapes(shaped)).run(RULES)

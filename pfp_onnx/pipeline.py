@@ -14,14 +14,14 @@ from typing import Callable, Mapping
 import numpy as np
 import onnx
 
-from pfp_onnx.allocate import Allocation, GroupDemand, LayerSize, allocate, kept_weights
+from pfp_onnx.allocate import GroupDemand, LayerSize, allocate
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import CalibrationData, input_specs, read_npz, split, validate
 from pfp_onnx.errors import ModelError, OptionError
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.model import check_model, load_model, parameter_count
 from pfp_onnx.report import CompressReport, GroupRow, Totals
-from pfp_onnx.rewrite import rewrite
+from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import choose_device
 from pfp_onnx.select import Selection, select_channels
 from pfp_onnx.verify import verify
@@ -120,7 +120,7 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
         device=chosen_device.note, sensitivity_points=sensitivity_part.count,
         recommended_sensitivity_points=recommended,
         groups=_group_rows(analysis, sensitivity, selections),
-        totals=_totals(proto, pruned, analysis, selections, allocation),
+        totals=_totals(proto, pruned, analysis, selections),
         verification=verification, seconds={k: round(v, 3) for k, v in timings.items()})
     return CompressResult(pruned, report, analysis, selections, tuple(notes))
 
@@ -150,11 +150,11 @@ def _stage_progress(progress: Progress | None, stage: str, total: int):
 def _layer_sizes(analysis: ChannelAnalysis) -> list[LayerSize]:
     prunable = {group.id for group in analysis.prunable_groups}
 
-    def side(group_id: int | None) -> str | None:
-        return str(group_id) if group_id in prunable else None
+    def side(groups: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
+        return tuple((str(g), analysis.group(g).width) for g in groups if g in prunable)
 
-    return [LayerSize(name=layer.node, in_group=side(layer.in_group), in_units=layer.in_units,
-                      in_block=layer.in_block * layer.kernel, out_group=side(layer.out_group),
+    return [LayerSize(name=layer.node, in_groups=side(layer.in_groups), in_units=layer.in_units,
+                      in_block=layer.in_block * layer.kernel, out_groups=side(layer.out_groups),
                       out_units=layer.out_units)
             for layer in analysis.layers]
 
@@ -163,7 +163,7 @@ def _demands(analysis: ChannelAnalysis, sensitivity: Mapping[int, np.ndarray]) -
     """Per group, the consumer whose error bound term ln(8(P+1)K/δ) is largest sets P and K."""
     demands = []
     for group in analysis.prunable_groups:
-        consumers = [layer for layer in analysis.layers if layer.in_group == group.id]
+        consumers = [layer for layer in analysis.layers if group.id in layer.in_groups and layer.sensitivity_probe]
         patches, kernel = max(((layer.positions or 1, layer.kernel * layer.in_block) for layer in consumers),
                               key=lambda pk: (pk[0] + 1) * pk[1])
         demands.append(GroupDemand(name=str(group.id), sensitivity=np.asarray(sensitivity[group.id], np.float64),
@@ -196,18 +196,18 @@ def _group_rows(analysis: ChannelAnalysis, sensitivity: Mapping[int, np.ndarray]
 
 
 def _totals(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: ChannelAnalysis,
-            selections: Mapping[int, Selection], allocation: Allocation) -> Totals:
-    kept = {group.id: len(selection.kept) for group, selection in
-            ((analysis.group(gid), sel) for gid, sel in selections.items())}
+            selections: Mapping[int, Selection]) -> Totals:
+    def layer_weights(layer, pruned_side: bool) -> int:
+        def units(total: int, groups: tuple[int, ...]) -> int:
+            if not pruned_side:
+                return total
+            return total - sum(analysis.group(g).width - kept_count(analysis, selections, g) for g in groups)
 
-    def layer_weights(layer, counts) -> int:
-        in_units = counts.get(layer.in_group, layer.in_units)
-        out_units = counts.get(layer.out_group, layer.out_units)
-        return in_units * layer.in_block * layer.kernel * out_units
+        return (units(layer.in_units, layer.in_groups) * layer.in_block * layer.kernel
+                * units(layer.out_units, layer.out_groups))
 
-    macs_before = sum(layer_weights(layer, {}) * (layer.positions or 0) for layer in analysis.layers)
-    macs_after = sum(layer_weights(layer, kept) * (layer.positions or 0) for layer in analysis.layers)
     return Totals(parameters_before=parameter_count(original), parameters_after=parameter_count(pruned),
                   layer_weights_before=analysis.weights_total,
-                  layer_weights_after=sum(layer_weights(layer, kept) for layer in analysis.layers),
-                  macs_before=macs_before, macs_after=macs_after)
+                  layer_weights_after=sum(layer_weights(layer, True) for layer in analysis.layers),
+                  macs_before=sum(layer_weights(layer, False) * (layer.positions or 0) for layer in analysis.layers),
+                  macs_after=sum(layer_weights(layer, True) * (layer.positions or 0) for layer in analysis.layers))

@@ -2,46 +2,58 @@
 
 Every change is one of three kinds recorded by the analysis: cut a constant along an axis (producer
 filters, biases, BatchNorm and other per-channel constants, consumer input slices), rescale kept consumer
-slices (randomised PFP), and rewrite a Reshape's explicit flattened width.
+slices (randomised PFP), and rewrite a constant that counts channels (Reshape widths, Split sizes, Slice
+bounds, Resize sizes). All slices of one constant along one axis are applied together, because after a
+Concat several groups share that axis at different offsets.
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Mapping
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from pfp_onnx.groups import ChannelAnalysis, WeightSlice
+from pfp_onnx.groups import ChannelAnalysis, SizeFix, WeightSlice
 from pfp_onnx.model import check_model, from_graph, infer_shapes, to_graph
 from pfp_onnx.select import Selection
 
 
-def block_indices(kept: np.ndarray, block: int) -> np.ndarray:
-    """Indices of the entries owned by the kept channels when each channel owns `block` of them."""
-    kept = np.asarray(kept, dtype=np.int64)
+def block_indices(kept: np.ndarray, block: int, offset: int = 0) -> np.ndarray:
+    """Positions owned by the kept channels when channel c sits at (offset + c) and owns `block` entries."""
+    kept = np.asarray(kept, dtype=np.int64) + offset
     if block == 1:
         return kept
     return (kept[:, None] * block + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
 
 
+def kept_count(analysis: ChannelAnalysis, selections: Mapping[int, Selection], group_id: int) -> int:
+    selection = selections.get(group_id)
+    return analysis.group(group_id).width if selection is None else len(selection.kept)
+
+
 def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis,
             selections: Mapping[int, Selection]) -> onnx.ModelProto:
     """The pruned model. `selections` maps prunable group ids to the channels they keep."""
+    for group_id in selections:
+        if not analysis.group(group_id).prunable:
+            raise ValueError(f"group {group_id} is frozen and cannot be pruned")
     graph = to_graph(model)
     nodes = {node.name: node for node in graph.nodes}
+    cuts: dict[tuple[str, int, int], list[tuple[WeightSlice, Selection, int]]] = defaultdict(list)
     for group_id, selection in selections.items():
         group = analysis.group(group_id)
-        if not group.prunable:
-            raise ValueError(f"group {group_id} is frozen and cannot be pruned")
         for weight_slice in group.slices:
-            _cut(nodes[weight_slice.node], weight_slice, selection)
-        for fix in group.shape_fixes:
-            node = nodes[fix.node]
-            target = np.array(node.inputs[1].values, copy=True)
-            target[fix.position] = len(selection.kept) * fix.block
-            _replace_input(node, 1, target)
+            cuts[(weight_slice.node, weight_slice.input_index, weight_slice.axis)].append(
+                (weight_slice, selection, group.width))
+    for (node_name, input_index, axis), pieces in cuts.items():
+        node = nodes[node_name]
+        _replace_input(node, input_index, _cut(np.asarray(node.inputs[input_index].values), axis, pieces))
+    for fix in analysis.size_fixes:
+        value = fix.block * sum(kept_count(analysis, selections, group) for group in fix.groups)
+        _write_count(nodes[fix.node], fix, value, graph.opset)
     input_names = {tensor.name for tensor in graph.inputs}
     output_names = {tensor.name for tensor in graph.outputs}
     for tensor in graph.tensors().values():
@@ -53,16 +65,23 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis,
     return pruned
 
 
-def _cut(node: gs.Node, weight_slice: WeightSlice, selection: Selection) -> None:
-    values = np.asarray(node.inputs[weight_slice.input_index].values)
-    index = block_indices(selection.kept, weight_slice.block)
-    cut = np.take(values, index, axis=weight_slice.axis)
-    if weight_slice.role == "consumer" and not np.all(selection.scale == 1):
-        factors = np.repeat(np.asarray(selection.scale, dtype=np.float64), weight_slice.block)
-        shape = [1] * cut.ndim
-        shape[weight_slice.axis] = len(factors)
-        cut = (cut * factors.reshape(shape)).astype(values.dtype)
-    _replace_input(node, weight_slice.input_index, cut)
+def _cut(values: np.ndarray, axis: int, pieces: list[tuple[WeightSlice, Selection, int]]) -> np.ndarray:
+    """Drop every removed channel of every group sharing this axis; scale kept consumer slices."""
+    keep = np.ones(values.shape[axis], dtype=bool)
+    scale = np.ones(values.shape[axis], dtype=np.float64)
+    for weight_slice, selection, width in pieces:
+        group_positions = block_indices(np.arange(width), weight_slice.block, weight_slice.offset)
+        keep[group_positions] = False
+        kept_positions = block_indices(selection.kept, weight_slice.block, weight_slice.offset)
+        keep[kept_positions] = True
+        if weight_slice.role == "consumer":
+            scale[kept_positions] = np.repeat(np.asarray(selection.scale, dtype=np.float64), weight_slice.block)
+    cut = np.compress(keep, values, axis=axis)
+    if np.all(scale == 1):
+        return cut
+    shape = [1] * cut.ndim
+    shape[axis] = -1
+    return (cut * scale[keep].reshape(shape)).astype(values.dtype)
 
 
 def _replace_input(node: gs.Node, index: int, values: np.ndarray) -> None:
@@ -71,5 +90,25 @@ def _replace_input(node: gs.Node, index: int, values: np.ndarray) -> None:
     if len(tensor.outputs) <= 1:
         tensor.values = values
         return
-    copy = gs.Constant(f"{tensor.name}__{node.name}", values)
-    node.inputs[index] = copy
+    node.inputs[index] = gs.Constant(f"{tensor.name}__{node.name}", values)
+
+
+def _write_count(node: gs.Node, fix: SizeFix, value: int, opset: int) -> None:
+    """Set one entry of a channel-counting constant.
+
+    Split sizes may be implicit (equal parts) or an attribute (before opset 13); the first fix makes
+    them explicit and every output's own fix then writes its entry.
+    """
+    if node.op == "Split" and (len(node.inputs) <= fix.input_index or node.inputs[fix.input_index].is_empty()):
+        if opset < 13:
+            sizes = list(node.attrs.get("split", [0] * len(node.outputs)))
+            sizes[fix.position] = value
+            node.attrs["split"] = sizes
+            return
+        node.attrs.pop("num_outputs", None)
+        while len(node.inputs) <= fix.input_index:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[fix.input_index] = gs.Constant(f"{node.name}__split", np.zeros(len(node.outputs), np.int64))
+    target = np.array(node.inputs[fix.input_index].values, copy=True)
+    target[fix.position] = value
+    _replace_input(node, fix.input_index, target)

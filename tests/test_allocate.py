@@ -27,9 +27,9 @@ def chain():
     """conv 3→8 (3x3), conv 8→16 (3x3), flatten 16x4x4 → dense 10."""
     groups = [_group("a", 8, 32 * 32, 9, 1), _group("b", 16, 1, 16, 2)]
     layers = [
-        LayerSize("conv1", None, 3, 9, "a", 8),
-        LayerSize("conv2", "a", 8, 9, "b", 16),
-        LayerSize("fc", "b", 16, 16, None, 10),
+        LayerSize("conv1", (), 3, 9, (("a", 8),), 8),
+        LayerSize("conv2", (("a", 8),), 8, 9, (("b", 16),), 16),
+        LayerSize("fc", (("b", 16),), 16, 16, (), 10),
     ]
     return groups, layers
 
@@ -38,11 +38,11 @@ def shared():
     """Group "a" feeds two branches (conv2 and conv3) whose outputs are groups of their own."""
     groups = [_group("a", 24, 16 * 16, 9, 3), _group("b", 32, 8 * 8, 9, 4), _group("c", 12, 8 * 8, 1, 5)]
     layers = [
-        LayerSize("stem", None, 3, 9, "a", 24),
-        LayerSize("branch_b", "a", 24, 9, "b", 32),
-        LayerSize("branch_c", "a", 24, 1, "c", 12),
-        LayerSize("head_b", "b", 32, 1, None, 10),
-        LayerSize("head_c", "c", 12, 1, None, 10),
+        LayerSize("stem", (), 3, 9, (("a", 24),), 24),
+        LayerSize("branch_b", (("a", 24),), 24, 9, (("b", 32),), 32),
+        LayerSize("branch_c", (("a", 24),), 24, 1, (("c", 12),), 12),
+        LayerSize("head_b", (("b", 32),), 32, 1, (), 10),
+        LayerSize("head_c", (("c", 12),), 12, 1, (), 10),
     ]
     return groups, layers
 
@@ -50,7 +50,7 @@ def shared():
 def with_frozen():
     """A chain with a layer whose input and output widths are both fixed."""
     groups, layers = chain()
-    return groups, layers + [LayerSize("frozen", None, 16, 9, None, 16)]
+    return groups, layers + [LayerSize("frozen", (), 16, 9, (), 16)]
 
 
 CONFIGURATIONS = {"chain": chain, "shared": shared, "frozen": with_frozen}

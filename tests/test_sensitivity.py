@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pfp_onnx.sensitivity import conv_sensitivity, dense_sensitivity
+from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, dense_sensitivity
 
 EPS = np.finfo(np.float32).eps
 
@@ -264,3 +264,173 @@ def test_eps_cutoff_is_absolute():
     unscaled = conv_sensitivity(activation, weight, **kwargs)
     np.testing.assert_allclose(conv_sensitivity(activation * 1e-4, weight, **kwargs), unscaled, rtol=1e-5)
     assert_matches(conv_sensitivity(activation * 1e-9, weight, **kwargs), np.zeros(6))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ConvTranspose: a reference written from the scatter definition (no zero insertion, no kernel flip).
+
+
+def conv_transpose_output_shape(spatial, kernel_shape, strides, pads, dilations, output_padding):
+    rank = len(kernel_shape)
+    return [
+        strides[d] * (spatial[d] - 1) + output_padding[d] + (kernel_shape[d] - 1) * dilations[d] + 1
+        - pads[d] - pads[d + rank]
+        for d in range(rank)
+    ]
+
+
+def conv_transpose_scatter(point, weight, strides, pads, dilations, output_padding):
+    """z[F_out, *out] of one data point point[C_in, *spatial] by scattering every a[c, q]·W[c, f, k] (float64).
+
+    Also returns the list of (c, f, q, k, o) landings, the pairs that make up z."""
+    channels, filters, *kernel_shape = weight.shape
+    rank = len(kernel_shape)
+    spatial = point.shape[1:]
+    out_shape = conv_transpose_output_shape(spatial, kernel_shape, strides, pads, dilations, output_padding)
+    z = np.zeros([filters, *out_shape])
+    landings = []
+    for c in range(channels):
+        for f in range(filters):
+            for q in itertools.product(*[range(n) for n in spatial]):
+                for k in itertools.product(*[range(n) for n in kernel_shape]):
+                    o = tuple(q[d] * strides[d] + k[d] * dilations[d] - pads[d] for d in range(rank))
+                    if all(0 <= o[d] < out_shape[d] for d in range(rank)):
+                        z[(f, *o)] += weight[(c, f, *k)] * point[(c, *q)]
+                        landings.append((c, f, q, k, o))
+    return z, landings
+
+
+def reference_conv_transpose(activation, weight, strides, pads, dilations, output_padding):
+    """s[C_in] by loops over samples, sign of a, sign of W, then every landing (c, f, q, k) -> o."""
+    activation = np.asarray(activation, dtype=np.float64)
+    weight = np.asarray(weight, dtype=np.float64)
+    sensitivity = np.zeros(weight.shape[0])
+    for sample in activation:
+        for point in (np.maximum(sample, 0), np.maximum(-sample, 0)):
+            for signed in (np.maximum(weight, 0), np.minimum(weight, 0)):
+                z, landings = conv_transpose_scatter(point, signed, strides, pads, dilations, output_padding)
+                for c, f, q, k, o in landings:
+                    if abs(z[(f, *o)]) <= EPS:
+                        continue  # denominator counts as +infinity: ratio 0
+                    g = signed[(c, f, *k)] * point[(c, *q)] / z[(f, *o)]
+                    assert g >= 0
+                    sensitivity[c] = max(sensitivity[c], g)
+    return sensitivity
+
+
+CONV_TRANSPOSE_CASES = {
+    "1d stride 2 pads dilation 2 output_padding 1": dict(
+        activation_shape=(2, 8, 5), weight_shape=(8, 3, 3), strides=[2], pads=[1, 2], dilations=[2],
+        output_padding=[1],
+    ),
+    # stride 3 > kernel 2 leaves output positions no input reaches (z = 0); pads exceed the kernel reach.
+    "1d stride 3 pads beyond the kernel reach (crop)": dict(
+        activation_shape=(3, 16, 6), weight_shape=(16, 4, 2), strides=[3], pads=[3, 4], dilations=[1],
+        output_padding=[2],
+    ),
+    "2d stride 2 dilation 2 output_padding 1 non-square kernel": dict(
+        activation_shape=(2, 8, 4, 5), weight_shape=(8, 3, 2, 3), strides=[2, 2], pads=[1, 0, 2, 1],
+        dilations=[2, 2], output_padding=[1, 1],
+    ),
+    "2d mixed strides and dilations": dict(
+        activation_shape=(2, 16, 4, 4), weight_shape=(16, 3, 3, 3), strides=[1, 2], pads=[2, 1, 2, 1],
+        dilations=[2, 1], output_padding=[0, 1],
+    ),
+    "2d stride 1": dict(
+        activation_shape=(2, 12, 4, 4), weight_shape=(12, 2, 2, 2), strides=[1, 1], pads=[1, 1, 1, 1],
+        dilations=[1, 1], output_padding=[0, 0],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_TRANSPOSE_CASES.values()), ids=list(CONV_TRANSPOSE_CASES))
+def test_conv_transpose_matches_reference(case):
+    rng = np.random.default_rng(20)
+    activation = random_activation(rng, case["activation_shape"])
+    weight = rng.standard_normal(case["weight_shape"]).astype(np.float32)
+    kwargs = dict(
+        strides=case["strides"], pads=case["pads"], dilations=case["dilations"], output_padding=case["output_padding"]
+    )
+    expected = reference_conv_transpose(activation, weight, **kwargs)
+    assert_informative(expected)
+    assert_matches(conv_transpose_sensitivity(activation, weight, **kwargs), expected)
+
+
+def test_conv_transpose_zero_denominators():
+    """An all-zero input region, an all-zero filter and all-negative filters: z = 0 entries are skipped."""
+    rng = np.random.default_rng(21)
+    activation = random_activation(rng, (2, 6, 4, 5))
+    activation[:, :, :2, :] = 0.0  # output rows fed only by these inputs have z = 0
+    activation[1] = np.abs(activation[1])
+    weight = rng.standard_normal((6, 4, 2, 3)).astype(np.float32)
+    weight[:, 0] = 0.0  # z⁺ = z⁻ = 0 everywhere for output channel 0
+    weight[:, 1] = -np.abs(weight[:, 1])  # all-negative: z⁺ = 0
+    weight[:, 3] = np.abs(weight[:, 3])  # all-positive: z⁻ = 0
+    kwargs = dict(strides=[2, 2], pads=[1, 1, 0, 2], dilations=[1, 2], output_padding=[1, 0])
+    expected = reference_conv_transpose(activation, weight, **kwargs)
+    assert (expected > 0).all()
+    assert_informative(expected)
+    assert_matches(conv_transpose_sensitivity(activation, weight, **kwargs), expected)
+
+
+def test_conv_transpose_default_output_padding_and_dead_channel():
+    rng = np.random.default_rng(22)
+    activation = random_activation(rng, (2, 6, 5))
+    activation[:, 2] = 0.0
+    weight = rng.standard_normal((6, 3, 3)).astype(np.float32)
+    kwargs = dict(strides=[2], pads=[1, 1], dilations=[1])
+    result = conv_transpose_sensitivity(activation, weight, **kwargs)
+    assert result[2] == 0.0
+    assert_matches(result, reference_conv_transpose(activation, weight, output_padding=[0], **kwargs))
+
+
+def test_conv_transpose_empty_output_scores_zero():
+    """Pads that swallow the whole output leave no neuron: every sensitivity is 0."""
+    weight = np.random.default_rng(23).standard_normal((3, 2, 2)).astype(np.float32)
+    activation = np.ones((1, 3, 2), dtype=np.float32)
+    # out_size = 2·1 + 0 + 2 − 2 − 2 = 0
+    result = conv_transpose_sensitivity(activation, weight, strides=[2], pads=[2, 2], dilations=[1])
+    assert_matches(result, np.zeros(3))
+
+
+def test_conv_transpose_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):  # ConvTranspose weight is [C_in, C_out, ...]: C_in must match axis 0
+        conv_transpose_sensitivity(
+            np.zeros((1, 3, 4, 4)), np.zeros((2, 3, 3, 3)), strides=[1, 1], pads=[0] * 4, dilations=[1, 1]
+        )
+    with pytest.raises(ValueError):
+        conv_transpose_sensitivity(
+            np.zeros((1, 3, 4, 4)), np.zeros((3, 2, 3, 3)), strides=[1, 1], pads=[0] * 4, dilations=[1, 1],
+            output_padding=[0],
+        )
+
+
+def test_conv_transpose_scatter_matches_onnxruntime():
+    """The reference's z (scatter definition) is ONNX ConvTranspose without bias: pins down the semantics."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(24)
+    activation = random_activation(rng, (2, 3, 4, 5))
+    weight = rng.standard_normal((3, 2, 2, 3)).astype(np.float32)
+    attributes = dict(strides=[2, 3], pads=[1, 0, 2, 1], dilations=[2, 1], output_padding=[1, 2])
+    out_shape = conv_transpose_output_shape(activation.shape[2:], weight.shape[2:], **attributes)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **attributes)
+    graph = helper.make_graph(
+        [node],
+        "conv_transpose",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(activation.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2, *out_shape])],
+        initializer=[numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (actual,) = session.run(None, {"x": activation})
+    expected = np.stack(
+        [conv_transpose_scatter(sample.astype(np.float64), weight.astype(np.float64), **attributes)[0]
+         for sample in activation]
+    )
+    assert actual.shape == expected.shape
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)

@@ -262,7 +262,8 @@ def frozen_cases() -> onnx.ModelProto:
     """Every way a group must freeze, beside two prunable groups so compress can still act.
 
     conv_out's output is a graph output; conv_soft feeds Softmax(axis=1); conv_c and conv_d meet in a
-    Concat; conv_e is added to the graph input y; conv_t feeds a Transpose; conv_h feeds a depthwise conv.
+    Concat along a spatial axis; conv_e is added to the graph input y; conv_t feeds a Transpose that moves
+    the channels off axis 1 before a conv; conv_h feeds a grouped (not depthwise) conv.
     conv_f → Relu → conv_f2 is prunable, and so is the group of the six convs summed into `merged`.
     """
     b = _GraphBuilder("frozen_cases", seed=8)
@@ -273,15 +274,16 @@ def frozen_cases() -> onnx.ModelProto:
     branch = [b.conv("conv_out2", b.node("Relu", [a], "relu_out"), 6, 4, kernel=1)]
     soft = b.node("Softmax", [b.conv("conv_soft", x, 4, 6, kernel=1)], "softmax", axis=1)
     branch.append(b.conv("conv_soft2", soft, 6, 4, kernel=1))
-    both = b.node("Concat", [b.conv("conv_c", x, 4, 5, kernel=1), b.conv("conv_d", x, 4, 3, kernel=1)],
-                  "concat", axis=1)
-    branch.append(b.conv("conv_cd", both, 8, 4, kernel=1))
+    both = b.node("Concat", [b.conv("conv_c", x, 4, 5, kernel=1), b.conv("conv_d", x, 4, 5, kernel=1)],
+                  "concat", axis=2)
+    both = b.node("MaxPool", [both], "concat_pool", kernel_shape=[2, 1], strides=[2, 1])
+    branch.append(b.conv("conv_cd", both, 5, 4, kernel=1))
     plus_input = b.node("Add", [b.conv("conv_e", x, 4, 6, kernel=1), y], "add_input")
     branch.append(b.conv("conv_e2", plus_input, 6, 4, kernel=1))
-    flipped = b.node("Transpose", [b.conv("conv_t", x, 4, 5, kernel=1)], "transpose", perm=[0, 1, 3, 2])
-    branch.append(b.conv("conv_t2", flipped, 5, 4, kernel=1))
-    depthwise = b.conv("conv_dw", b.conv("conv_h", x, 4, 6, kernel=1), 1, 6, group=6, pads=[1] * 4)
-    branch.append(b.conv("conv_h2", depthwise, 6, 4, kernel=1))
+    flipped = b.node("Transpose", [b.conv("conv_t", x, 4, 8, kernel=1)], "transpose", perm=[0, 2, 1, 3])
+    branch.append(b.conv("conv_t2", flipped, 8, 4, kernel=1))
+    grouped = b.conv("conv_dw", b.conv("conv_h", x, 4, 6, kernel=1), 3, 6, group=2, pads=[1] * 4)
+    branch.append(b.conv("conv_h2", grouped, 6, 4, kernel=1))
     f = b.node("Relu", [b.conv("conv_f", x, 4, 7, pads=[1] * 4)], "relu_f")
     branch.append(b.conv("conv_f2", f, 7, 4, kernel=1))
     merged = branch[0]
