@@ -44,10 +44,11 @@ class WeightSlice:
 
 @dataclass(frozen=True)
 class SizeFix:
-    """A constant holding a channel count (Reshape width, Split sizes, Slice bounds, Resize sizes).
+    """A number that counts channels (Reshape width, Split sizes, Slice bounds, Resize sizes, the group
+    attribute of a depthwise conv).
 
-    After pruning, entry `position` of input `input_index` of `node` becomes block · Σ kept channels of
-    `groups` (the channels it counts, in order).
+    After pruning it becomes block · Σ kept channels of `groups`. It is entry `position` of constant input
+    `input_index` of `node`, or, when `attribute` is set, that integer attribute of `node`.
     """
 
     node: str
@@ -55,6 +56,7 @@ class SizeFix:
     position: int
     groups: tuple[int, ...]
     block: int = 1
+    attribute: str | None = None
 
 
 @dataclass(frozen=True)
@@ -249,8 +251,8 @@ class ChannelTracer:
             offset += state.width
 
     def add_size_fix(self, node: gs.Node, input_index: int, position: int, groups: tuple[int, ...],
-                     block: int = 1) -> None:
-        self._fixes.append(SizeFix(node.name, input_index, position, groups, block))
+                     block: int = 1, attribute: str | None = None) -> None:
+        self._fixes.append(SizeFix(node.name, input_index, position, groups, block, attribute))
 
     def add_layer(self, layer: Layer) -> None:
         self._layers.append(layer)

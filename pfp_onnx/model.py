@@ -78,23 +78,27 @@ def with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
     return infer_shapes(concrete)
 
 
-def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+def infer_shapes(model: onnx.ModelProto, *, strict: bool = False) -> onnx.ModelProto:
+    """Shape inference; `strict` also fails on inconsistent shapes (how a rewrite proves itself)."""
     try:
         if model.ByteSize() > PROTOBUF_LIMIT:
-            return _infer_shapes_via_file(model)
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+            return _infer_shapes_via_file(model, strict)
+        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
     except Exception as exc:
+        if strict:
+            raise
+
         raise ModelError(
             f"ONNX shape inference failed on the model ({_first_line(exc)}); pfp-onnx needs it to know "
             "channel counts. Check the model with onnx.checker and re-export it."
         ) from None
 
 
-def _infer_shapes_via_file(model: onnx.ModelProto) -> onnx.ModelProto:
+def _infer_shapes_via_file(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
     with tempfile.TemporaryDirectory() as tmp:
         source, target = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
         onnx.save(model, source, save_as_external_data=True)
-        onnx.shape_inference.infer_shapes_path(source, target, data_prop=True)
+        onnx.shape_inference.infer_shapes_path(source, target, strict_mode=strict, data_prop=True)
         return onnx.load(target, load_external_data=True)
 
 

@@ -121,6 +121,7 @@ def conv(node: gs.Node, tracer: ChannelTracer) -> None:
             tracer.add_slice(incoming, node, 1, 0, "param")
             if bias is not None:
                 tracer.add_slice(incoming, node, 2, 0, "param")
+            tracer.add_size_fix(node, -1, -1, incoming.groups, attribute="group")
             groups = tracer.follow(node.outputs[0], _moved(incoming, 1, rank)).groups
         elif incoming is not None:
             tracer.freeze(incoming, f"depthwise {node.op} '{node.name}' reads channels off axis 1")

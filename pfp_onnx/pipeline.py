@@ -24,7 +24,7 @@ from pfp_onnx.report import CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import choose_device
 from pfp_onnx.select import Selection, select_channels
-from pfp_onnx.verify import verify
+from pfp_onnx.verify import check_runs, verify
 
 MODES = ("deterministic", "randomized", "hybrid")
 SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
@@ -106,6 +106,7 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
                   for group in analysis.prunable_groups}
     stage_start = time.perf_counter()
     pruned = rewrite(proto, analysis, selections)
+    check_runs(pruned, next(calibration.batches(_fixed_batch(proto) or 1)), chosen_device)
     timings["rewrite"] = time.perf_counter() - stage_start
 
     verification = None

@@ -60,8 +60,9 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis,
         if isinstance(tensor, gs.Variable) and tensor.name not in input_names | output_names:
             tensor.shape = None
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
-    pruned = infer_shapes(from_graph(graph, model))
-    check_model(pruned, what="the pruned model")
+    # Strict inference re-derives every shape from the new weights: a cut that missed a consumer fails here.
+    pruned = infer_shapes(from_graph(graph, model), strict=True)
+    check_model(pruned, what="the pruned model", full=True)
     return pruned
 
 
@@ -99,6 +100,9 @@ def _write_count(node: gs.Node, fix: SizeFix, value: int, opset: int) -> None:
     Split sizes may be implicit (equal parts) or an attribute (before opset 13); the first fix makes
     them explicit and every output's own fix then writes its entry.
     """
+    if fix.attribute is not None:
+        node.attrs[fix.attribute] = int(value)
+        return
     if node.op == "Split" and (len(node.inputs) <= fix.input_index or node.inputs[fix.input_index].is_empty()):
         if opset < 13:
             sizes = list(node.attrs.get("split", [0] * len(node.outputs)))

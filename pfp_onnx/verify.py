@@ -38,6 +38,16 @@ class Verification:
     outputs: tuple[OutputComparison, ...]
 
 
+def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: Device) -> None:
+    """Run the pruned model once: onnx.checker does not catch every inconsistency (a conv's group count)."""
+    try:
+        create_session(model, device).run(None, dict(batch))
+    except Exception as exc:
+        raise RuntimeError(
+            f"pfp-onnx produced a model that onnxruntime cannot run ({exc}). This is a bug in pfp-onnx; "
+            "please report it with the output of `pfp-onnx analyze` for this model.") from exc
+
+
 def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
            device: Device, *, labels: np.ndarray | None = None, epsilon: float | None = None) -> Verification:
     """Relative output error ‖y' − y‖ / ‖y‖ per point and output, top-1 agreement and accuracy."""
