@@ -9,11 +9,14 @@ from dataclasses import asdict
 
 import click
 
-from pfp_onnx import PfpError, analyze, compress
+from pfp_onnx import PfpError, analyze, compress, evaluate
+from pfp_onnx.baselines import CRITERIA
+from pfp_onnx.errors import OptionError
 from pfp_onnx.model import check_output_path, save_model
-from pfp_onnx.pipeline import MODES
-from pfp_onnx.report import render_table, write_json
+from pfp_onnx.pipeline import ALLOCATIONS, MODES
+from pfp_onnx.report import render_table, render_verification, write_json
 from pfp_onnx.runtime import DEVICES
+from pfp_onnx.sweep import parse_methods, plot, sweep, write_csv
 
 
 def _user_errors(command):
@@ -43,6 +46,27 @@ def _progress_printer(quiet: bool):
     return show
 
 
+def _run_options(command):
+    """Options shared by the commands that prune: the split, batching, seed and device."""
+    for option in reversed([
+        click.option("--holdout", type=float, default=0.2, show_default=True,
+                     help="Fraction of the calibration points held out to verify the pruned model."),
+        click.option("--batch-size", type=int, default=32, show_default=True, help="Points per onnxruntime run."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and for sampling."),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                     help="Execution provider: CUDA when onnxruntime can use it (auto), or force one."),
+    ]):
+        command = option(command)
+    return command
+
+
+def _floats(text: str, option: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise OptionError(f"{option} takes comma-separated numbers, e.g. 0.9,0.8,0.7; got '{text}'.") from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pfp-onnx")
 def main() -> None:
@@ -58,22 +82,23 @@ def main() -> None:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model.")
 @click.option("--mode", type=click.Choice(MODES), default="deterministic", show_default=True,
               help="Keep the most sensitive channels, or sample them by sensitivity (randomized, hybrid).")
-@click.option("--holdout", type=float, default=0.2, show_default=True,
-              help="Fraction of the calibration points held out to verify the pruned model.")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="Points per onnxruntime run.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and for sampling.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="Execution provider: CUDA when onnxruntime can use it (auto), or force one.")
+@click.option("--criterion", type=click.Choice(CRITERIA), default="pfp", show_default=True,
+              help="Channel score: PFP sensitivity, or a baseline (filter L1/L2 norm, random).")
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default="pfp", show_default=True,
+              help="Channels per group: PFP's error-bound allocation, or the same fraction everywhere.")
+@_run_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors
-def compress_command(model, data, budget, output, mode, holdout, batch_size, seed, device, report_path, quiet):
+def compress_command(model, data, budget, output, mode, criterion, allocation, holdout, batch_size, seed, device,
+                     report_path, quiet):
     """Prune MODEL to keep BUDGET of its layer weights and write a smaller dense ONNX model."""
     output_path = check_output_path(output, model)
     if report_path is not None:
         check_output_path(report_path, model)
-    result = compress(model, data, budget=budget, mode=mode, holdout=holdout, batch_size=batch_size,
-                      seed=seed, device=device, progress=_progress_printer(quiet))
+    result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
+                      holdout=holdout, batch_size=batch_size, seed=seed, device=device,
+                      progress=_progress_printer(quiet))
     save_model(result.model, output_path)
     if report_path is not None:
         write_json(result.report, report_path)
@@ -107,6 +132,56 @@ def analyze_command(model, data, as_json):
                    f"{', '.join(group.consumers):<30.30} {status}")
     share = analysis.weights_in_prunable_groups / analysis.weights_total if analysis.weights_total else 0.0
     click.echo(f"\n{share:.1%} of the {analysis.weights_total:,} Conv/Gemm/MatMul weights sit in prunable groups")
+
+
+@main.command("evaluate")
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("pruned", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+              help="Test .npz: one array per model input, optional 'labels'. Every point is used.")
+@click.option("--epsilons", default="0.01,0.05,0.1,0.2,0.5", show_default=True,
+              help="Relative errors ε for which to report δ, the fraction of points outside (1±ε).")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Points per onnxruntime run.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_user_errors
+def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_json):
+    """Compare PRUNED with ORIGINAL: accuracy, top-1 agreement, output error and the empirical (ε, δ)."""
+    result = evaluate(original, pruned, data, batch_size=batch_size, device=device,
+                      epsilons=_floats(epsilons, "--epsilons"))
+    click.echo(json.dumps(asdict(result), indent=2) if as_json else render_verification(result))
+
+
+@main.command("sweep")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration .npz.")
+@click.option("--budgets", default="0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2", show_default=True,
+              help="Comma-separated budgets.")
+@click.option("--methods", default="pfp/pfp,l1/uniform", show_default=True,
+              help="Comma-separated criterion/allocation[/mode] pairs, e.g. pfp/pfp,l2/pfp,random/uniform.")
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="Where to write the table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a PNG (needs matplotlib).")
+@_run_options
+@_user_errors
+def sweep_command(model, data, budgets, methods, csv_path, plot_path, holdout, batch_size, seed, device):
+    """Compress MODEL at every budget with every method (one capture) and tabulate held-out accuracy."""
+    check_output_path(csv_path, model)
+    if plot_path is not None:
+        check_output_path(plot_path, model)
+    click.echo(f"{'method':<24} {'budget':>6} {'weights':>8} {'MACs':>7} {'accuracy':>9} {'agreement':>10}")
+
+    def show(row) -> None:
+        accuracy = "" if row.accuracy is None else f"{row.accuracy:.1%}"
+        agreement = "" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
+        click.echo(f"{row.method:<24} {row.budget:>6g} {row.weights_kept:>8.1%} {row.macs_kept:>7.1%} "
+                   f"{accuracy:>9} {agreement:>10}")
+
+    rows = sweep(model, data, budgets=_floats(budgets, "--budgets"), methods=parse_methods(methods),
+                 holdout=holdout, batch_size=batch_size, seed=seed, device=device, on_row=show)
+    write_csv(rows, csv_path)
+    if plot_path is not None:
+        plot(rows, plot_path, title=str(model))
+    click.echo(f"wrote {csv_path}" + (f" and {plot_path}" if plot_path else ""))
 
 
 if __name__ == "__main__":

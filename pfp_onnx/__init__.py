@@ -5,8 +5,9 @@
 """
 
 from pfp_onnx.errors import BudgetError, DataError, ModelError, OptionError, OutputError, PfpError
-from pfp_onnx.pipeline import CompressResult, analyze, compress
+from pfp_onnx.pipeline import CompressResult, Method, analyze, compress, evaluate, prepare, prune
+from pfp_onnx.sweep import sweep
 
-__all__ = ["compress", "analyze", "CompressResult", "PfpError", "BudgetError", "DataError", "ModelError",
+__all__ = ["compress", "analyze", "evaluate", "sweep", "prepare", "prune", "Method", "CompressResult", "PfpError", "BudgetError", "DataError", "ModelError",
            "OptionError", "OutputError"]
 __version__ = "0.1.0"

@@ -21,6 +21,7 @@ __all__ = [
     "GroupDemand",
     "LayerSize",
     "allocate",
+    "allocate_uniform",
     "channels_for_epsilon",
     "expected_distinct",
     "kept_weights",
@@ -142,32 +143,8 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     Raises BudgetError when budget is outside (0, 1] or below the floor (every group keeping one channel).
     """
     demands = _check_inputs(groups, layers)
-    given = budget
-    try:
-        budget = float(budget)
-    except (TypeError, ValueError):
-        budget = math.nan
-    if not 0 < budget <= 1:
-        raise BudgetError(
-            f"The budget must be a fraction in (0, 1] of the prunable layers' weights to keep "
-            f"(e.g. 0.5 keeps half of them), but {given!r} was given; pass a value such as --budget 0.5."
-        )
-    full = {name: int(np.asarray(group.sensitivity).size) for name, group in demands.items()}
-    weights_total = kept_weights(layers, full)
-    weights_floor = kept_weights(layers, dict.fromkeys(demands, 1))
+    budget, full, weights_total, weights_floor = _check_budget(demands, layers, budget)
     target = budget * weights_total
-
-    if weights_floor > target:
-        frozen = kept_weights([layer for layer in layers if not layer.in_groups and not layer.out_groups], {})
-        # Round up: a budget printed below the true floor would still fail.
-        smallest = math.ceil(weights_floor / weights_total * 1000 - 1e-9) / 1000
-        raise BudgetError(
-            f"A budget of {budget:g} cannot be met: the smallest feasible budget for this model is {smallest:.3f} "
-            f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer weights, "
-            f"{frozen / weights_total:.1%}, and every prunable channel group keeps at least one channel, "
-            f"{weights_floor} weights in all); raise --budget to at least {smallest:.3f} or unfreeze more "
-            f"channel groups (`pfp-onnx analyze` shows why each group is frozen)."
-        )
     if budget >= 1:
         return Allocation(EPSILON_MIN, full, weights_total, weights_total, weights_floor)
 
@@ -194,6 +171,61 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
         else:
             low = middle
     return Allocation(high, kept_high, weights_total, kept_weights(layers, kept_high), weights_floor)
+
+
+def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float) -> Allocation:
+    """The baseline allocation: the same keep fraction in every prunable group (sensitivities unused).
+
+    The largest fraction whose rounded-up channel counts meet the budget is found by bisection; epsilon
+    is NaN because no error bound is involved.
+    """
+    demands = _check_inputs(groups, layers)
+    budget, full, weights_total, weights_floor = _check_budget(demands, layers, budget)
+
+    def kept_at(fraction: float) -> dict[str, int]:
+        return {name: max(1, min(width, math.ceil(fraction * width - 1e-9))) for name, width in full.items()}
+
+    low, high = 0.0, 1.0
+    if kept_weights(layers, kept_at(high)) > budget * weights_total:
+        for _ in range(60):
+            middle = (low + high) / 2
+            if kept_weights(layers, kept_at(middle)) <= budget * weights_total:
+                low = middle
+            else:
+                high = middle
+        high = low
+    kept = kept_at(high)
+    return Allocation(math.nan, kept, weights_total, kept_weights(layers, kept), weights_floor)
+
+
+def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize],
+                  budget: float) -> tuple[float, dict[str, int], int, int]:
+    """The budget as a float, full widths, total and floor weights; BudgetError when it cannot be met."""
+    given = budget
+    try:
+        budget = float(budget)
+    except (TypeError, ValueError):
+        budget = math.nan
+    if not 0 < budget <= 1:
+        raise BudgetError(
+            f"The budget must be a fraction in (0, 1] of the prunable layers' weights to keep "
+            f"(e.g. 0.5 keeps half of them), but {given!r} was given; pass a value such as --budget 0.5."
+        )
+    full = {name: int(np.asarray(group.sensitivity).size) for name, group in demands.items()}
+    weights_total = kept_weights(layers, full)
+    weights_floor = kept_weights(layers, dict.fromkeys(demands, 1))
+    if weights_floor > budget * weights_total:
+        frozen = kept_weights([layer for layer in layers if not layer.in_groups and not layer.out_groups], {})
+        # Round up: a budget printed below the true floor would still fail.
+        smallest = math.ceil(weights_floor / weights_total * 1000 - 1e-9) / 1000
+        raise BudgetError(
+            f"A budget of {budget:g} cannot be met: the smallest feasible budget for this model is {smallest:.3f} "
+            f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer weights, "
+            f"{frozen / weights_total:.1%}, and every prunable channel group keeps at least one channel, "
+            f"{weights_floor} weights in all); raise --budget to at least {smallest:.3f} or unfreeze more "
+            f"channel groups (`pfp-onnx analyze` shows why each group is frozen)."
+        )
+    return budget, full, weights_total, weights_floor
 
 
 def _check_inputs(groups: Sequence[GroupDemand], layers: Sequence[LayerSize]) -> dict[str, GroupDemand]:

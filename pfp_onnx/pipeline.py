@@ -1,6 +1,7 @@
 """compress() and analyze(): load → analyse → capture → score → allocate → select → rewrite → verify.
 
 The CLI and the Python API both call these; each step is a function of the previous steps' plain data.
+prepare() does the budget-independent part once, so a sweep over budgets and methods captures once.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx
 
-from pfp_onnx.allocate import GroupDemand, LayerSize, allocate
+from pfp_onnx.allocate import GroupDemand, LayerSize, allocate, allocate_uniform
+from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import CalibrationData, input_specs, read_npz, split, validate
 from pfp_onnx.errors import ModelError, OptionError
@@ -22,11 +24,12 @@ from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.model import check_model, load_model, parameter_count
 from pfp_onnx.report import CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
-from pfp_onnx.runtime import choose_device
+from pfp_onnx.runtime import Device, choose_device
 from pfp_onnx.select import Selection, select_channels
-from pfp_onnx.verify import check_runs, verify
+from pfp_onnx.verify import Verification, check_runs, verify
 
 MODES = ("deterministic", "randomized", "hybrid")
+ALLOCATIONS = ("pfp", "uniform")
 SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
 
 Progress = Callable[[str, int, int], None]  # (stage, points done, points total)
@@ -62,19 +65,54 @@ def analyze(model: ModelSource, data: DataSource | None = None) -> ChannelAnalys
     return analyse_channel_groups(proto, shapes)
 
 
-def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
-             holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
-             progress: Progress | None = None) -> CompressResult:
-    """Prune `model` to keep `budget` of its prunable-layer weights, guided by PFP sensitivities."""
+@dataclass(frozen=True)
+class Method:
+    """How channels are scored, how many each group keeps, and how they are picked."""
+
+    criterion: str = "pfp"  # pfp | l1 | l2 | random
+    allocation: str = "pfp"  # pfp | uniform
+    mode: str = "deterministic"  # deterministic | randomized | hybrid (PFP sampling)
+
+    def check(self) -> Method:
+        for value, allowed, option in ((self.criterion, CRITERIA, "--criterion"),
+                                       (self.allocation, ALLOCATIONS, "--allocation"), (self.mode, MODES, "--mode")):
+            if value not in allowed:
+                raise OptionError(f"Unknown {option} '{value}'; use one of {', '.join(allowed)}.")
+        return self
+
+    @property
+    def label(self) -> str:
+        return f"{self.criterion}/{self.allocation}" + ("" if self.mode == "deterministic" else f"/{self.mode}")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything that does not depend on the budget: computed once, pruned at many budgets (sweep)."""
+
+    model: onnx.ModelProto
+    name: str
+    calibration: CalibrationData
+    sensitivity_part: CalibrationData
+    holdout_part: CalibrationData | None
+    analysis: ChannelAnalysis
+    device: Device
+    batch_size: int
+    sensitivity: dict[int, np.ndarray] | None
+    recommended_points: int
+    notes: tuple[str, ...]
+    seconds: dict[str, float]
+
+
+def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
+            holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
+            progress: Progress | None = None) -> Prepared:
+    """Load, validate, analyse, check the budgets, then capture sensitivities if any method needs them."""
     started = time.perf_counter()
-    if mode not in MODES:
-        raise OptionError(f"Unknown mode '{mode}'; use one of {', '.join(MODES)}.")
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1; got {batch_size}.")
     proto, name = load(model)
     calibration = load_data(data, proto)
     sensitivity_part, holdout_part = split(calibration, holdout, seed)
-    batch_size = _fixed_batch(proto) or batch_size
     analysis = analyse_channel_groups(proto, calibration.point_shapes())
     if not analysis.layers:
         raise ModelError(f"{name} has no Conv, Gemm or MatMul layer with constant weights: nothing to prune.")
@@ -82,58 +120,89 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
         reasons = "; ".join(sorted({group.frozen[0] for group in analysis.groups}))[:400]
         raise ModelError(f"No channel group of {name} can be pruned safely ({reasons or 'no groups'}). "
                          "Run `pfp-onnx analyze` to see why each group is frozen.")
-    layer_sizes = _layer_sizes(analysis)
-    # Fail on an impossible budget before the expensive capture.
-    allocate(_demands(analysis, {g.id: np.ones(g.width, np.float32) for g in analysis.prunable_groups}),
-             layer_sizes, budget)
+    ones = {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups}
+    for budget in budgets:  # fail on an impossible budget before the expensive capture
+        allocate(_demands(analysis, ones), _layer_sizes(analysis), budget)
     chosen_device = choose_device(device)
-    notes = [chosen_device.note]
+    batch_size = _fixed_batch(proto) or batch_size
     recommended = _recommended_points(analysis)
-    if sensitivity_part.count < recommended:
-        notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
-                     f"{recommended} (more points make the sensitivities more reliable)")
-    timings = {"analyse": time.perf_counter() - started}
-
-    stage_start = time.perf_counter()
-    sensitivity = capture_sensitivities(
-        proto, analysis, _batches(sensitivity_part, batch_size), chosen_device,
-        progress=_stage_progress(progress, "sensitivity", sensitivity_part.count))
-    timings["sensitivity"] = time.perf_counter() - stage_start
-
-    allocation = allocate(_demands(analysis, sensitivity), layer_sizes, budget)
-    rng = np.random.default_rng(seed)
-    selections = {group.id: select_channels(sensitivity[group.id], allocation.kept[str(group.id)], mode, rng)
-                  for group in analysis.prunable_groups}
-    stage_start = time.perf_counter()
-    pruned = rewrite(proto, analysis, selections)
-    check_runs(pruned, next(calibration.batches(_fixed_batch(proto) or 1)), chosen_device)
-    timings["rewrite"] = time.perf_counter() - stage_start
-
-    verification = None
-    if holdout_part is not None:
+    notes = [chosen_device.note]
+    seconds = {"analyse": time.perf_counter() - started}
+    sensitivity = None
+    if any("pfp" in (method.criterion, method.allocation) for method in methods):
+        if sensitivity_part.count < recommended:
+            notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
+                         f"{recommended} (more points make the sensitivities more reliable)")
         stage_start = time.perf_counter()
-        verification = verify(proto, pruned, _batches(holdout_part, batch_size), chosen_device,
-                              labels=holdout_part.labels, epsilon=allocation.epsilon)
-        timings["verify"] = time.perf_counter() - stage_start
-    timings["total"] = time.perf_counter() - started
+        sensitivity = capture_sensitivities(
+            proto, analysis, sensitivity_part.batches(batch_size), chosen_device,
+            progress=_stage_progress(progress, "sensitivity", sensitivity_part.count))
+        seconds["sensitivity"] = time.perf_counter() - stage_start
+    return Prepared(proto, name, calibration, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
+                    sensitivity, recommended, tuple(notes), seconds)
+
+
+def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed: int = 0) -> CompressResult:
+    """Allocate, select, rewrite and verify one pruned model from prepared data."""
+    started = time.perf_counter()
+    analysis, proto = prepared.analysis, prepared.model
+    rng = np.random.default_rng(seed)
+    scores = _scores(prepared, method.criterion, rng)
+    layer_sizes = _layer_sizes(analysis)
+    if method.allocation == "pfp":
+        allocation = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, budget)
+    else:
+        allocation = allocate_uniform(_demands(analysis, scores), layer_sizes, budget)
+    mode = method.mode if method.criterion == "pfp" else "deterministic"
+    selections = {group.id: select_channels(scores[group.id], allocation.kept[str(group.id)], mode, rng)
+                  for group in analysis.prunable_groups}
+    pruned = rewrite(proto, analysis, selections)
+    check_runs(pruned, next(prepared.calibration.batches(_fixed_batch(proto) or 1)), prepared.device)
+    seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
+    epsilon = None if math.isnan(allocation.epsilon) else allocation.epsilon
+    verification = None
+    if prepared.holdout_part is not None:
+        stage_start = time.perf_counter()
+        verification = verify(proto, pruned, prepared.holdout_part.batches(prepared.batch_size), prepared.device,
+                              labels=prepared.holdout_part.labels, epsilon=epsilon)
+        seconds["verify"] = time.perf_counter() - stage_start
+    seconds["total"] = sum(seconds.values())
     report = CompressReport(
-        model=name, budget=budget, mode=mode, seed=seed, epsilon=allocation.epsilon,
-        device=chosen_device.note, sensitivity_points=sensitivity_part.count,
-        recommended_sensitivity_points=recommended,
-        groups=_group_rows(analysis, sensitivity, selections),
+        model=prepared.name, budget=budget, method=method.label, mode=mode, seed=seed, epsilon=epsilon,
+        device=prepared.device.note, sensitivity_points=prepared.sensitivity_part.count,
+        recommended_sensitivity_points=prepared.recommended_points,
+        groups=_group_rows(analysis, scores, selections),
         totals=_totals(proto, pruned, analysis, selections),
-        verification=verification, seconds={k: round(v, 3) for k, v in timings.items()})
-    return CompressResult(pruned, report, analysis, selections, tuple(notes))
+        verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()})
+    return CompressResult(pruned, report, analysis, selections, prepared.notes)
+
+
+def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
+             criterion: str = "pfp", allocation: str = "pfp", holdout: float = 0.2, batch_size: int = 32,
+             seed: int = 0, device: str = "auto", progress: Progress | None = None) -> CompressResult:
+    """Prune `model` to keep `budget` of its prunable-layer weights, guided by PFP sensitivities.
+
+    `model` is a path or a ModelProto; `data` an .npz path or a dict of arrays keyed by input name (plus
+    optional `labels`). criterion/allocation select the baselines instead of PFP.
+    """
+    method = Method(criterion, allocation, mode).check()
+    prepared = prepare(model, data, budgets=[budget], methods=[method], holdout=holdout, batch_size=batch_size,
+                       seed=seed, device=device, progress=progress)
+    return prune(prepared, budget=budget, method=method, seed=seed)
+
+
+def _scores(prepared: Prepared, criterion: str, rng: np.random.Generator) -> dict[int, np.ndarray]:
+    if criterion == "pfp":
+        return prepared.sensitivity
+    if criterion == "random":
+        return random_scores(prepared.analysis, rng)
+    return norm_scores(prepared.model, prepared.analysis, 1 if criterion == "l1" else 2)
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:
     """A model exported with a fixed batch size can only be fed batches of exactly that size."""
     sizes = {spec.dims[0] for spec in input_specs(model) if spec.dims and spec.dims[0] is not None}
     return sizes.pop() if len(sizes) == 1 else None
-
-
-def _batches(data: CalibrationData, batch_size: int):
-    return data.batches(batch_size)
 
 
 def _stage_progress(progress: Progress | None, stage: str, total: int):
@@ -212,3 +281,18 @@ def _totals(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Channe
                   layer_weights_after=sum(layer_weights(layer, True) for layer in analysis.layers),
                   macs_before=sum(layer_weights(layer, False) * (layer.positions or 0) for layer in analysis.layers),
                   macs_after=sum(layer_weights(layer, True) * (layer.positions or 0) for layer in analysis.layers))
+
+
+def evaluate(original: ModelSource, pruned: ModelSource, data: DataSource, *, batch_size: int = 32,
+             device: str = "auto", epsilons: Sequence[float] = (0.01, 0.05, 0.1, 0.2, 0.5)) -> Verification:
+    """Compare two models with the same signature on every point of `data` (accuracy when labelled)."""
+    reference, reference_name = load(original)
+    candidate, candidate_name = load(pruned)
+    if input_specs(reference) != input_specs(candidate) or \
+            [o.name for o in reference.graph.output] != [o.name for o in candidate.graph.output]:
+        raise ModelError(f"{candidate_name} does not have the inputs and outputs of {reference_name}; "
+                         "evaluate compares a model with its pruned version.")
+    calibration = load_data(data, reference)
+    chosen_device = choose_device(device)
+    return verify(reference, candidate, calibration.batches(_fixed_batch(reference) or batch_size), chosen_device,
+                  labels=calibration.labels, epsilons=epsilons)

@@ -35,9 +35,10 @@ class Totals:
 class CompressReport:
     model: str
     budget: float
+    method: str  # criterion/allocation, e.g. pfp/pfp or l1/uniform
     mode: str
     seed: int
-    epsilon: float
+    epsilon: float | None  # PFP's solved error bound; None for the uniform allocation
     device: str
     sensitivity_points: int
     recommended_sensitivity_points: int
@@ -71,8 +72,9 @@ def _ratio(after: float, before: float) -> str:
 
 def render_table(report: CompressReport) -> str:
     """The summary a user reads after `pfp-onnx compress`."""
-    lines = [f"pfp-onnx compress {report.model}  budget={report.budget}  mode={report.mode}  "
-             f"seed={report.seed}  ε={report.epsilon:.4g}  ({report.device})",
+    epsilon = "n/a" if report.epsilon is None else f"{report.epsilon:.4g}"
+    lines = [f"pfp-onnx compress {report.model}  budget={report.budget}  method={report.method}  "
+             f"mode={report.mode}  seed={report.seed}  ε={epsilon}  ({report.device})",
              "",
              f"{'group':>5}  {'producers':<34} {'channels':>13}  {'sens. kept':>10}  note"]
     for row in report.groups:
@@ -88,19 +90,26 @@ def render_table(report: CompressReport) -> str:
               f"({_ratio(totals.layer_weights_after, totals.layer_weights_before)} kept)",
               f"MACs / point   {totals.macs_before:>12,} → {totals.macs_after:<12,} "
               f"({_ratio(totals.macs_after, totals.macs_before)} kept)"]
-    check = report.verification
-    if check is None:
+    if report.verification is None:
         lines.append("verification   skipped (no held-out points; use --holdout > 0)")
     else:
-        lines.append(f"held-out points {check.points}: relative output error max {check.max_relative_error:.4g}, "
-                     f"mean {check.mean_relative_error:.4g}")
-        if check.within_epsilon is not None:
-            lines.append(f"                within (1±ε) for ε={check.epsilon:.4g}: {check.within_epsilon:.1%} of points")
-        if check.top1_agreement is not None:
-            lines.append(f"                top-1 agreement with the original: {check.top1_agreement:.1%}")
-        if check.accuracy_original is not None:
-            lines.append(f"                accuracy: original {check.accuracy_original:.1%} → "
-                         f"pruned {check.accuracy_pruned:.1%}")
+        lines.append(render_verification(report.verification))
     timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report.seconds.items())
     lines.append(f"time           {timing}")
+    return "\n".join(lines)
+
+
+def render_verification(check: Verification) -> str:
+    """The held-out comparison, shared by compress and evaluate."""
+    lines = [f"points {check.points}: relative output error max {check.max_relative_error:.4g}, "
+             f"mean {check.mean_relative_error:.4g}, "
+             + ", ".join(f"{name} {value:.4g}" for name, value in check.percentiles.items())]
+    if check.within_epsilon is not None:
+        lines.append(f"  within (1±ε) for ε={check.epsilon:.4g}: {check.within_epsilon:.1%} of points")
+    for epsilon, fraction in check.outside.items():
+        lines.append(f"  ε={epsilon}: δ={fraction:.1%} of points outside (1±ε)")
+    if check.top1_agreement is not None:
+        lines.append(f"  top-1 agreement with the original: {check.top1_agreement:.1%}")
+    if check.accuracy_original is not None:
+        lines.append(f"  accuracy: original {check.accuracy_original:.1%} → pruned {check.accuracy_pruned:.1%}")
     return "\n".join(lines)

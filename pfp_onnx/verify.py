@@ -36,6 +36,8 @@ class Verification:
     accuracy_original: float | None
     accuracy_pruned: float | None
     outputs: tuple[OutputComparison, ...]
+    percentiles: dict[str, float]  # of the per-point relative error: p50, p90, p99
+    outside: dict[str, float]  # empirical δ: fraction of points whose error exceeds each requested ε
 
 
 def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: Device) -> None:
@@ -49,8 +51,13 @@ def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: 
 
 
 def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
-           device: Device, *, labels: np.ndarray | None = None, epsilon: float | None = None) -> Verification:
-    """Relative output error ‖y' − y‖ / ‖y‖ per point and output, top-1 agreement and accuracy."""
+           device: Device, *, labels: np.ndarray | None = None, epsilon: float | None = None,
+           epsilons: Iterable[float] = ()) -> Verification:
+    """Relative output error ‖y' − y‖ / ‖y‖ per point and output, top-1 agreement and accuracy.
+
+    A point's error is its worst over the outputs; `epsilons` ask for the empirical (ε, δ) of PFP's
+    guarantee: δ = the fraction of points outside (1 ± ε).
+    """
     sessions = [create_session(model, device) for model in (original, pruned)]
     names = [output.name for output in original.graph.output]
     errors: dict[str, list[np.ndarray]] = {name: [] for name in names}
@@ -83,4 +90,6 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable
         accuracy_original=float(np.mean(want_top1 == labels)) if has_labels else None,
         accuracy_pruned=float(np.mean(got_top1 == labels)) if has_labels else None,
         outputs=comparisons,
+        percentiles={f"p{q}": float(np.percentile(worst_per_point, q)) for q in (50, 90, 99)},
+        outside={f"{value:g}": float(np.mean(worst_per_point > value)) for value in epsilons},
     )
