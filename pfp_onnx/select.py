@@ -20,6 +20,8 @@ __all__ = ["MODES", "Selection", "sample_count_for", "select_channels"]
 MODES = ("deterministic", "randomized", "hybrid")
 # Largest number of draws tried when matching an expected distinct count: exact in float64 and in int64.
 MAX_SAMPLES = 2**53
+# Up to this many draws are made one by one (so sampling can stop at the allocated count).
+SEQUENTIAL_LIMIT = 10**7
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,10 @@ def select_channels(sensitivity: np.ndarray, count: int, mode: str, rng: np.rand
     """Pick about `count` channels of a group by `mode`; at least one channel is always kept.
 
     - "deterministic": the `count` largest sensitivities (ties to the lower index), scale 1.
-    - "randomized": m = the fewest draws whose expected distinct count reaches `count`; draw m times with
-      replacement from p = s/Σs and keep the distinct channels with scale count_c/(m·p_c). The number
-      kept is random, close to `count`; E[scale_c·1[kept_c]] = 1 for every channel with p_c > 0.
+    - "randomized": m = the fewest draws whose expected distinct count reaches `count`; draw up to m times
+      with replacement from p = s/Σs, stopping before a (count+1)-th distinct channel would be kept (the
+      budget is a hard limit), and keep the distinct channels with scale count_c/(m'·p_c), m' the draws
+      made. Without the stop E[scale_c·1[kept_c]] = 1 exactly; the stop biases it slightly.
     - "hybrid" (the reference's PFPNetTop split): with m as for randomized, the set D of channels with
       p_c ≥ 1/m — those the sampler would almost surely draw — is kept with scale 1 (if |D| ≥ `count`, just
       the `count` largest). The remaining `count` − |D| channels are sampled like "randomized" from
@@ -64,7 +67,7 @@ def select_channels(sensitivity: np.ndarray, count: int, mode: str, rng: np.rand
     probabilities = sensitivity / total
     samples = sample_count_for(probabilities, count)
     if mode == "randomized":
-        draws = rng.multinomial(samples, probabilities)
+        draws, samples = _draw_at_most(probabilities, samples, count, rng)
         kept = np.flatnonzero(draws)
         scale = draws[kept] / (samples * probabilities[kept])
         return Selection(kept.astype(np.int64), scale.astype(np.float32))
@@ -75,13 +78,32 @@ def select_channels(sensitivity: np.ndarray, count: int, mode: str, rng: np.rand
     rest = np.setdiff1d(np.arange(channels), heavy)
     rest_probabilities = probabilities[rest] / float(probabilities[rest].sum())
     rest_samples = sample_count_for(rest_probabilities, count - heavy.size)
-    draws = rng.multinomial(rest_samples, rest_probabilities)
+    draws, rest_samples = _draw_at_most(rest_probabilities, rest_samples, count - heavy.size, rng)
     drawn = np.flatnonzero(draws)
     drawn_scale = draws[drawn] / (rest_samples * rest_probabilities[drawn])
     kept = np.concatenate([heavy, rest[drawn]])
     scale = np.concatenate([np.ones(heavy.size), drawn_scale])
     order = np.argsort(kept)
     return Selection(kept[order].astype(np.int64), scale[order].astype(np.float32))
+
+
+def _draw_at_most(probabilities: np.ndarray, samples: int, count: int,
+                  rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """Draw `samples` times with replacement, but stop before a (count+1)-th distinct channel appears.
+
+    The budget is a hard limit for users, so the sampler never keeps more than the allocation's count;
+    the reweighting then uses the number of draws actually made.
+    """
+    if samples > SEQUENTIAL_LIMIT:  # extremely skewed p: draw at once, drop the least drawn extras
+        draws = rng.multinomial(samples, probabilities)
+        extra = np.flatnonzero(draws)[np.argsort(draws[np.flatnonzero(draws)], kind="stable")]
+        draws[extra[:max(0, len(extra) - count)]] = 0
+        return draws, samples
+    sequence = rng.choice(probabilities.size, size=samples, p=probabilities)
+    channels, first_seen = np.unique(sequence, return_index=True)
+    if channels.size > count:
+        sequence = sequence[:np.sort(first_seen)[count]]
+    return np.bincount(sequence, minlength=probabilities.size), len(sequence)
 
 
 def sample_count_for(probabilities: np.ndarray, count: int) -> int:

@@ -1,0 +1,101 @@
+"""Baselines, evaluate and sweep on the digits fixture."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import pfp_onnx
+from pfp_onnx.baselines import norm_scores
+from pfp_onnx.errors import OptionError
+from pfp_onnx.groups import analyse_channel_groups
+from pfp_onnx.pipeline import Method
+from pfp_onnx.sweep import parse_methods
+from test_cli import DATA, MODEL, run_cli
+
+
+def test_l1_and_l2_scores_are_filter_norms():
+    model = onnx.load(str(MODEL))
+    analysis = analyse_channel_groups(model, {"input": (1, 1, 8, 8)})
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    group = next(g for g in analysis.prunable_groups if g.producers == ("/block_a/conv1/Conv",))
+    conv = next(n for n in model.graph.node if n.name == "/block_a/conv1/Conv")
+    filters = weights[conv.input[1]].reshape(group.width, -1)
+    np.testing.assert_allclose(norm_scores(model, analysis, 1)[group.id], np.abs(filters).sum(1), rtol=1e-6)
+    np.testing.assert_allclose(norm_scores(model, analysis, 2)[group.id], np.linalg.norm(filters, axis=1), rtol=1e-6)
+    # a residual group's norm covers all its producers' filters
+    residual = next(g for g in analysis.prunable_groups if len(g.producers) == 2 and g.width == 32)
+    producers = [n for n in model.graph.node if n.name in residual.producers]
+    expected = sum(np.square(weights[n.input[1]].reshape(32, -1)).sum(1) for n in producers)
+    np.testing.assert_allclose(norm_scores(model, analysis, 2)[residual.id], np.sqrt(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("criterion, allocation", [("l1", "uniform"), ("l2", "pfp"), ("random", "uniform")])
+def test_baselines_meet_the_budget(criterion, allocation):
+    result = pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, criterion=criterion, allocation=allocation)
+    totals = result.report.totals
+    assert totals.layer_weights_after <= 0.5 * totals.layer_weights_before
+    assert result.report.method == f"{criterion}/{allocation}"
+    if allocation == "uniform":
+        assert result.report.epsilon is None
+        kept = [row.channels_after / row.channels_before for row in result.report.groups if not row.frozen]
+        assert max(kept) - min(kept) < 0.1  # the same fraction everywhere, up to rounding
+
+
+def test_pfp_beats_l1_uniform_on_the_fixture():
+    """The paper's claim, on our real trained fixture: PFP keeps more accuracy at the same size."""
+    rows = pfp_onnx.sweep(str(MODEL), str(DATA), budgets=[0.8, 0.6, 0.4],
+                          methods=[Method("pfp", "pfp"), Method("l1", "uniform")])
+    accuracy = {(row.method, row.budget): row.accuracy for row in rows}
+    for budget in (0.8, 0.6, 0.4):
+        assert accuracy[("pfp/pfp", budget)] >= accuracy[("l1/uniform", budget)]
+
+
+def test_sweep_command_writes_csv_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    table, picture = tmp_path / "sweep.csv", tmp_path / "sweep.png"
+    done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.8,0.5", "--methods", "pfp/pfp,random/uniform",
+                   "--csv", table, "--plot", picture)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert [(row["method"], row["budget"]) for row in rows] == [
+        ("pfp/pfp", "0.8"), ("pfp/pfp", "0.5"), ("random/uniform", "0.8"), ("random/uniform", "0.5")]
+    assert all(float(row["weights_kept"]) <= float(row["budget"]) for row in rows)
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_parse_methods():
+    assert [m.label for m in parse_methods("pfp/pfp, l1/uniform,pfp/pfp/randomized")] == [
+        "pfp/pfp", "l1/uniform", "pfp/pfp/randomized"]
+    with pytest.raises(OptionError, match="criterion/allocation"):
+        parse_methods("pfp")
+    with pytest.raises(OptionError, match="--criterion"):
+        parse_methods("l3/pfp")
+
+
+def test_evaluate_command(tmp_path):
+    pruned = tmp_path / "pruned.onnx"
+    assert run_cli("compress", MODEL, "--data", DATA, "--budget", 0.7, "-o", pruned, "-q").returncode == 0
+    done = run_cli("evaluate", MODEL, pruned, "--data", DATA, "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["points"] == 500
+    assert set(result["outside"]) == {"0.01", "0.05", "0.1", "0.2", "0.5"}
+    assert list(result["outside"].values()) == sorted(result["outside"].values(), reverse=True)
+    assert result["accuracy_original"] > 0.95 and 0.1 < result["accuracy_pruned"] <= 1
+    same = json.loads(run_cli("evaluate", MODEL, MODEL, "--data", DATA, "--json").stdout)
+    assert same["max_relative_error"] == 0 and same["top1_agreement"] == 1
+
+
+def test_evaluate_rejects_unrelated_models(tmp_path):
+    other = tmp_path / "other.onnx"
+    model = onnx.load(str(MODEL))
+    model.graph.output[0].name = "renamed"
+    model.graph.node[-1].output[0] = "renamed"
+    onnx.save(model, str(other))
+    done = run_cli("evaluate", MODEL, other, "--data", DATA)
+    assert done.returncode == 2 and "does not have the inputs and outputs" in done.stderr

@@ -1,0 +1,127 @@
+"""End to end over real architectures: compress every miniature in `architectures.ARCHITECTURES` and every
+checked-in PyTorch export, and hold each result to the contracts of PFP.md §6.
+
+Each compressed model must pass the full checker, run in onnxruntime, keep the original's signature and
+the layer-weight budget, and compute exactly what the zero-channel oracle (test_rewrite.zeroed_oracle)
+computes. `pytest -s tests/test_zoo.py` prints one summary line per model.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import pfp_onnx
+from architectures import ARCHITECTURES, MOSTLY_PRUNABLE
+from test_rewrite import ATOL, RTOL, run, signature, zeroed_oracle
+from zoo import random_inputs
+
+EXPORTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "exports"
+EXPORTS = sorted(path.name[:-len(".onnx")] for path in EXPORTS_DIR.glob("*.onnx"))
+MODELS = [f"arch:{name}" for name in ARCHITECTURES] + [f"export:{name}" for name in EXPORTS]
+CASES = [(0.7, "deterministic"), (0.4, "deterministic"), (0.4, "randomized")]
+SUMMARY_BUDGET = 0.4
+DATA_SEED = 0
+
+
+# ---- the models and their data, built once ---------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def model_and_data(model_id: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    kind, name = model_id.split(":", 1)
+    if kind == "arch":
+        model = ARCHITECTURES[name]()
+        return model, random_inputs(model, 16, DATA_SEED)
+    model = onnx.load(EXPORTS_DIR / f"{name}.onnx")
+    # the exports' calibration file shares its stem with both exporters' variants
+    with np.load(EXPORTS_DIR / f"{name.split('.')[0]}.npz") as archive:
+        data = {model.graph.input[0].name: archive["input"].astype(np.float32)}
+    return model, data
+
+
+@functools.lru_cache(maxsize=None)
+def compressed(model_id: str, budget: float, mode: str) -> pfp_onnx.CompressResult:
+    model, data = model_and_data(model_id)
+    return pfp_onnx.compress(model, data, budget=budget, mode=mode, holdout=0.25, seed=0)
+
+
+def other_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """The calibration data itself, a batch of 3, and (for dynamic H and W) a different image size."""
+    feeds = [data, {name: array[:3] for name, array in data.items()}]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    if len(dims) == 4 and not dims[2].HasField("dim_value") and not dims[3].HasField("dim_value"):
+        rng = np.random.default_rng(7)
+        feeds.append({name: rng.standard_normal(array.shape[:2] + (12, 12)).astype(np.float32)
+                      for name, array in data.items()})
+    return feeds
+
+
+# ---- compress: every contract, every model ---------------------------------------------------------
+@pytest.mark.parametrize("budget,mode", CASES, ids=[f"{b}-{m}" for b, m in CASES])
+@pytest.mark.parametrize("model_id", MODELS)
+def test_compress_keeps_contracts(model_id: str, budget: float, mode: str):
+    model, data = model_and_data(model_id)
+    before = model.SerializeToString()
+    result = compressed(model_id, budget, mode)
+    assert model.SerializeToString() == before, "compress changed its input model"
+
+    onnx.checker.check_model(result.model, full_check=True)
+    assert signature(result.model.graph.input) == signature(model.graph.input)
+    assert signature(result.model.graph.output) == signature(model.graph.output)
+
+    totals = result.report.totals
+    assert totals.layer_weights_after <= budget * totals.layer_weights_before  # sampling stops at the count too
+    assert totals.layer_weights_after < totals.layer_weights_before
+    assert result.selections, "no group was pruned"
+
+    oracle = zeroed_oracle(model, result.analysis, result.selections)
+    for feeds in other_feeds(model, data):
+        pruned_outputs = run(result.model, feeds)
+        oracle_outputs = run(oracle, feeds)
+        assert len(pruned_outputs) == len(oracle_outputs) == len(model.graph.output)
+        for got, want in zip(pruned_outputs, oracle_outputs):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+# ---- analyze ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_id", MODELS)
+def test_analyze(model_id: str):
+    model, data = model_and_data(model_id)
+    analysis = pfp_onnx.analyze(model, data)
+    assert analysis.layers and analysis.weights_total > 0
+    for group in analysis.groups:
+        assert all(reason.strip() for reason in group.frozen)
+    name = model_id.split(":", 1)[1]
+    if model_id.startswith("arch:") and name in MOSTLY_PRUNABLE:
+        assert analysis.weights_in_prunable_groups / analysis.weights_total >= 0.9
+
+
+def test_channel_shuffle_freezes_with_a_reason_about_the_shuffle():
+    """The Reshape → Transpose → Reshape shuffle mixes channel halves: the groups it touches freeze,
+    and say that the Reshape (or Transpose) is why."""
+    analysis = pfp_onnx.analyze(*model_and_data("arch:shufflenet"))
+    shuffled = [group for group in analysis.groups if any("unit0.concat" in t or "unit0.reshape" in t
+                                                          for t in group.tensors)]
+    assert shuffled and all(group.frozen for group in shuffled)
+    assert any("Reshape" in reason or "Transpose" in reason for group in shuffled for reason in group.frozen)
+    assert analysis.prunable_groups, "the convs inside the branches stay prunable"
+
+
+# ---- the summary -----------------------------------------------------------------------------------
+def test_print_summary():
+    """One line per model (visible with -s): prunable share, what budget 0.4 keeps, worst output error."""
+    lines = [f"{'model':<42} {'prunable':>8} {'params kept':>11} {'MACs kept':>9} {'max rel. err':>12}"]
+    for model_id in MODELS:
+        model, data = model_and_data(model_id)
+        analysis = pfp_onnx.analyze(model, data)
+        report = compressed(model_id, SUMMARY_BUDGET, "deterministic").report
+        totals, verification = report.totals, report.verification
+        lines.append(f"{model_id:<42} {analysis.weights_in_prunable_groups / analysis.weights_total:8.1%} "
+                     f"{totals.parameters_after / totals.parameters_before:11.1%} "
+                     f"{totals.macs_after / totals.macs_before:9.1%} "
+                     f"{verification.max_relative_error:12.4g}")
+    print("\n" + "\n".join(lines))
