@@ -14,6 +14,7 @@ from pfp_onnx.baselines import CRITERIA
 from pfp_onnx.errors import OptionError
 from pfp_onnx.model import check_output_path, save_model
 from pfp_onnx.pipeline import ALLOCATIONS, MODES
+from pfp_onnx.refit import RECOVERIES
 from pfp_onnx.report import render_table, render_verification, write_json
 from pfp_onnx.runtime import DEVICES
 from pfp_onnx.sweep import parse_methods, plot, sweep, write_csv
@@ -86,18 +87,21 @@ def main() -> None:
               help="Channel score: PFP sensitivity, or a baseline (filter L1/L2 norm, random).")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="pfp", show_default=True,
               help="Channels per group: PFP's error-bound allocation, or the same fraction everywhere.")
+@click.option("--recovery", type=click.Choice(RECOVERIES), default="none", show_default=True,
+              help="Training-free recovery of the layers reading pruned channels: fold the removed channels' "
+                   "mean into the bias, or re-fit kept weights by least squares on the calibration data.")
 @_run_options
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors
-def compress_command(model, data, budget, output, mode, criterion, allocation, holdout, batch_size, seed, device,
-                     report_path, quiet):
+def compress_command(model, data, budget, output, mode, criterion, allocation, recovery, holdout, batch_size, seed,
+                     device, report_path, quiet):
     """Prune MODEL to keep BUDGET of its layer weights and write a smaller dense ONNX model."""
     output_path = check_output_path(output, model)
     if report_path is not None:
         check_output_path(report_path, model)
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
-                      holdout=holdout, batch_size=batch_size, seed=seed, device=device,
+                      recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
                       progress=_progress_printer(quiet))
     save_model(result.model, output_path)
     if report_path is not None:
@@ -158,7 +162,7 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 @click.option("--budgets", default="0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2", show_default=True,
               help="Comma-separated budgets.")
 @click.option("--methods", default="pfp/pfp,l1/uniform", show_default=True,
-              help="Comma-separated criterion/allocation[/mode] pairs, e.g. pfp/pfp,l2/pfp,random/uniform.")
+              help="Comma-separated criterion/allocation[/mode][/recovery], e.g. pfp/pfp,l2/pfp,pfp/pfp/lstsq.")
 @click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="Where to write the table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a PNG (needs matplotlib).")
 @_run_options

@@ -17,7 +17,9 @@ from onnx import TensorProto, helper
 
 from pfp_onnx.groups import ChannelAnalysis, Layer
 from pfp_onnx.model import infer_shapes, to_graph
+from pfp_onnx.recover import FeatureStatistics, accumulate_features
 from pfp_onnx.runtime import Device, create_session
+from pfp_onnx.refit import patches
 from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, dense_sensitivity
 
 
@@ -68,24 +70,32 @@ def augmented_model(model: onnx.ModelProto, tensor_names: Iterable[str]) -> onnx
 
 def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
                           batches: Iterable[Mapping[str, np.ndarray]], device: Device,
-                          progress: Callable[[int], None] | None = None) -> dict[int, np.ndarray]:
-    """Sensitivity s_c of every prunable group's channels: the max over its consumers and all points."""
-    probes = consumer_probes(model, analysis)
-    sensitivity = {group.id: np.zeros(group.width, dtype=np.float32) for group in analysis.prunable_groups}
-    if not probes:
-        return sensitivity
-    names = sorted({probe.layer.input for probe in probes})
-    session = create_session(augmented_model(model, names), device)
-    for batch in batches:
-        activations = dict(zip(names, session.run(names, dict(batch))))
-        for probe in probes:
-            channel_scores = _probe_batch(probe, activations[probe.layer.input])
-            for group_id, start, width in probe.groups:
-                np.maximum(sensitivity[group_id], channel_scores[start:start + width], out=sensitivity[group_id])
-        if progress is not None:
-            progress(len(next(iter(batch.values()))))
-        del activations
-    return sensitivity
+                          progress: Callable[[int], None] | None = None, *, sensitivity: bool = True,
+                          statistics: Mapping[str, FeatureStatistics] | None = None) -> dict[int, np.ndarray] | None:
+    """Sensitivity s_c of every prunable group's channels: the max over its consumers and all points.
+
+    In the same pass, `statistics` (consuming layer → FeatureStatistics) collect the input moments that
+    training-free recovery needs. With sensitivity=False only those are collected and None is returned.
+    """
+    probes = consumer_probes(model, analysis) if sensitivity else []
+    statistics = dict(statistics or {})
+    scores = {group.id: np.zeros(group.width, dtype=np.float32) for group in analysis.prunable_groups}
+    layers = {layer.node: layer for layer in analysis.layers}
+    names = sorted({probe.layer.input for probe in probes} | {layers[node].input for node in statistics})
+    if names:
+        session = create_session(augmented_model(model, names), device)
+        for batch in batches:
+            activations = dict(zip(names, session.run(names, dict(batch))))
+            for probe in probes:
+                channel_scores = _probe_batch(probe, activations[probe.layer.input])
+                for group_id, start, width in probe.groups:
+                    np.maximum(scores[group_id], channel_scores[start:start + width], out=scores[group_id])
+            for node, moments in statistics.items():
+                accumulate_features(moments, activations[layers[node].input], conv=patches(layers[node]))
+            if progress is not None:
+                progress(len(next(iter(batch.values()))))
+            del activations
+    return scores if sensitivity else None
 
 
 def _probe_batch(probe: ConsumerProbe, activation: np.ndarray) -> np.ndarray:

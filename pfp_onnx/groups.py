@@ -66,6 +66,7 @@ class ConvGeometry:
     dilations: tuple[int, ...]
     transposed: bool = False
     output_padding: tuple[int, ...] = ()
+    kernel_shape: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -74,9 +74,9 @@ def _conv_geometry(node: gs.Node, input_shape, kernel: tuple[int, ...], transpos
         if transposed and "output_shape" in node.attrs:
             return None  # pads are implied by output_shape; not worth modelling
         return ConvGeometry(strides, tuple(node.attrs.get("pads", [0] * 2 * spatial)), dilations, transposed,
-                            output_padding)
+                            output_padding, kernel)
     if auto_pad == "VALID":
-        return ConvGeometry(strides, (0,) * 2 * spatial, dilations, transposed, output_padding)
+        return ConvGeometry(strides, (0,) * 2 * spatial, dilations, transposed, output_padding, kernel)
     if transposed or input_shape is None or any(dim is None for dim in input_shape[2:]):
         return None
     begin, end = [], []
@@ -85,7 +85,7 @@ def _conv_geometry(node: gs.Node, input_shape, kernel: tuple[int, ...], transpos
         small, large = total // 2, total - total // 2
         begin.append(small if auto_pad == "SAME_UPPER" else large)
         end.append(large if auto_pad == "SAME_UPPER" else small)
-    return ConvGeometry(strides, tuple(begin + end), dilations)
+    return ConvGeometry(strides, tuple(begin + end), dilations, kernel_shape=kernel)
 
 
 def conv(node: gs.Node, tracer: ChannelTracer) -> None:

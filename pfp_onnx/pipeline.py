@@ -17,6 +17,8 @@ import onnx
 
 from pfp_onnx.allocate import GroupDemand, LayerSize, allocate, allocate_uniform
 from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
+from pfp_onnx.recover import FeatureStatistics
+from pfp_onnx.refit import RECOVERIES, new_statistics, recoverable_layers, replacements, with_zero_biases
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import CalibrationData, input_specs, read_npz, split, validate
 from pfp_onnx.errors import ModelError, OptionError
@@ -44,6 +46,8 @@ class CompressResult:
     analysis: ChannelAnalysis
     selections: dict[int, Selection]
     notes: tuple[str, ...] = field(default=())
+    replacements: dict[tuple[str, int], np.ndarray] = field(default_factory=dict)  # recovered weights
+    source: onnx.ModelProto | None = None  # the model the analysis describes (with added zero biases)
 
 
 def load(model: ModelSource) -> tuple[onnx.ModelProto, str]:
@@ -72,17 +76,20 @@ class Method:
     criterion: str = "pfp"  # pfp | l1 | l2 | random
     allocation: str = "pfp"  # pfp | uniform
     mode: str = "deterministic"  # deterministic | randomized | hybrid (PFP sampling)
+    recovery: str = "none"  # none | bias | lstsq (training-free, after selection)
 
     def check(self) -> Method:
         for value, allowed, option in ((self.criterion, CRITERIA, "--criterion"),
-                                       (self.allocation, ALLOCATIONS, "--allocation"), (self.mode, MODES, "--mode")):
+                                       (self.allocation, ALLOCATIONS, "--allocation"), (self.mode, MODES, "--mode"),
+                                       (self.recovery, RECOVERIES, "--recovery")):
             if value not in allowed:
                 raise OptionError(f"Unknown {option} '{value}'; use one of {', '.join(allowed)}.")
         return self
 
     @property
     def label(self) -> str:
-        return f"{self.criterion}/{self.allocation}" + ("" if self.mode == "deterministic" else f"/{self.mode}")
+        extras = [value for value in (self.mode, self.recovery) if value not in ("deterministic", "none")]
+        return "/".join([self.criterion, self.allocation, *extras])
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,7 @@ class Prepared:
     device: Device
     batch_size: int
     sensitivity: dict[int, np.ndarray] | None
+    statistics: dict[str, FeatureStatistics]  # consuming layer → input moments, for recovery
     recommended_points: int
     notes: tuple[str, ...]
     seconds: dict[str, float]
@@ -114,6 +122,10 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     calibration = load_data(data, proto)
     sensitivity_part, holdout_part = split(calibration, holdout, seed)
     analysis = analyse_channel_groups(proto, calibration.point_shapes())
+    recovery = max((method.recovery for method in methods), key=RECOVERIES.index, default="none")
+    if recovery != "none":  # give every layer that may be corrected a bias to absorb the correction
+        proto = with_zero_biases(proto, {layer.node for layer in recoverable_layers(analysis)})
+        analysis = analyse_channel_groups(proto, calibration.point_shapes())
     if not analysis.layers:
         raise ModelError(f"{name} has no Conv, Gemm or MatMul layer with constant weights: nothing to prune.")
     if not analysis.prunable_groups:
@@ -128,18 +140,21 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     recommended = _recommended_points(analysis)
     notes = [chosen_device.note]
     seconds = {"analyse": time.perf_counter() - started}
+    needs_sensitivity = any("pfp" in (method.criterion, method.allocation) for method in methods)
+    statistics = new_statistics(analysis, recovery) if recovery != "none" else {}
     sensitivity = None
-    if any("pfp" in (method.criterion, method.allocation) for method in methods):
-        if sensitivity_part.count < recommended:
-            notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
-                         f"{recommended} (more points make the sensitivities more reliable)")
+    if needs_sensitivity and sensitivity_part.count < recommended:
+        notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
+                     f"{recommended} (more points make the sensitivities more reliable)")
+    if needs_sensitivity or statistics:
         stage_start = time.perf_counter()
         sensitivity = capture_sensitivities(
             proto, analysis, sensitivity_part.batches(batch_size), chosen_device,
-            progress=_stage_progress(progress, "sensitivity", sensitivity_part.count))
-        seconds["sensitivity"] = time.perf_counter() - stage_start
+            progress=_stage_progress(progress, "capture", sensitivity_part.count),
+            sensitivity=needs_sensitivity, statistics=statistics)
+        seconds["capture"] = time.perf_counter() - stage_start
     return Prepared(proto, name, calibration, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
-                    sensitivity, recommended, tuple(notes), seconds)
+                    sensitivity, statistics, recommended, tuple(notes), seconds)
 
 
 def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed: int = 0) -> CompressResult:
@@ -156,7 +171,10 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     mode = method.mode if method.criterion == "pfp" else "deterministic"
     selections = {group.id: select_channels(scores[group.id], allocation.kept[str(group.id)], mode, rng)
                   for group in analysis.prunable_groups}
-    pruned = rewrite(proto, analysis, selections)
+    changes = None
+    if method.recovery != "none":
+        changes = replacements(proto, analysis, selections, prepared.statistics, method.recovery)
+    pruned = rewrite(proto, analysis, selections, changes)
     check_runs(pruned, next(prepared.calibration.batches(_fixed_batch(proto) or 1)), prepared.device)
     seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
     epsilon = None if math.isnan(allocation.epsilon) else allocation.epsilon
@@ -174,18 +192,19 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         groups=_group_rows(analysis, scores, selections),
         totals=_totals(proto, pruned, analysis, selections),
         verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()})
-    return CompressResult(pruned, report, analysis, selections, prepared.notes)
+    return CompressResult(pruned, report, analysis, selections, prepared.notes, changes or {}, proto)
 
 
 def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
-             criterion: str = "pfp", allocation: str = "pfp", holdout: float = 0.2, batch_size: int = 32,
-             seed: int = 0, device: str = "auto", progress: Progress | None = None) -> CompressResult:
+             criterion: str = "pfp", allocation: str = "pfp", recovery: str = "none", holdout: float = 0.2,
+             batch_size: int = 32, seed: int = 0, device: str = "auto",
+             progress: Progress | None = None) -> CompressResult:
     """Prune `model` to keep `budget` of its prunable-layer weights, guided by PFP sensitivities.
 
     `model` is a path or a ModelProto; `data` an .npz path or a dict of arrays keyed by input name (plus
     optional `labels`). criterion/allocation select the baselines instead of PFP.
     """
-    method = Method(criterion, allocation, mode).check()
+    method = Method(criterion, allocation, mode, recovery).check()
     prepared = prepare(model, data, budgets=[budget], methods=[method], holdout=holdout, batch_size=batch_size,
                        seed=seed, device=device, progress=progress)
     return prune(prepared, budget=budget, method=method, seed=seed)

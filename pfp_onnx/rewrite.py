@@ -34,14 +34,20 @@ def kept_count(analysis: ChannelAnalysis, selections: Mapping[int, Selection], g
     return analysis.group(group_id).width if selection is None else len(selection.kept)
 
 
-def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis,
-            selections: Mapping[int, Selection]) -> onnx.ModelProto:
-    """The pruned model. `selections` maps prunable group ids to the channels they keep."""
+def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mapping[int, Selection],
+            replacements: Mapping[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
+    """The pruned model. `selections` maps prunable group ids to the channels they keep.
+
+    `replacements` ((node, input index) → full-shaped values, from training-free recovery) are installed
+    before anything is cut.
+    """
     for group_id in selections:
         if not analysis.group(group_id).prunable:
             raise ValueError(f"group {group_id} is frozen and cannot be pruned")
     graph = to_graph(model)
     nodes = {node.name: node for node in graph.nodes}
+    for (node_name, input_index), values in (replacements or {}).items():
+        _replace_input(nodes[node_name], input_index, np.asarray(values))
     cuts: dict[tuple[str, int, int], list[tuple[WeightSlice, Selection, int]]] = defaultdict(list)
     for group_id, selection in selections.items():
         group = analysis.group(group_id)

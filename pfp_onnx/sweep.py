@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 from pfp_onnx.errors import OptionError
 from pfp_onnx.pipeline import DataSource, Method, ModelSource, Progress, prepare, prune
+from pfp_onnx.refit import RECOVERIES
 
 
 @dataclass(frozen=True)
@@ -25,13 +26,18 @@ class SweepRow:
 
 
 def parse_methods(text: str) -> list[Method]:
-    """'pfp/pfp,l1/uniform,pfp/pfp/randomized' → Methods (criterion/allocation[/mode])."""
+    """'pfp/pfp,l1/uniform,pfp/pfp/randomized/bias' → Methods: criterion/allocation, then optionally a
+    sampling mode and/or a recovery, in either order."""
     methods = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         parts = item.split("/")
-        if len(parts) not in (2, 3):
-            raise OptionError(f"Method '{item}' must read criterion/allocation[/mode], e.g. pfp/pfp or l1/uniform.")
-        methods.append(Method(*parts).check())
+        if len(parts) < 2:
+            raise OptionError(f"Method '{item}' must read criterion/allocation[/mode][/recovery], "
+                              "e.g. pfp/pfp or l1/uniform or pfp/pfp/lstsq.")
+        extras = {"mode": "deterministic", "recovery": "none"}
+        for extra in parts[2:]:
+            extras["recovery" if extra in RECOVERIES else "mode"] = extra
+        methods.append(Method(parts[0], parts[1], **extras).check())
     if not methods:
         raise OptionError("Give at least one method, e.g. --methods pfp/pfp,l1/uniform.")
     return methods
