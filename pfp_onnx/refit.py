@@ -13,7 +13,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from pfp_onnx.groups import ChannelAnalysis, Layer
-from pfp_onnx.model import to_graph
+from pfp_onnx.model import from_graph, to_graph
 from pfp_onnx.recover import ConvPatches, FeatureStatistics, compensate_bias, reconstruct
 from pfp_onnx.select import Selection
 
@@ -26,10 +26,24 @@ GRAM_TOTAL_BYTES = 1 << 30
 
 
 def recoverable_layers(analysis: ChannelAnalysis) -> list[Layer]:
-    """Consumers of prunable groups whose bias can absorb a correction: Conv (group 1) and Gemm."""
+    """Consumers of prunable groups that recovery can re-fit: Conv (group 1), Gemm and MatMul."""
     prunable = {group.id for group in analysis.prunable_groups}
     return [layer for layer in analysis.layers
-            if prunable & set(layer.in_groups) and layer.op in ("Conv", "Gemm") and layer.sensitivity_probe]
+            if prunable & set(layer.in_groups) and layer.op in ("Conv", "Gemm", "MatMul") and layer.sensitivity_probe]
+
+
+def bias_site(node: gs.Node) -> tuple[gs.Node, int] | None:
+    """Where a layer's per-filter bias lives: its own input 2, or for MatMul the constant of the Add that
+    alone consumes its output (a [F] vector). None when there is none yet."""
+    if node.op != "MatMul":
+        return (node, 2) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
+    filters = np.asarray(node.inputs[1].values).shape[-1]
+    users = node.outputs[0].outputs
+    if len(users) == 1 and users[0].op == "Add":
+        for index, tensor in enumerate(users[0].inputs):
+            if isinstance(tensor, gs.Constant) and tuple(tensor.shape) == (filters,):
+                return users[0], index
+    return None
 
 
 def new_statistics(analysis: ChannelAnalysis, recovery: str) -> dict[str, FeatureStatistics]:
@@ -57,7 +71,7 @@ def replacements(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: 
 
     Removed input columns are zero (rewrite cuts them anyway); kept columns are divided by the selection's
     scale, because rewrite multiplies consumer slices by it and the re-fit already is the final weight.
-    Every layer here has a bias input (pipeline adds zero biases before the analysis when recovering).
+    Every layer here has a bias site (pipeline adds zero biases before the analysis when recovering).
     """
     nodes = {node.name: node for node in to_graph(model).nodes}
     layers = {layer.node: layer for layer in analysis.layers}
@@ -70,7 +84,9 @@ def replacements(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: 
             continue
         weight = np.asarray(node.inputs[1].values)
         matrix = _as_out_by_features(weight, layer)
-        bias = np.asarray(node.inputs[2].values, dtype=np.float64).reshape(-1)
+        bias_node, bias_index = bias_site(node)
+        old_bias = np.asarray(bias_node.inputs[bias_index].values)
+        bias = old_bias.astype(np.float64).reshape(-1)
         if recovery == "lstsq" and stats.has_gram:
             matrix, bias = reconstruct(matrix, bias, stats, kept, ridge=ridge)
         else:
@@ -81,9 +97,7 @@ def replacements(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: 
         matrix = np.array(matrix, dtype=np.float64)
         matrix[:, kept] /= scale
         result[(name, 1)] = _from_out_by_features(matrix, weight, layer).astype(weight.dtype)
-        old_bias = np.asarray(node.inputs[2].values)
-        result[(name, 2)] = np.broadcast_to(bias.reshape(-1), old_bias.shape).astype(old_bias.dtype) \
-            if old_bias.size == bias.size else bias.astype(old_bias.dtype)
+        result[(bias_node.name, bias_index)] = bias.reshape(old_bias.shape).astype(old_bias.dtype)
     return result
 
 
@@ -120,27 +134,30 @@ def _from_out_by_features(matrix: np.ndarray, weight: np.ndarray, layer: Layer) 
 
 
 def with_zero_biases(model: onnx.ModelProto, layer_names: set[str]) -> onnx.ModelProto:
-    """A copy where the named Conv/Gemm layers have an explicit bias, so a correction has a place to go."""
+    """A copy where the named layers have an explicit per-filter bias, so a correction has a place to go:
+    a zero bias input for Conv/Gemm, a following Add of zeros for a MatMul without one."""
     graph = to_graph(model)
     changed = False
-    for node in graph.nodes:
-        if node.name not in layer_names or (len(node.inputs) > 2 and not node.inputs[2].is_empty()):
+    for node in list(graph.nodes):
+        if node.name not in layer_names or bias_site(node) is not None:
             continue
         weight = np.asarray(node.inputs[1].values)
-        if node.op == "Conv":
+        if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)):
             filters = weight.shape[0]
         else:
-            filters = weight.shape[0] if node.attrs.get("transB", 0) else weight.shape[1]
-        while len(node.inputs) < 2:
-            node.inputs.append(gs.Variable.empty())
+            filters = weight.shape[1]
         bias = gs.Constant(f"{node.name}.pfp_bias", np.zeros(filters, dtype=weight.dtype))
-        if len(node.inputs) > 2:
+        if node.op == "MatMul":
+            product = gs.Variable(f"{node.outputs[0].name}.pfp_unbiased", dtype=node.outputs[0].dtype)
+            output = node.outputs[0]
+            node.outputs[0] = product
+            graph.nodes.append(gs.Node("Add", f"{node.name}.pfp_bias_add", inputs=[product, bias], outputs=[output]))
+        elif len(node.inputs) > 2:
             node.inputs[2] = bias
         else:
             node.inputs.append(bias)
         changed = True
     if not changed:
         return model
-    from pfp_onnx.model import from_graph
-
+    graph.toposort()
     return from_graph(graph, model)
