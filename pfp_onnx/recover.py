@@ -68,12 +68,15 @@ class FeatureStatistics:
     split. Sums are kept about a fixed shift (the first chunk's mean), which keeps the centred scatter
     accurate when features have a large mean. gram=False keeps only the count and the sum (enough for
     bias compensation); gram=True also keeps an F×F float64 matrix — (F+1)² with the constant.
+    fast=True forms each chunk's product in float32 (about 3× faster on large layers, relative error
+    ~1e-6 instead of ~1e-15), still summing in float64.
     """
 
-    def __init__(self, features: int, *, gram: bool) -> None:
+    def __init__(self, features: int, *, gram: bool, fast: bool = False) -> None:
         if features < 0:
             raise ValueError(f"number of features must be nonnegative, got {features}")
         self.features = features
+        self._fast = fast
         self._count = 0
         self._shift: np.ndarray | None = None
         self._shifted_sum = np.zeros(features, dtype=np.float64)
@@ -102,6 +105,8 @@ class FeatureStatistics:
         self._count += features.shape[0]
         self._shifted_sum += centred.sum(axis=0)
         if self._shifted_gram is not None:
+            if self._fast:  # float32 BLAS, summed into float64: centring keeps the products accurate
+                centred = centred.astype(np.float32)
             self._shifted_gram += centred.T @ centred
 
     @property

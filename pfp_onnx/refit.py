@@ -54,7 +54,7 @@ def new_statistics(analysis: ChannelAnalysis, recovery: str) -> dict[str, Featur
         size = 8 * (features + 1) ** 2
         gram = recovery == "lstsq" and features <= GRAM_FEATURE_LIMIT and gram_bytes + size <= GRAM_TOTAL_BYTES
         gram_bytes += size if gram else 0
-        statistics[layer.node] = FeatureStatistics(features, gram=gram)
+        statistics[layer.node] = FeatureStatistics(features, gram=gram, fast=True)
     return statistics
 
 

@@ -168,6 +168,16 @@ def test_accumulate_features_in_small_chunks_equals_one_pass():
     np.testing.assert_allclose(dense.gram, statistics_of(dense_rows.reshape(20, 7)).gram, rtol=1e-12)
 
 
+def test_fast_statistics_stay_close_to_exact_ones():
+    patches, spatial = GEOMETRIES["2d"]
+    activation = (np.random.default_rng(6).normal(size=(6, 3, *spatial)) * 2 + 50).astype(np.float32)
+    exact, fast = FeatureStatistics(18, gram=True), FeatureStatistics(18, gram=True, fast=True)
+    for statistics in (exact, fast):
+        accumulate_features(statistics, activation, conv=patches, chunk_bytes=4096)
+    np.testing.assert_allclose(fast.mean, exact.mean, rtol=1e-12)
+    np.testing.assert_allclose(fast.scatter, exact.scatter, rtol=1e-5, atol=1e-5 * np.abs(exact.scatter).max())
+
+
 def test_statistics_without_gram_refuse_reconstruction():
     statistics = statistics_of(np.ones((3, 2)), gram=False)
     np.testing.assert_array_equal(statistics.mean, [1, 1])
