@@ -91,19 +91,28 @@ def main() -> None:
               help="Training-free recovery of the layers reading pruned channels: fold the removed channels' "
                    "mean into the bias, or re-fit kept weights by least squares on the calibration data.")
 @_run_options
+@click.option("--exclude", "exclude", multiple=True, metavar="NODE",
+              help="Keep this node's channels untouched (repeatable).")
+@click.option("--exclude-op", "exclude_ops", multiple=True, metavar="TYPE",
+              help="Keep the channels of every node of this op type untouched (repeatable).")
+@click.option("--round-to", type=int, default=1, show_default=True,
+              help="Keep pruned widths multiples of this (e.g. 8 for tensor cores), within the budget.")
+@click.option("--external-data", is_flag=True,
+              help="Store the output's weights in OUT.data beside it (automatic above 2 GB).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors
 def compress_command(model, data, budget, output, mode, criterion, allocation, recovery, holdout, batch_size, seed,
-                     device, report_path, quiet):
+                     device, exclude, exclude_ops, round_to, external_data, report_path, quiet):
     """Prune MODEL to keep BUDGET of its layer weights and write a smaller dense ONNX model."""
     output_path = check_output_path(output, model)
     if report_path is not None:
         check_output_path(report_path, model)
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
                       recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
+                      exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
                       progress=_progress_printer(quiet))
-    save_model(result.model, output_path)
+    save_model(result.model, output_path, external_data=external_data)
     if report_path is not None:
         write_json(result.report, report_path)
     if not quiet:

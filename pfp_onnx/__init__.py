@@ -4,10 +4,10 @@
     onnx.save(result.model, "model.pruned.onnx"); print(result.report.totals)
 """
 
+from pfp_onnx.version import __version__
 from pfp_onnx.errors import BudgetError, DataError, ModelError, OptionError, OutputError, PfpError
 from pfp_onnx.pipeline import CompressResult, Method, analyze, compress, evaluate, prepare, prune
 from pfp_onnx.sweep import sweep
 
 __all__ = ["compress", "analyze", "evaluate", "sweep", "prepare", "prune", "Method", "CompressResult", "PfpError", "BudgetError", "DataError", "ModelError",
            "OptionError", "OutputError"]
-__version__ = "0.1.0"

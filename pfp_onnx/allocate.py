@@ -130,8 +130,13 @@ def kept_weights(layers: Sequence[LayerSize], kept: Mapping[str, int]) -> int:
     return total
 
 
+def rounded(count: int, width: int, round_to: int) -> int:
+    """Round a keep count up to a multiple of `round_to` (tensor-core friendly widths), at most the width."""
+    return min(width, -(-count // round_to) * round_to)
+
+
 def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
-             delta: float = 1e-16, c_constant: float = 3.0) -> Allocation:
+             delta: float = 1e-16, c_constant: float = 3.0, round_to: int = 1) -> Allocation:
     """The PFP allocation that keeps as many weights as possible while keeping ≤ budget · all of them.
 
     budget is the fraction of the prunable layers' weights (Σ in_units·in_block·out_units) to keep. The
@@ -143,13 +148,14 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     Raises BudgetError when budget is outside (0, 1] or below the floor (every group keeping one channel).
     """
     demands = _check_inputs(groups, layers)
-    budget, full, weights_total, weights_floor = _check_budget(demands, layers, budget)
+    budget, full, weights_total, weights_floor = _check_budget(demands, layers, budget, round_to)
     target = budget * weights_total
     if budget >= 1:
         return Allocation(EPSILON_MIN, full, weights_total, weights_total, weights_floor)
 
     def kept_at(epsilon: float) -> dict[str, int]:
-        return {name: channels_for_epsilon(group, epsilon, delta=delta, c_constant=c_constant)
+        return {name: rounded(channels_for_epsilon(group, epsilon, delta=delta, c_constant=c_constant),
+                              full[name], round_to)
                 for name, group in demands.items()}
 
     low, high = EPSILON_MIN, EPSILON_MAX
@@ -159,7 +165,7 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
         return Allocation(low, kept_low, weights_total, kept_weights(layers, kept_low), weights_floor)
     if kept_weights(layers, kept_high) > target:
         # Only reachable with astronomically large sensitivities; the floor itself meets the budget.
-        kept_high = dict.fromkeys(demands, 1)
+        kept_high = {name: rounded(1, full[name], round_to) for name in demands}
     # Invariant: size(low) > target >= size(high). Halve log ε until the two are adjacent floats.
     for _ in range(2000):
         middle = math.sqrt(low) * math.sqrt(high)
@@ -173,17 +179,19 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     return Allocation(high, kept_high, weights_total, kept_weights(layers, kept_high), weights_floor)
 
 
-def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float) -> Allocation:
+def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
+                     round_to: int = 1) -> Allocation:
     """The baseline allocation: the same keep fraction in every prunable group (sensitivities unused).
 
     The largest fraction whose rounded-up channel counts meet the budget is found by bisection; epsilon
     is NaN because no error bound is involved.
     """
     demands = _check_inputs(groups, layers)
-    budget, full, weights_total, weights_floor = _check_budget(demands, layers, budget)
+    budget, full, weights_total, weights_floor = _check_budget(demands, layers, budget, round_to)
 
     def kept_at(fraction: float) -> dict[str, int]:
-        return {name: max(1, min(width, math.ceil(fraction * width - 1e-9))) for name, width in full.items()}
+        return {name: rounded(max(1, min(width, math.ceil(fraction * width - 1e-9))), width, round_to)
+                for name, width in full.items()}
 
     low, high = 0.0, 1.0
     if kept_weights(layers, kept_at(high)) > budget * weights_total:
@@ -199,7 +207,7 @@ def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize],
 
 
 def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize],
-                  budget: float) -> tuple[float, dict[str, int], int, int]:
+                  budget: float, round_to: int = 1) -> tuple[float, dict[str, int], int, int]:
     """The budget as a float, full widths, total and floor weights; BudgetError when it cannot be met."""
     given = budget
     try:
@@ -213,7 +221,7 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
         )
     full = {name: int(np.asarray(group.sensitivity).size) for name, group in demands.items()}
     weights_total = kept_weights(layers, full)
-    weights_floor = kept_weights(layers, dict.fromkeys(demands, 1))
+    weights_floor = kept_weights(layers, {name: rounded(1, width, round_to) for name, width in full.items()})
     if weights_floor > budget * weights_total:
         frozen = kept_weights([layer for layer in layers if not layer.in_groups and not layer.out_groups], {})
         # Round up: a budget printed below the true floor would still fail.
@@ -221,7 +229,8 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
         raise BudgetError(
             f"A budget of {budget:g} cannot be met: the smallest feasible budget for this model is {smallest:.3f} "
             f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer weights, "
-            f"{frozen / weights_total:.1%}, and every prunable channel group keeps at least one channel, "
+            f"{frozen / weights_total:.1%}, and every prunable channel group keeps at least "
+            f"{'one channel' if round_to == 1 else f'{round_to} channels (--round-to)'}, "
             f"{weights_floor} weights in all); raise --budget to at least {smallest:.3f} or unfreeze more "
             f"channel groups (`pfp-onnx analyze` shows why each group is frozen)."
         )

@@ -14,11 +14,13 @@ ChannelAnalysis, is the one model of the graph that capture, allocation and rewr
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Iterable
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from pfp_onnx.errors import OptionError
 from pfp_onnx.model import infer_shapes, to_graph, with_input_shapes
 
 Shape = tuple  # of int | None
@@ -161,9 +163,11 @@ class _GroupState:
 class ChannelTracer:
     """The mutable state of one walk; op rules read and extend it through these methods."""
 
-    def __init__(self, graph: gs.Graph, shapes: dict[str, Shape]):
+    def __init__(self, graph: gs.Graph, shapes: dict[str, Shape], exclude_nodes: set[str] = frozenset(),
+                 exclude_ops: set[str] = frozenset()):
         self.graph = graph
         self.shapes = shapes
+        self.exclude_nodes, self.exclude_ops = exclude_nodes, exclude_ops
         self.graph_outputs = {tensor.name for tensor in graph.outputs}
         self._layers: list[Layer] = []
         self._fixes: list[SizeFix] = []
@@ -282,6 +286,11 @@ class ChannelTracer:
                     found = self.channels(tensor)
                     if found is not None and index not in self._claimed:
                         self.freeze(found, f"used as input {index} of {node.op} '{node.name}'")
+            if node.name in self.exclude_nodes or node.op in self.exclude_ops:
+                for tensor in list(node.inputs) + list(node.outputs):
+                    found = self.channels(tensor)
+                    if found is not None:
+                        self.freeze(found, f"{node.op} '{node.name}' is excluded by the user")
             # Subgraphs (If/Loop/Scan) read outer tensors implicitly, outside node.inputs.
             for subgraph in node.subgraphs(recursive=True):
                 for inner in subgraph.nodes:
@@ -390,14 +399,21 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
     return shapes
 
 
-def analyse_channel_groups(model: onnx.ModelProto,
-                           input_shapes: dict[str, tuple[int, ...]] | None = None) -> ChannelAnalysis:
+def analyse_channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]] | None = None, *,
+                           exclude_nodes: Iterable[str] = (), exclude_ops: Iterable[str] = ()) -> ChannelAnalysis:
     """Find every channel group of `model`.
 
     `input_shapes` (one calibration point each, batch 1) makes spatial sizes concrete where the model
-    declares them dynamic; without it, whatever static shape inference yields is used.
+    declares them dynamic; without it, whatever static shape inference yields is used. Excluded nodes
+    (by name or op type) keep every channel they read or write: their groups freeze.
     """
     from pfp_onnx.op_rules import RULES
 
+    graph = to_graph(model)
+    exclude_nodes, exclude_ops = set(exclude_nodes), set(exclude_ops)
+    unknown = sorted(exclude_nodes - {node.name for node in graph.nodes})
+    if unknown:
+        raise OptionError(f"--exclude names node(s) {', '.join(map(repr, unknown))} that the model does not have; "
+                          "`pfp-onnx analyze --json` lists the node names (producers and consumers).")
     shaped = with_input_shapes(model, input_shapes) if input_shapes else infer_shapes(model)
-    return ChannelTracer(to_graph(model), tensor_shapes(shaped)).run(RULES)
+    return ChannelTracer(graph, tensor_shapes(shaped), exclude_nodes, exclude_ops).run(RULES)

@@ -174,6 +174,16 @@ def from_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def with_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.ModelProto:
+    """Record what pfp-onnx did in the model's metadata (existing entries of other keys are kept)."""
+    kept = [prop for prop in model.metadata_props if prop.key not in entries]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in entries.items():
+        model.metadata_props.add(key=key, value=value)
+    return model
+
+
 def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
 

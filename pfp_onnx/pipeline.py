@@ -15,6 +15,8 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import onnx
 
+from pfp_onnx.version import __version__
+
 from pfp_onnx.allocate import GroupDemand, LayerSize, allocate, allocate_uniform
 from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
 from pfp_onnx.recover import FeatureStatistics
@@ -23,7 +25,7 @@ from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import CalibrationData, input_specs, read_npz, split, validate
 from pfp_onnx.errors import ModelError, OptionError
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
-from pfp_onnx.model import check_model, load_model, parameter_count
+from pfp_onnx.model import check_model, load_model, parameter_count, with_metadata
 from pfp_onnx.report import CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import Device, choose_device
@@ -106,6 +108,7 @@ class Prepared:
     batch_size: int
     sensitivity: dict[int, np.ndarray] | None
     statistics: dict[str, FeatureStatistics]  # consuming layer → input moments, for recovery
+    round_to: int
     recommended_points: int
     notes: tuple[str, ...]
     seconds: dict[str, float]
@@ -113,19 +116,25 @@ class Prepared:
 
 def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
             holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
+            exclude: Sequence[str] = (), exclude_ops: Sequence[str] = (), round_to: int = 1,
             progress: Progress | None = None) -> Prepared:
     """Load, validate, analyse, check the budgets, then capture sensitivities if any method needs them."""
     started = time.perf_counter()
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1; got {batch_size}.")
+    if round_to < 1:
+        raise OptionError(f"--round-to must be at least 1; got {round_to}.")
+    if round_to > 1 and any(method.mode != "deterministic" for method in methods):
+        raise OptionError("--round-to needs --mode deterministic: sampling keeps a random number of channels.")
     proto, name = load(model)
     calibration = load_data(data, proto)
     sensitivity_part, holdout_part = split(calibration, holdout, seed)
-    analysis = analyse_channel_groups(proto, calibration.point_shapes())
+    excluded = dict(exclude_nodes=exclude, exclude_ops=exclude_ops)
+    analysis = analyse_channel_groups(proto, calibration.point_shapes(), **excluded)
     recovery = max((method.recovery for method in methods), key=RECOVERIES.index, default="none")
     if recovery != "none":  # give every layer that may be corrected a bias to absorb the correction
         proto = with_zero_biases(proto, {layer.node for layer in recoverable_layers(analysis)})
-        analysis = analyse_channel_groups(proto, calibration.point_shapes())
+        analysis = analyse_channel_groups(proto, calibration.point_shapes(), **excluded)
     if not analysis.layers:
         raise ModelError(f"{name} has no Conv, Gemm or MatMul layer with constant weights: nothing to prune.")
     if not analysis.prunable_groups:
@@ -134,7 +143,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
                          "Run `pfp-onnx analyze` to see why each group is frozen.")
     ones = {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups}
     for budget in budgets:  # fail on an impossible budget before the expensive capture
-        allocate(_demands(analysis, ones), _layer_sizes(analysis), budget)
+        allocate(_demands(analysis, ones), _layer_sizes(analysis), budget, round_to=round_to)
     chosen_device = choose_device(device)
     batch_size = _fixed_batch(proto) or batch_size
     recommended = _recommended_points(analysis)
@@ -154,7 +163,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
             sensitivity=needs_sensitivity, statistics=statistics)
         seconds["capture"] = time.perf_counter() - stage_start
     return Prepared(proto, name, calibration, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
-                    sensitivity, statistics, recommended, tuple(notes), seconds)
+                    sensitivity, statistics, round_to, recommended, tuple(notes), seconds)
 
 
 def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed: int = 0) -> CompressResult:
@@ -165,16 +174,19 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     scores = _scores(prepared, method.criterion, rng)
     layer_sizes = _layer_sizes(analysis)
     if method.allocation == "pfp":
-        allocation = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, budget)
+        allocation = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, budget,
+                              round_to=prepared.round_to)
     else:
-        allocation = allocate_uniform(_demands(analysis, scores), layer_sizes, budget)
+        allocation = allocate_uniform(_demands(analysis, scores), layer_sizes, budget, round_to=prepared.round_to)
     mode = method.mode if method.criterion == "pfp" else "deterministic"
     selections = {group.id: select_channels(scores[group.id], allocation.kept[str(group.id)], mode, rng)
                   for group in analysis.prunable_groups}
     changes = None
     if method.recovery != "none":
         changes = replacements(proto, analysis, selections, prepared.statistics, method.recovery)
-    pruned = rewrite(proto, analysis, selections, changes)
+    pruned = with_metadata(rewrite(proto, analysis, selections, changes), {
+        "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
+        "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(prepared.round_to)})
     check_runs(pruned, next(prepared.calibration.batches(_fixed_batch(proto) or 1)), prepared.device)
     seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
     epsilon = None if math.isnan(allocation.epsilon) else allocation.epsilon
@@ -197,8 +209,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
 
 def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
              criterion: str = "pfp", allocation: str = "pfp", recovery: str = "none", holdout: float = 0.2,
-             batch_size: int = 32, seed: int = 0, device: str = "auto",
-             progress: Progress | None = None) -> CompressResult:
+             batch_size: int = 32, seed: int = 0, device: str = "auto", exclude: Sequence[str] = (),
+             exclude_ops: Sequence[str] = (), round_to: int = 1, progress: Progress | None = None) -> CompressResult:
     """Prune `model` to keep `budget` of its prunable-layer weights, guided by PFP sensitivities.
 
     `model` is a path or a ModelProto; `data` an .npz path or a dict of arrays keyed by input name (plus
@@ -206,7 +218,8 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
     """
     method = Method(criterion, allocation, mode, recovery).check()
     prepared = prepare(model, data, budgets=[budget], methods=[method], holdout=holdout, batch_size=batch_size,
-                       seed=seed, device=device, progress=progress)
+                       seed=seed, device=device, exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
+                       progress=progress)
     return prune(prepared, budget=budget, method=method, seed=seed)
 
 
