@@ -87,7 +87,7 @@ def main() -> None:
               help="Channel score: PFP sensitivity, or a baseline (filter L1/L2 norm, random).")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="pfp", show_default=True,
               help="Channels per group: PFP's error-bound allocation, or the same fraction everywhere.")
-@click.option("--recovery", type=click.Choice(RECOVERIES), default="none", show_default=True,
+@click.option("--recovery", type=click.Choice(RECOVERIES), default="lstsq", show_default=True,
               help="Training-free recovery of the layers reading pruned channels: fold the removed channels' "
                    "mean into the bias, or re-fit kept weights by least squares on the calibration data.")
 @_run_options
@@ -170,8 +170,9 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration .npz.")
 @click.option("--budgets", default="0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2", show_default=True,
               help="Comma-separated budgets.")
-@click.option("--methods", default="pfp/pfp,l1/uniform", show_default=True,
-              help="Comma-separated criterion/allocation[/mode][/recovery], e.g. pfp/pfp,l2/pfp,pfp/pfp/lstsq.")
+@click.option("--methods", default="pfp/pfp/none,l1/uniform/none,pfp/pfp/lstsq", show_default=True,
+              help="Comma-separated criterion/allocation[/mode][/recovery] (recovery defaults to lstsq), "
+                   "e.g. pfp/pfp/none,l2/pfp/none,pfp/pfp/bias.")
 @click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="Where to write the table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a PNG (needs matplotlib).")
 @_run_options

@@ -26,20 +26,20 @@ class SweepRow:
 
 
 def parse_methods(text: str) -> list[Method]:
-    """'pfp/pfp,l1/uniform,pfp/pfp/randomized/bias' → Methods: criterion/allocation, then optionally a
-    sampling mode and/or a recovery, in either order."""
+    """'pfp/pfp/none,l1/uniform/none,pfp/pfp/randomized/bias' → Methods: criterion/allocation, then
+    optionally a sampling mode and/or a recovery, in either order (defaults: deterministic, lstsq)."""
     methods = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         parts = item.split("/")
         if len(parts) < 2:
             raise OptionError(f"Method '{item}' must read criterion/allocation[/mode][/recovery], "
                               "e.g. pfp/pfp or l1/uniform or pfp/pfp/lstsq.")
-        extras = {"mode": "deterministic", "recovery": "none"}
+        extras = {"mode": "deterministic", "recovery": "lstsq"}
         for extra in parts[2:]:
             extras["recovery" if extra in RECOVERIES else "mode"] = extra
         methods.append(Method(parts[0], parts[1], **extras).check())
     if not methods:
-        raise OptionError("Give at least one method, e.g. --methods pfp/pfp,l1/uniform.")
+        raise OptionError("Give at least one method, e.g. --methods pfp/pfp/none,l1/uniform/none.")
     return methods
 
 

@@ -39,7 +39,7 @@ def test_baselines_meet_the_budget(criterion, allocation):
     result = pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, criterion=criterion, allocation=allocation)
     totals = result.report.totals
     assert totals.layer_weights_after <= 0.5 * totals.layer_weights_before
-    assert result.report.method == f"{criterion}/{allocation}"
+    assert result.report.method == f"{criterion}/{allocation}/lstsq"  # recovery is on by default
     if allocation == "uniform":
         assert result.report.epsilon is None
         kept = [row.channels_after / row.channels_before for row in result.report.groups if not row.frozen]
@@ -47,30 +47,31 @@ def test_baselines_meet_the_budget(criterion, allocation):
 
 
 def test_pfp_beats_l1_uniform_on_the_fixture():
-    """The paper's claim, on our real trained fixture: PFP keeps more accuracy at the same size."""
+    """The paper's prune-only claim, on our real trained fixture: PFP keeps more accuracy at the same size."""
     rows = pfp_onnx.sweep(str(MODEL), str(DATA), budgets=[0.8, 0.6, 0.4],
-                          methods=[Method("pfp", "pfp"), Method("l1", "uniform")])
+                          methods=[Method("pfp", "pfp", recovery="none"), Method("l1", "uniform", recovery="none")])
     accuracy = {(row.method, row.budget): row.accuracy for row in rows}
     for budget in (0.8, 0.6, 0.4):
-        assert accuracy[("pfp/pfp", budget)] >= accuracy[("l1/uniform", budget)]
+        assert accuracy[("pfp/pfp/none", budget)] >= accuracy[("l1/uniform/none", budget)]
 
 
 def test_sweep_command_writes_csv_and_plot(tmp_path):
     pytest.importorskip("matplotlib")
     table, picture = tmp_path / "sweep.csv", tmp_path / "sweep.png"
-    done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.8,0.5", "--methods", "pfp/pfp,random/uniform",
+    done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.8,0.5", "--methods", "pfp/pfp/none,random/uniform",
                    "--csv", table, "--plot", picture)
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(table.open()))
     assert [(row["method"], row["budget"]) for row in rows] == [
-        ("pfp/pfp", "0.8"), ("pfp/pfp", "0.5"), ("random/uniform", "0.8"), ("random/uniform", "0.5")]
+        ("pfp/pfp/none", "0.8"), ("pfp/pfp/none", "0.5"), ("random/uniform/lstsq", "0.8"),
+        ("random/uniform/lstsq", "0.5")]
     assert all(float(row["weights_kept"]) <= float(row["budget"]) for row in rows)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_parse_methods():
-    assert [m.label for m in parse_methods("pfp/pfp, l1/uniform,pfp/pfp/randomized")] == [
-        "pfp/pfp", "l1/uniform", "pfp/pfp/randomized"]
+    assert [m.label for m in parse_methods("pfp/pfp, l1/uniform/none,pfp/pfp/randomized,pfp/pfp/bias/hybrid")] == [
+        "pfp/pfp/lstsq", "l1/uniform/none", "pfp/pfp/randomized/lstsq", "pfp/pfp/hybrid/bias"]
     with pytest.raises(OptionError, match="criterion/allocation"):
         parse_methods("pfp")
     with pytest.raises(OptionError, match="--criterion"):

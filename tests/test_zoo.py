@@ -17,13 +17,16 @@ import pytest
 
 import pfp_onnx
 from architectures import ARCHITECTURES, MOSTLY_PRUNABLE
+from test_refit import recovery_oracle
 from test_rewrite import ATOL, RTOL, run, signature, zeroed_oracle
 from zoo import random_inputs
 
 EXPORTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "exports"
 EXPORTS = sorted(path.name[:-len(".onnx")] for path in EXPORTS_DIR.glob("*.onnx"))
 MODELS = [f"arch:{name}" for name in ARCHITECTURES] + [f"export:{name}" for name in EXPORTS]
-CASES = [(0.7, "deterministic"), (0.4, "deterministic"), (0.4, "randomized")]
+# recovery "none" is held to the pure zero-channel oracle; "lstsq" (the default) to the same oracle with the
+# re-fitted weights installed first (test_refit.recovery_oracle)
+CASES = [(0.7, "deterministic", "none"), (0.4, "deterministic", "lstsq"), (0.4, "randomized", "none")]
 SUMMARY_BUDGET = 0.4
 DATA_SEED = 0
 
@@ -43,9 +46,9 @@ def model_and_data(model_id: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray
 
 
 @functools.lru_cache(maxsize=None)
-def compressed(model_id: str, budget: float, mode: str) -> pfp_onnx.CompressResult:
+def compressed(model_id: str, budget: float, mode: str, recovery: str = "lstsq") -> pfp_onnx.CompressResult:
     model, data = model_and_data(model_id)
-    return pfp_onnx.compress(model, data, budget=budget, mode=mode, holdout=0.25, seed=0)
+    return pfp_onnx.compress(model, data, budget=budget, mode=mode, recovery=recovery, holdout=0.25, seed=0)
 
 
 def other_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
@@ -60,12 +63,14 @@ def other_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> list[dic
 
 
 # ---- compress: every contract, every model ---------------------------------------------------------
-@pytest.mark.parametrize("budget,mode", CASES, ids=[f"{b}-{m}" for b, m in CASES])
+@pytest.mark.parametrize("budget,mode,recovery", CASES, ids=[f"{b}-{m}-{r}" for b, m, r in CASES])
 @pytest.mark.parametrize("model_id", MODELS)
-def test_compress_keeps_contracts(model_id: str, budget: float, mode: str):
+def test_compress_keeps_contracts(model_id: str, budget: float, mode: str, recovery: str):
     model, data = model_and_data(model_id)
     before = model.SerializeToString()
-    result = compressed(model_id, budget, mode)
+    result = compressed(model_id, budget, mode, recovery)
+    if recovery == "none":
+        assert not result.replacements and result.source is model
     assert model.SerializeToString() == before, "compress changed its input model"
 
     onnx.checker.check_model(result.model, full_check=True)
@@ -77,7 +82,7 @@ def test_compress_keeps_contracts(model_id: str, budget: float, mode: str):
     assert totals.layer_weights_after < totals.layer_weights_before
     assert result.selections, "no group was pruned"
 
-    oracle = zeroed_oracle(model, result.analysis, result.selections)
+    oracle = recovery_oracle(result)
     for feeds in other_feeds(model, data):
         pruned_outputs = run(result.model, feeds)
         oracle_outputs = run(oracle, feeds)
@@ -113,15 +118,17 @@ def test_channel_shuffle_freezes_with_a_reason_about_the_shuffle():
 
 # ---- the summary -----------------------------------------------------------------------------------
 def test_print_summary():
-    """One line per model (visible with -s): prunable share, what budget 0.4 keeps, worst output error."""
-    lines = [f"{'model':<42} {'prunable':>8} {'params kept':>11} {'MACs kept':>9} {'max rel. err':>12}"]
+    """One line per model (visible with -s): prunable share, what budget 0.4 keeps, worst output error
+    without and with (the default) least-squares recovery."""
+    lines = [f"{'model':<42} {'prunable':>8} {'params kept':>11} {'MACs kept':>9} {'err none':>9} {'err lstsq':>9}"]
     for model_id in MODELS:
         model, data = model_and_data(model_id)
         analysis = pfp_onnx.analyze(model, data)
         report = compressed(model_id, SUMMARY_BUDGET, "deterministic").report
-        totals, verification = report.totals, report.verification
+        plain = compressed(model_id, SUMMARY_BUDGET, "deterministic", "none").report
+        totals = plain.totals
         lines.append(f"{model_id:<42} {analysis.weights_in_prunable_groups / analysis.weights_total:8.1%} "
                      f"{totals.parameters_after / totals.parameters_before:11.1%} "
                      f"{totals.macs_after / totals.macs_before:9.1%} "
-                     f"{verification.max_relative_error:12.4g}")
+                     f"{plain.verification.max_relative_error:9.4g} {report.verification.max_relative_error:9.4g}")
     print("\n" + "\n".join(lines))
