@@ -38,10 +38,9 @@ def _progress_printer(quiet: bool):
     if quiet or not sys.stderr.isatty():
         return None
 
-    def show(stage: str, done: int, total: int) -> None:
-        end = "\n" if done >= total else ""
-        click.echo(f"\r{stage}: {done}/{total} points", err=True, nl=False)
-        if end:
+    def show(stage: str, done: int, total: int | None) -> None:
+        click.echo(f"\r{stage}: {done}" + ("" if total is None else f"/{total}") + " points", err=True, nl=False)
+        if total is not None and done >= total:
             click.echo("", err=True)
 
     return show

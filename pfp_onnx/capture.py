@@ -15,6 +15,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
 
+from pfp_onnx.data import model_feeds
 from pfp_onnx.groups import ChannelAnalysis, Layer
 from pfp_onnx.model import infer_shapes, to_graph
 from pfp_onnx.recover import FeatureStatistics, accumulate_features
@@ -85,7 +86,7 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
     if names:
         session = create_session(augmented_model(model, names), device)
         for batch in batches:
-            activations = dict(zip(names, session.run(names, dict(batch))))
+            activations = dict(zip(names, session.run(names, model_feeds(batch))))
             for probe in probes:
                 channel_scores = _probe_batch(probe, activations[probe.layer.input])
                 for group_id, start, width in probe.groups:

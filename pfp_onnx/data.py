@@ -9,7 +9,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -43,12 +43,66 @@ class CalibrationData:
                                None if self.labels is None else self.labels[indices])
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Model feeds of `batch_size` points, with their `labels` when the data has them."""
         for start in range(0, self.count, batch_size):
-            yield {name: array[start:start + batch_size] for name, array in self.inputs.items()}
+            batch = {name: array[start:start + batch_size] for name, array in self.inputs.items()}
+            if self.labels is not None:
+                batch[LABELS] = self.labels[start:start + batch_size]
+            yield batch
 
     def point_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of a single point (batch 1): makes dynamic dims concrete for shape inference."""
         return {name: (1,) + array.shape[1:] for name, array in self.inputs.items()}
+
+
+class StreamedData:
+    """Calibration data too large for memory: `source()` returns a fresh iterable of batches (dicts keyed
+    by input name, optional `labels`) and is called once per pass over the data.
+
+    Each batch is validated as it arrives. The held-out split is drawn point by point from a generator
+    re-seeded at the start of every pass, so every pass sees the same split without storing it; `count`
+    is known after the first full pass.
+    """
+
+    def __init__(self, source: Callable[[], Iterable[Mapping[str, np.ndarray]]], model: onnx.ModelProto,
+                 part: str = "all", holdout: float = 0.0, seed: int = 0):
+        self.source, self.model = source, model
+        self.part, self.holdout, self.seed = part, holdout, seed
+        self.count: int | None = None
+        self.labels = None  # labels travel inside the batches
+        first = next(iter(self._validated()), None)
+        if first is None:
+            raise DataError("The calibration batch source yielded no points; it must yield at least one batch.")
+        self._first = first
+
+    def point_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._first.point_shapes()
+
+    def split(self, holdout: float, seed: int) -> tuple[StreamedData, StreamedData | None]:
+        if not 0 <= holdout < 1:
+            raise DataError(f"--holdout must be in [0, 1); got {holdout}.")
+        parts = [StreamedData(self.source, self.model, "sensitivity", holdout, seed)]
+        parts.append(StreamedData(self.source, self.model, "holdout", holdout, seed) if holdout > 0 else None)
+        return parts[0], parts[1]
+
+    def batches(self, batch_size: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        """The source's batches (their own size; `batch_size` is ignored), filtered to this part."""
+        rng = np.random.default_rng(self.seed)
+        seen = 0
+        for data in self._validated():
+            if self.part == "all":
+                chosen = np.arange(data.count)
+            else:
+                held = rng.random(data.count) < self.holdout
+                chosen = np.flatnonzero(held if self.part == "holdout" else ~held)
+            seen += len(chosen)
+            if len(chosen):
+                yield next(data.subset(chosen).batches(len(chosen)))
+        self.count = seen
+
+    def _validated(self) -> Iterator[CalibrationData]:
+        for batch in self.source():
+            yield validate(batch, self.model)
 
 
 def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -143,8 +197,16 @@ def _describe(spec: InputSpec) -> str:
     return f"[{dims}] {spec.dtype}"
 
 
-def split(data: CalibrationData, holdout: float, seed: int) -> tuple[CalibrationData, CalibrationData | None]:
+def model_feeds(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch without its labels: what onnxruntime is fed."""
+    return {name: array for name, array in batch.items() if name != LABELS}
+
+
+def split(data: CalibrationData | StreamedData, holdout: float,
+          seed: int) -> tuple[CalibrationData | StreamedData, CalibrationData | StreamedData | None]:
     """Sensitivity part and held-out verification part, chosen by a seeded permutation."""
+    if isinstance(data, StreamedData):
+        return data.split(holdout, seed)
     if not 0 <= holdout < 1:
         raise DataError(f"--holdout must be in [0, 1); got {holdout}.")
     held = int(round(data.count * holdout))

@@ -10,7 +10,7 @@ import math
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -22,7 +22,7 @@ from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
 from pfp_onnx.recover import FeatureStatistics
 from pfp_onnx.refit import RECOVERIES, new_statistics, recoverable_layers, replacements, with_zero_biases
 from pfp_onnx.capture import capture_sensitivities
-from pfp_onnx.data import CalibrationData, input_specs, read_npz, split, validate
+from pfp_onnx.data import CalibrationData, StreamedData, input_specs, read_npz, split, validate
 from pfp_onnx.errors import ModelError, OptionError
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.model import check_model, load_model, parameter_count, with_metadata
@@ -36,9 +36,9 @@ MODES = ("deterministic", "randomized", "hybrid")
 ALLOCATIONS = ("pfp", "uniform")
 SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
 
-Progress = Callable[[str, int, int], None]  # (stage, points done, points total)
+Progress = Callable[[str, int, "int | None"], None]  # (stage, points done, points total if known)
 ModelSource = "str | os.PathLike | onnx.ModelProto"
-DataSource = "str | os.PathLike | Mapping[str, np.ndarray]"
+DataSource = "str | os.PathLike | Mapping[str, np.ndarray] | Callable[[], Iterable[Mapping[str, np.ndarray]]]"
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,11 @@ def load(model: ModelSource) -> tuple[onnx.ModelProto, str]:
     return load_model(model), str(model)
 
 
-def load_data(data: DataSource, model: onnx.ModelProto) -> CalibrationData:
+def load_data(data: DataSource, model: onnx.ModelProto) -> CalibrationData | StreamedData:
+    """An .npz path or a dict of arrays (held in memory), or a function returning a fresh iterable of
+    batches on every call (streamed: memory bounded by one batch however large the set)."""
+    if callable(data):
+        return StreamedData(data, model)
     arrays = read_npz(data) if isinstance(data, (str, os.PathLike)) else data
     return validate(arrays, model)
 
@@ -99,11 +103,12 @@ class Method:
 class Prepared:
     """Everything that does not depend on the budget: computed once, pruned at many budgets (sweep)."""
 
-    model: onnx.ModelProto
+    model: onnx.ModelProto  # what the analysis describes: the original, plus zero biases when recovering
+    original: onnx.ModelProto
     name: str
-    calibration: CalibrationData
-    sensitivity_part: CalibrationData
-    holdout_part: CalibrationData | None
+    calibration: CalibrationData | StreamedData
+    sensitivity_part: CalibrationData | StreamedData
+    holdout_part: CalibrationData | StreamedData | None
     analysis: ChannelAnalysis
     device: Device
     batch_size: int
@@ -128,6 +133,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     if round_to > 1 and any(method.mode != "deterministic" for method in methods):
         raise OptionError("--round-to needs --mode deterministic: sampling keeps a random number of channels.")
     proto, name = load(model)
+    original = proto
     calibration = load_data(data, proto)
     sensitivity_part, holdout_part = split(calibration, holdout, seed)
     excluded = dict(exclude_nodes=exclude, exclude_ops=exclude_ops)
@@ -153,9 +159,6 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     needs_sensitivity = any("pfp" in (method.criterion, method.allocation) for method in methods)
     statistics = new_statistics(analysis, recovery) if recovery != "none" else {}
     sensitivity = None
-    if needs_sensitivity and sensitivity_part.count < recommended:
-        notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
-                     f"{recommended} (more points make the sensitivities more reliable)")
     if needs_sensitivity or statistics:
         stage_start = time.perf_counter()
         sensitivity = capture_sensitivities(
@@ -163,7 +166,10 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
             progress=_stage_progress(progress, "capture", sensitivity_part.count),
             sensitivity=needs_sensitivity, statistics=statistics)
         seconds["capture"] = time.perf_counter() - stage_start
-    return Prepared(proto, name, calibration, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
+    if needs_sensitivity and (sensitivity_part.count or 0) < recommended:
+        notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
+                     f"{recommended} (more points make the sensitivities more reliable)")
+    return Prepared(proto, original, name, calibration, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
                     sensitivity, statistics, round_to, recommended, tuple(notes), seconds)
 
 
@@ -195,7 +201,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     if prepared.holdout_part is not None:
         stage_start = time.perf_counter()
         verification = verify(proto, pruned, prepared.holdout_part.batches(prepared.batch_size), prepared.device,
-                              labels=prepared.holdout_part.labels, epsilon=epsilon)
+                              epsilon=epsilon)
         seconds["verify"] = time.perf_counter() - stage_start
     seconds["total"] = sum(seconds.values())
     report = CompressReport(
@@ -203,7 +209,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         device=prepared.device.note, sensitivity_points=prepared.sensitivity_part.count,
         recommended_sensitivity_points=prepared.recommended_points,
         groups=_group_rows(analysis, scores, selections),
-        totals=_totals(proto, pruned, analysis, selections),
+        totals=_totals(prepared.original, pruned, analysis, selections),
         verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()})
     return CompressResult(pruned, report, analysis, selections, prepared.notes, changes or {}, proto)
 
@@ -238,7 +244,7 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
     return sizes.pop() if len(sizes) == 1 else None
 
 
-def _stage_progress(progress: Progress | None, stage: str, total: int):
+def _stage_progress(progress: Progress | None, stage: str, total: int | None):
     if progress is None:
         return None
     done = [0]
@@ -328,4 +334,4 @@ def evaluate(original: ModelSource, pruned: ModelSource, data: DataSource, *, ba
     calibration = load_data(data, reference)
     chosen_device = choose_device(device)
     return verify(reference, candidate, calibration.batches(_fixed_batch(reference) or batch_size), chosen_device,
-                  labels=calibration.labels, epsilons=epsilons)
+                  epsilons=epsilons)

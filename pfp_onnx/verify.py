@@ -12,6 +12,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
+from pfp_onnx.data import LABELS, model_feeds
 from pfp_onnx.runtime import Device, create_session
 
 TINY = 1e-12
@@ -43,7 +44,7 @@ class Verification:
 def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: Device) -> None:
     """Run the pruned model once: onnx.checker does not catch every inconsistency (a conv's group count)."""
     try:
-        create_session(model, device).run(None, dict(batch))
+        create_session(model, device).run(None, model_feeds(batch))
     except Exception as exc:
         raise RuntimeError(
             f"pfp-onnx produced a model that onnxruntime cannot run ({exc}). This is a bug in pfp-onnx; "
@@ -51,20 +52,23 @@ def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: 
 
 
 def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
-           device: Device, *, labels: np.ndarray | None = None, epsilon: float | None = None,
+           device: Device, *, epsilon: float | None = None,
            epsilons: Iterable[float] = ()) -> Verification:
     """Relative output error ‖y' − y‖ / ‖y‖ per point and output, top-1 agreement and accuracy.
 
     A point's error is its worst over the outputs; `epsilons` ask for the empirical (ε, δ) of PFP's
-    guarantee: δ = the fraction of points outside (1 ± ε).
+    guarantee: δ = the fraction of points outside (1 ± ε). Batches carrying `labels` give accuracy.
     """
     sessions = [create_session(model, device) for model in (original, pruned)]
     names = [output.name for output in original.graph.output]
     errors: dict[str, list[np.ndarray]] = {name: [] for name in names}
     max_abs = dict.fromkeys(names, 0.0)
     top1: list[tuple[np.ndarray, np.ndarray]] = []
+    labels: list[np.ndarray] = []
     for batch in batches:
-        reference, candidate = (session.run(names, dict(batch)) for session in sessions)
+        if LABELS in batch:
+            labels.append(np.asarray(batch[LABELS]))
+        reference, candidate = (session.run(names, model_feeds(batch)) for session in sessions)
         for name, want, got in zip(names, reference, candidate):
             want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
             difference = (got - want).reshape(len(want), -1)
@@ -79,7 +83,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable
                         for name, values in per_output.items())
     want_top1 = np.concatenate([pair[0] for pair in top1]) if top1 else None
     got_top1 = np.concatenate([pair[1] for pair in top1]) if top1 else None
-    has_labels = labels is not None and want_top1 is not None
+    labels = np.concatenate(labels) if labels else None
+    has_labels = labels is not None and want_top1 is not None and len(labels) == len(want_top1)
     return Verification(
         points=len(worst_per_point),
         max_relative_error=float(worst_per_point.max()),

@@ -92,3 +92,9 @@ def test_analyze_command():
     assert "prunable" in done.stdout and "reaches graph output 'logits'" in done.stdout
     as_json = json.loads(run_cli("analyze", MODEL, "--json").stdout)
     assert as_json["weights_in_prunable_groups"] == as_json["weights_total"]
+
+
+def test_readme_cli_reference_is_current():
+    """The README's CLI reference is generated from --help; regenerate with python -m pfp_onnx_cli.reference."""
+    done = subprocess.run([sys.executable, "-m", "pfp_onnx_cli.reference", "--check"], capture_output=True)
+    assert done.returncode == 0, "README.md's CLI reference is stale: run python -m pfp_onnx_cli.reference"

@@ -76,3 +76,37 @@ def test_batches_cover_every_point_once(model):
     data = validate({"input": np.load(DATA)["input"][:23]}, model)
     sizes = [len(batch["input"]) for batch in data.batches(5)]
     assert sizes == [5, 5, 5, 5, 3]
+
+
+def test_streamed_batches_give_the_same_model_as_arrays():
+    """A batch source (for sets that do not fit in memory) is split, captured and verified like arrays."""
+    import pfp_onnx
+
+    arrays = dict(np.load(DATA))
+    calls = []
+
+    def batches():
+        calls.append(1)
+        for start in range(0, 500, 64):
+            yield {"input": arrays["input"][start:start + 64], "labels": arrays["labels"][start:start + 64]}
+
+    streamed = pfp_onnx.compress(str(MODEL), batches, budget=0.5, recovery="none")
+    check = streamed.report.verification
+    assert len(calls) >= 3  # validation, capture and verification each start a fresh pass
+    assert 60 <= check.points <= 140 and check.accuracy_original is not None
+    assert streamed.report.sensitivity_points + check.points == 500
+    again = pfp_onnx.compress(str(MODEL), batches, budget=0.5, recovery="none")
+    assert again.model.SerializeToString() == streamed.model.SerializeToString()
+
+
+def test_streamed_batches_are_validated():
+    import pfp_onnx
+    from pfp_onnx.errors import DataError
+
+    def bad():
+        yield {"input": np.zeros((4, 1, 8, 8), np.float64)}
+
+    with pytest.raises(DataError, match="dtype float64"):
+        pfp_onnx.compress(str(MODEL), bad, budget=0.5)
+    with pytest.raises(DataError, match="yielded no points"):
+        pfp_onnx.compress(str(MODEL), lambda: iter(()), budget=0.5)

@@ -15,7 +15,7 @@ from test_cli import DATA, MODEL
 def test_identical_models_agree_exactly():
     model = onnx.load(str(MODEL))
     data = validate(dict(np.load(DATA)), model)
-    result = verify(model, model, data.batches(64), choose_device("cpu"), labels=data.labels, epsilon=0.1)
+    result = verify(model, model, data.batches(64), choose_device("cpu"), epsilon=0.1)
     assert result.points == 500
     assert result.max_relative_error == 0 and result.top1_agreement == 1.0 and result.within_epsilon == 1.0
     assert result.accuracy_original == result.accuracy_pruned > 0.95
@@ -30,7 +30,7 @@ def test_perturbed_model_reports_error():
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 5.0 * np.eye(10)[0].astype(np.float32),
                                                   init.name))
     data = validate(dict(np.load(DATA)), model)
-    result = verify(model, changed, data.batches(100), choose_device("cpu"), labels=data.labels, epsilon=1e-6)
+    result = verify(model, changed, data.batches(100), choose_device("cpu"), epsilon=1e-6)
     assert result.max_relative_error > 0.01
     assert result.within_epsilon < 1.0
     assert result.top1_agreement < 1.0
