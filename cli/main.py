@@ -74,12 +74,12 @@ def main() -> None:
 
 
 @main.command("compress")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+@click.argument("model", type=click.Path(dir_okay=False, readable=False))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False, readable=False),
               help="Calibration .npz: one array per model input (by input name), optional 'labels'.")
 @click.option("--budget", required=True, type=float,
               help="Fraction of the Conv/Gemm/MatMul weights to keep, in (0, 1].")
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write the pruned model.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, readable=False), help="Where to write the pruned model.")
 @click.option("--mode", type=click.Choice(MODES), default="deterministic", show_default=True,
               help="Keep the most sensitive channels, or sample them by sensitivity (randomized, hybrid).")
 @click.option("--criterion", type=click.Choice(CRITERIA), default="pfp", show_default=True,
@@ -98,15 +98,15 @@ def main() -> None:
               help="Keep pruned widths multiples of this (e.g. 8 for tensor cores), within the budget.")
 @click.option("--external-data", is_flag=True,
               help="Store the output's weights in OUT.data beside it (automatic above 2 GB).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Also write the report as JSON.")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False, readable=False), help="Also write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @_user_errors
 def compress_command(model, data, budget, output, mode, criterion, allocation, recovery, holdout, batch_size, seed,
                      device, exclude, exclude_ops, round_to, external_data, report_path, quiet):
     """Prune MODEL to keep BUDGET of its layer weights and write a smaller dense ONNX model."""
-    output_path = check_output_path(output, model)
+    output_path = check_output_path(output, model, data)
     if report_path is not None:
-        check_output_path(report_path, model)
+        check_output_path(report_path, model, data, output, option="--report")
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
                       recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
                       exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
@@ -123,8 +123,8 @@ def compress_command(model, data, budget, output, mode, criterion, allocation, r
 
 
 @main.command("analyze")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", "data", type=click.Path(dir_okay=False),
+@click.argument("model", type=click.Path(dir_okay=False, readable=False))
+@click.option("--data", "data", type=click.Path(dir_okay=False, readable=False),
               help="Optional calibration .npz to make dynamic sizes concrete.")
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
 @_user_errors
@@ -147,9 +147,9 @@ def analyze_command(model, data, as_json):
 
 
 @main.command("evaluate")
-@click.argument("original", type=click.Path(dir_okay=False))
-@click.argument("pruned", type=click.Path(dir_okay=False))
-@click.option("--data", "data", required=True, type=click.Path(dir_okay=False),
+@click.argument("original", type=click.Path(dir_okay=False, readable=False))
+@click.argument("pruned", type=click.Path(dir_okay=False, readable=False))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False, readable=False),
               help="Test .npz: one array per model input, optional 'labels'. Every point is used.")
 @click.option("--epsilons", default="0.01,0.05,0.1,0.2,0.5", show_default=True,
               help="Relative errors ε for which to report δ, the fraction of points outside (1±ε).")
@@ -165,22 +165,22 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 
 
 @main.command("sweep")
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--data", "data", required=True, type=click.Path(dir_okay=False), help="Calibration .npz.")
+@click.argument("model", type=click.Path(dir_okay=False, readable=False))
+@click.option("--data", "data", required=True, type=click.Path(dir_okay=False, readable=False), help="Calibration .npz.")
 @click.option("--budgets", default="0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2", show_default=True,
               help="Comma-separated budgets.")
 @click.option("--methods", default="pfp/pfp/none,l1/uniform/none,pfp/pfp/lstsq", show_default=True,
               help="Comma-separated criterion/allocation[/mode][/recovery] (recovery defaults to lstsq), "
                    "e.g. pfp/pfp/none,l2/pfp/none,pfp/pfp/bias.")
-@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False), help="Where to write the table.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Also draw a PNG (needs matplotlib).")
+@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False, readable=False), help="Where to write the table.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, readable=False), help="Also draw a PNG (needs matplotlib).")
 @_run_options
 @_user_errors
 def sweep_command(model, data, budgets, methods, csv_path, plot_path, holdout, batch_size, seed, device):
     """Compress MODEL at every budget with every method (one capture) and tabulate held-out accuracy."""
-    check_output_path(csv_path, model)
+    check_output_path(csv_path, model, data, option="--csv")
     if plot_path is not None:
-        check_output_path(plot_path, model)
+        check_output_path(plot_path, model, data, csv_path, option="--plot")
     click.echo(f"{'method':<24} {'budget':>6} {'weights':>8} {'MACs':>7} {'accuracy':>9} {'agreement':>10}")
 
     def show(row) -> None:

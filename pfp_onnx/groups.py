@@ -415,5 +415,9 @@ def analyse_channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple
     if unknown:
         raise OptionError(f"--exclude names node(s) {', '.join(map(repr, unknown))} that the model does not have; "
                           "`pfp-onnx analyze --json` lists the node names (producers and consumers).")
+    present = {node.op for node in graph.nodes}
+    if exclude_ops - present:
+        raise OptionError(f"--exclude-op names op type(s) {', '.join(map(repr, sorted(exclude_ops - present)))} "
+                          f"that the model does not contain; it has {', '.join(sorted(present))}.")
     shaped = with_input_shapes(model, input_shapes) if input_shapes else infer_shapes(model)
     return ChannelTracer(graph, tensor_shapes(shaped), exclude_nodes, exclude_ops).run(RULES)

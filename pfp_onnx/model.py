@@ -38,8 +38,25 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         ) from None
     if not model.graph.node:
         raise ModelError(f"'{path}' holds no ONNX graph nodes; it is not a usable ONNX model.")
+    if _has_invalid_text(model.graph):
+        raise ModelError(f"'{path}' holds names that are not valid UTF-8 text, so it is damaged or not ONNX. "
+                         "Re-export the model.")
     check_model(model, what=f"'{path}'")
     return model
+
+
+def _has_invalid_text(graph: onnx.GraphProto) -> bool:
+    """protobuf hands undecodable string fields back as bytes; such a model breaks later steps."""
+    names = [graph.name]
+    for infos in (graph.input, graph.output, graph.value_info, graph.initializer):
+        names.extend(info.name for info in infos)
+    for node in graph.node:
+        names.extend([node.name, node.op_type, node.domain, *node.input, *node.output])
+        if any(_has_invalid_text(attr.g) for attr in node.attribute if attr.HasField("g")):
+            return True
+        if any(_has_invalid_text(sub) for attr in node.attribute for sub in attr.graphs):
+            return True
+    return any(isinstance(name, bytes) for name in names)
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "the model", full: bool = False) -> None:
@@ -52,9 +69,12 @@ def check_model(model: onnx.ModelProto, *, what: str = "the model", full: bool =
                 onnx.checker.check_model(tmp_path, full_check=full)
         else:
             onnx.checker.check_model(model, full_check=full)
+    except UnicodeError:
+        raise ModelError(f"{what} holds text that is not valid UTF-8, so it is damaged or not ONNX. "
+                         "Re-export the model.") from None
     except onnx.checker.ValidationError as exc:
         raise ModelError(
-            f"{what} fails the ONNX checker: {_first_line(exc)}. Fix or re-export the model "
+            f"{what} fails the ONNX checker: {_message(exc)}. Fix or re-export the model "
             "(e.g. with a newer exporter) before pruning it."
         ) from None
 
@@ -110,15 +130,8 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     second import of the same model (as the rewrite step does) names everything identically.
     """
     graph = gs.import_onnx(model)
-    counts = Counter(node.name for node in graph.nodes)
-    used = set(counts)
-    for index, node in enumerate(graph.nodes):
-        if not node.name or counts[node.name] > 1:
-            candidate = f"{node.op}_{index}"
-            while candidate in used:
-                candidate += "_"
-            used.add(candidate)
-            node.name = candidate
+    for node, name in zip(graph.nodes, node_names(model)):
+        node.name = name
     for node in list(graph.nodes):
         if node.op == "Constant" and len(node.outputs) == 1:
             values = _constant_node_values(node)
@@ -128,6 +141,22 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
                 output.to_constant(values)
     graph.cleanup(remove_unused_graph_inputs=False)
     return graph
+
+
+def node_names(model: onnx.ModelProto) -> list[str]:
+    """Unique, deterministic names for the model's nodes (unnamed or duplicate ones get op_index)."""
+    counts = Counter(node.name for node in model.graph.node)
+    used = set(counts)
+    names = []
+    for index, node in enumerate(model.graph.node):
+        name = node.name
+        if not name or counts[name] > 1:
+            name = f"{node.op_type}_{index}"
+            while name in used:
+                name += "_"
+            used.add(name)
+        names.append(name)
+    return names
 
 
 def _constant_node_values(node: gs.Node) -> np.ndarray | None:
@@ -171,6 +200,11 @@ def from_graph(graph: gs.Graph, original: onnx.ModelProto) -> onnx.ModelProto:
     del model.graph.output[:]
     model.graph.output.extend(original.graph.output)
     del model.graph.value_info[:]
+    doc_strings = {name: node.doc_string for name, node in zip(node_names(original), original.graph.node)
+                   if node.doc_string}
+    for node in model.graph.node:
+        if node.name in doc_strings:
+            node.doc_string = doc_strings[node.name]
     return model
 
 
@@ -199,14 +233,20 @@ def parameter_count(model: onnx.ModelProto) -> int:
     return count
 
 
-def check_output_path(output: str | os.PathLike, model_path: str | os.PathLike | None) -> Path:
-    """Refuse outputs that would overwrite the input model or land in a missing/read-only folder."""
+def check_output_path(output: str | os.PathLike, model_path: str | os.PathLike | None,
+                      *others: str | os.PathLike | None, option: str = "-o") -> Path:
+    """Refuse outputs that would overwrite the input model, another input or output of the command
+    (`others`: calibration data, the other output), or land in a missing or read-only folder."""
     output = Path(output)
     if model_path is not None and output.resolve() == Path(model_path).resolve():
         raise OutputError(
-            f"The output path '{output}' is the input model itself; pfp-onnx never modifies its input. "
-            "Choose another file name with -o."
+            f"The {option} path '{output}' is the input model itself; pfp-onnx never modifies its input. "
+            f"Choose another file name for {option}."
         )
+    for other in others:
+        if other is not None and output.resolve() == Path(other).resolve():
+            raise OutputError(f"The {option} path '{output}' is also '{other}', which this command reads or "
+                              f"writes; choose another file name for {option}.")
     folder = output.resolve().parent
     if not folder.is_dir():
         raise OutputError(f"The output folder '{folder}' does not exist. Create it or choose another -o path.")
@@ -258,3 +298,9 @@ def _relocate_external_data(model_file: str, new_location: str, old_location: st
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _message(exc: BaseException, limit: int = 400) -> str:
+    """An exception's whole message on one line, capped: onnx spreads its checker errors over lines."""
+    text = " ".join(str(exc).split()).rstrip(". ")
+    return (text[:limit] + "…") if len(text) > limit else (text or type(exc).__name__)

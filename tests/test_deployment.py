@@ -1,0 +1,206 @@
+"""Deployment options and guarantees of `pfp-onnx compress`: rounded widths, exclusions, preserved model
+identity and metadata, a valid and deterministic output file, external data, and the in-memory API.
+
+Every CLI run compresses a 40-point slice of the digits fixture (holdout 0.25), once per module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import pfp_onnx
+from test_cli import DATA, MODEL, run_cli
+
+POINTS = 40
+BUDGET = 0.5
+EXCLUDED_NODE = "/block_c/conv1/Conv"  # reads one prunable group and produces another
+GEMM_NODE = "/fc/Gemm"
+METADATA = {"author": "pfp-onnx tests", "license": "MIT"}
+MODEL_DOC, GRAPH_DOC = "A residual digits classifier.", "Graph documentation kept through pruning."
+ADDED_KEYS = ("pfp_onnx.version", "pfp_onnx.budget", "pfp_onnx.method", "pfp_onnx.mode", "pfp_onnx.seed")
+
+
+def calibration_arrays() -> dict[str, np.ndarray]:
+    with np.load(DATA) as archive:
+        return {name: archive[name][:POINTS] for name in archive.files}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> dict[str, Path]:
+    """The calibration slice, and a copy of the fixture that carries metadata and doc strings."""
+    folder = tmp_path_factory.mktemp("deployment")
+    data = folder / "calib.npz"
+    np.savez(data, **calibration_arrays())
+    model = onnx.load(str(MODEL))
+    model.doc_string, model.graph.doc_string = MODEL_DOC, GRAPH_DOC
+    for key, value in METADATA.items():
+        model.metadata_props.add(key=key, value=value)
+    documented = folder / "documented.onnx"
+    onnx.save(model, str(documented))
+    return {"folder": folder, "data": data, "model": documented}
+
+
+@pytest.fixture(scope="module")
+def compress_cli(workspace):
+    """compress(name, *options) → (CompletedProcess, output path, report path); each name runs once."""
+    runs = {}
+
+    def run(name: str, *options, model: Path | None = None, budget: float = BUDGET):
+        if name not in runs:
+            output, report = workspace["folder"] / f"{name}.onnx", workspace["folder"] / f"{name}.json"
+            done = run_cli("compress", model or workspace["model"], "--data", workspace["data"], "--budget", budget,
+                           "--holdout", 0.25, "-o", output, "--report", report, "-q", *options)
+            runs[name] = (done, output, report)
+        return runs[name]
+
+    return run
+
+
+def succeeded(result) -> tuple[Path, dict]:
+    done, output, report = result
+    assert done.returncode == 0, done.stderr
+    return output, json.loads(report.read_text())
+
+
+def weight_shapes(model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Node name → shape of its weight (second input), for Conv and Gemm nodes."""
+    initializers = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    return {node.name: initializers[node.input[1]] for node in model.graph.node if node.op_type in ("Conv", "Gemm")}
+
+
+def run_model(path: Path) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": calibration_arrays()["input"]})[0]
+
+
+# ---- widths -----------------------------------------------------------------------------------------
+def test_round_to_keeps_widths_multiples_within_budget(compress_cli):
+    _, report = succeeded(compress_cli("round8", "--round-to", 8))
+    pruned_groups = 0
+    for row in report["groups"]:
+        after, before = row["channels_after"], row["channels_before"]
+        assert after % 8 == 0 or after == before, row
+        pruned_groups += after < before
+    assert pruned_groups > 0, "budget 0.5 must prune some group"
+    totals = report["totals"]
+    assert totals["layer_weights_after"] <= BUDGET * totals["layer_weights_before"]
+
+
+def test_round_to_with_randomized_mode_is_refused(compress_cli):
+    done, output, report = compress_cli("round8_randomized", "--round-to", 8, "--mode", "randomized")
+    assert done.returncode == 2, done.stdout + done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("Error: ") and "\n" not in message and "--round-to" in message, message
+    assert not output.exists() and not report.exists()
+
+
+# ---- exclusions ---------------------------------------------------------------------------------------
+def test_exclude_node_keeps_its_channels(compress_cli):
+    original = weight_shapes(onnx.load(str(MODEL)))
+    baseline, _ = succeeded(compress_cli("baseline"))
+    assert weight_shapes(onnx.load(str(baseline)))[EXCLUDED_NODE] != original[EXCLUDED_NODE], \
+        "the excluded node must be one that pruning would otherwise change"
+    output, report = succeeded(compress_cli("exclude_node", "--exclude", EXCLUDED_NODE))
+    shapes = weight_shapes(onnx.load(str(output)))
+    assert shapes[EXCLUDED_NODE] == original[EXCLUDED_NODE]
+    assert shapes != original, "the rest of the model is still pruned"
+    assert report["totals"]["layer_weights_after"] <= BUDGET * report["totals"]["layer_weights_before"]
+
+
+def test_exclude_op_keeps_gemm_weights(compress_cli):
+    original = weight_shapes(onnx.load(str(MODEL)))
+    baseline, _ = succeeded(compress_cli("baseline"))
+    assert weight_shapes(onnx.load(str(baseline)))[GEMM_NODE] != original[GEMM_NODE], \
+        "without the exclusion, the Gemm's input features are pruned"
+    output, _ = succeeded(compress_cli("exclude_gemm", "--exclude-op", "Gemm"))
+    pruned = onnx.load(str(output))
+    gemm_shapes = {name: shape for name, shape in weight_shapes(pruned).items()
+                   if next(n for n in pruned.graph.node if n.name == name).op_type == "Gemm"}
+    assert gemm_shapes and all(shape == original[name] for name, shape in gemm_shapes.items())
+
+
+# ---- identity, metadata and validity of the output ----------------------------------------------------
+def test_output_keeps_model_identity_and_adds_metadata(compress_cli, workspace):
+    output, _ = succeeded(compress_cli("baseline"))
+    source, pruned = onnx.load(str(workspace["model"])), onnx.load(str(output))
+    assert list(pruned.opset_import) == list(source.opset_import)
+    assert pruned.ir_version == source.ir_version
+    assert pruned.producer_name == source.producer_name
+    assert pruned.doc_string == MODEL_DOC and pruned.graph.doc_string == GRAPH_DOC
+    metadata = {prop.key: prop.value for prop in pruned.metadata_props}
+    assert {key: metadata.get(key) for key in METADATA} == METADATA
+    assert set(ADDED_KEYS) <= set(metadata)
+    assert metadata["pfp_onnx.version"] == pfp_onnx.__version__
+    assert float(metadata["pfp_onnx.budget"]) == BUDGET
+    assert metadata["pfp_onnx.mode"] == "deterministic" and metadata["pfp_onnx.seed"] == "0"
+    assert metadata["pfp_onnx.method"].startswith("pfp/")
+
+
+def test_output_passes_full_checker_and_strict_shape_inference(compress_cli):
+    output, _ = succeeded(compress_cli("baseline"))
+    onnx.checker.check_model(str(output), full_check=True)
+    onnx.shape_inference.infer_shapes(onnx.load(str(output)), strict_mode=True)
+    assert run_model(output).shape == (POINTS, 10)
+
+
+# ---- determinism ------------------------------------------------------------------------------------
+def test_same_seed_gives_identical_files(compress_cli):
+    first, _ = succeeded(compress_cli("baseline"))
+    second, _ = succeeded(compress_cli("baseline_again"))
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_randomized_mode_is_deterministic_per_seed(compress_cli):
+    first, _ = succeeded(compress_cli("randomized_5", "--mode", "randomized", "--seed", 5))
+    second, _ = succeeded(compress_cli("randomized_5_again", "--mode", "randomized", "--seed", 5))
+    other, _ = succeeded(compress_cli("randomized_6", "--mode", "randomized", "--seed", 6))
+    assert first.read_bytes() == second.read_bytes()
+    assert first.read_bytes() != other.read_bytes()
+
+
+# ---- external data ----------------------------------------------------------------------------------
+def test_external_data_writes_model_and_data_file(tmp_path, workspace):
+    output = tmp_path / "out.onnx"
+    done = run_cli("compress", workspace["model"], "--data", workspace["data"], "--budget", BUDGET,
+                   "--holdout", 0.25, "-o", output, "--external-data", "-q")
+    assert done.returncode == 0, done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    assert (tmp_path / "out.onnx.data").stat().st_size > output.stat().st_size
+    loaded = onnx.load(str(output))  # external data loaded from beside the model
+    assert all(init.data_location != onnx.TensorProto.EXTERNAL for init in loaded.graph.initializer)
+    onnx.checker.check_model(str(output), full_check=True)
+    assert run_model(output).shape == (POINTS, 10)
+
+
+# ---- Python API ---------------------------------------------------------------------------------------
+def test_api_accepts_model_proto_and_arrays():
+    model = onnx.load(str(MODEL))
+    before = model.SerializeToString()
+    arrays = calibration_arrays()
+    result = pfp_onnx.compress(model, {"input": arrays["input"], "labels": arrays["labels"]}, budget=0.6,
+                               holdout=0.25)
+    assert isinstance(result.model, onnx.ModelProto)
+    assert model.SerializeToString() == before, "the caller's ModelProto is not modified"
+    totals = result.report.totals
+    assert totals.layer_weights_after <= 0.6 * totals.layer_weights_before
+    assert result.report.verification is not None and result.report.verification.points == POINTS // 4
+    onnx.checker.check_model(result.model, full_check=True)
+    fc_weight = next(init for init in result.model.graph.initializer if init.name == "fc.weight")
+    assert numpy_helper.to_array(fc_weight).shape[0] == 10
+
+
+def test_node_doc_strings_survive():
+    model = onnx.load(str(MODEL))
+    for node in model.graph.node:
+        node.doc_string = f"documentation of {node.name}"
+    arrays = calibration_arrays()
+    result = pfp_onnx.compress(model, {"input": arrays["input"]}, budget=0.6, holdout=0.25, recovery="none")
+    docs = {node.name: node.doc_string for node in result.model.graph.node}
+    assert all(docs[node.name] == node.doc_string for node in model.graph.node if node.name in docs)
