@@ -14,12 +14,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from pfp_onnx.errors import ModelError, OutputError
 
 # protobuf refuses to serialise a single message above 2 GiB; larger models need external data.
 PROTOBUF_LIMIT = 2**31 - 1
+# Models above this size are checked and shape-inferred through their skeleton (see skeleton()).
+SKELETON_MODEL_BYTES = 256 * 2**20
+SKELETON_TENSOR_BYTES = 2**20
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -60,15 +63,9 @@ def _has_invalid_text(graph: onnx.GraphProto) -> bool:
 
 
 def check_model(model: onnx.ModelProto, *, what: str = "the model", full: bool = False) -> None:
-    """onnx.checker, routed through a file for models too large for one protobuf message."""
+    """onnx.checker; a large model is checked as its skeleton (structure and shapes, not weight bytes)."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            with tempfile.TemporaryDirectory() as tmp:
-                tmp_path = os.path.join(tmp, "model.onnx")
-                onnx.save(model, tmp_path, save_as_external_data=True)
-                onnx.checker.check_model(tmp_path, full_check=full)
-        else:
-            onnx.checker.check_model(model, full_check=full)
+        onnx.checker.check_model(skeleton(model), full_check=full)
     except UnicodeError:
         raise ModelError(f"{what} holds text that is not valid UTF-8, so it is damaged or not ONNX. "
                          "Re-export the model.") from None
@@ -79,14 +76,42 @@ def check_model(model: onnx.ModelProto, *, what: str = "the model", full: bool =
         ) from None
 
 
+def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model itself when small; else a copy whose large initializers became graph inputs.
+
+    Checking and shape inference need shapes, not weight bytes: the skeleton of a multi-GB model is a few
+    kB, so no step ever copies or re-serialises the weights just to look at the graph.
+    """
+    large = [init for init in model.graph.initializer if init.ByteSize() > SKELETON_TENSOR_BYTES]
+    if model.ByteSize() <= SKELETON_MODEL_BYTES or not large:
+        return model
+    large_names = {init.name for init in large}
+    result = onnx.ModelProto()
+    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(result, field, getattr(model, field))
+    result.opset_import.extend(model.opset_import)
+    result.functions.extend(model.functions)
+    graph = result.graph
+    graph.name = model.graph.name
+    graph.node.extend(model.graph.node)
+    graph.input.extend(model.graph.input)
+    graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
+                       for init in large if init.name not in {info.name for info in model.graph.input})
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    graph.initializer.extend(init for init in model.graph.initializer if init.name not in large_names)
+    return result
+
+
 def with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
-    """A copy whose graph inputs have the given concrete shapes, with every intermediate shape inferred.
+    """A copy of the model's graph (its skeleton when large) whose inputs have the given concrete shapes,
+    with every intermediate shape inferred.
 
     Channel counts and spatial sizes (for Flatten blocks and FLOPs) need concrete numbers even when the
     model declares dynamic batch or spatial dimensions.
     """
     concrete = onnx.ModelProto()
-    concrete.CopyFrom(model)
+    concrete.CopyFrom(skeleton(model))
     for graph_input in concrete.graph.input:
         if graph_input.name not in input_shapes:
             continue
@@ -99,27 +124,17 @@ def with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
 
 
 def infer_shapes(model: onnx.ModelProto, *, strict: bool = False) -> onnx.ModelProto:
-    """Shape inference; `strict` also fails on inconsistent shapes (how a rewrite proves itself)."""
+    """The model's graph with inferred value_info (its skeleton, without large weights, when the model is
+    large); `strict` also fails on inconsistent shapes (how a rewrite proves itself)."""
     try:
-        if model.ByteSize() > PROTOBUF_LIMIT:
-            return _infer_shapes_via_file(model, strict)
-        return onnx.shape_inference.infer_shapes(model, strict_mode=strict, data_prop=True)
+        return onnx.shape_inference.infer_shapes(skeleton(model), strict_mode=strict, data_prop=True)
     except Exception as exc:
         if strict:
             raise
-
         raise ModelError(
             f"ONNX shape inference failed on the model ({_first_line(exc)}); pfp-onnx needs it to know "
             "channel counts. Check the model with onnx.checker and re-export it."
         ) from None
-
-
-def _infer_shapes_via_file(model: onnx.ModelProto, strict: bool) -> onnx.ModelProto:
-    with tempfile.TemporaryDirectory() as tmp:
-        source, target = os.path.join(tmp, "in.onnx"), os.path.join(tmp, "out.onnx")
-        onnx.save(model, source, save_as_external_data=True)
-        onnx.shape_inference.infer_shapes_path(source, target, strict_mode=strict, data_prop=True)
-        return onnx.load(target, load_external_data=True)
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:

@@ -67,7 +67,8 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mappi
             tensor.shape = None
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     # Strict inference re-derives every shape from the new weights: a cut that missed a consumer fails here.
-    pruned = infer_shapes(from_graph(graph, model), strict=True)
+    pruned = from_graph(graph, model)
+    pruned.graph.value_info.extend(infer_shapes(pruned, strict=True).graph.value_info)
     check_model(pruned, what="the pruned model", full=True)
     return pruned
 
