@@ -76,6 +76,13 @@ def check_model(model: onnx.ModelProto, *, what: str = "the model", full: bool =
         ) from None
 
 
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The serialised size, summed per node and initializer: protobuf cannot size a message above 2 GB."""
+    graph = model.graph
+    return (sum(init.ByteSize() for init in graph.initializer) + sum(node.ByteSize() for node in graph.node)
+            + sum(info.ByteSize() for info in [*graph.input, *graph.output, *graph.value_info]))
+
+
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     """The model itself when small; else a copy whose large initializers became graph inputs.
 
@@ -83,7 +90,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     kB, so no step ever copies or re-serialises the weights just to look at the graph.
     """
     large = [init for init in model.graph.initializer if init.ByteSize() > SKELETON_TENSOR_BYTES]
-    if model.ByteSize() <= SKELETON_MODEL_BYTES or not large:
+    if model_bytes(model) <= SKELETON_MODEL_BYTES or not large:
         return model
     large_names = {init.name for init in large}
     result = onnx.ModelProto()
@@ -278,7 +285,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
     A crash or error mid-write therefore never leaves a partial model behind.
     """
     output = Path(output)
-    external_data = external_data or model.ByteSize() > PROTOBUF_LIMIT
+    external_data = external_data or model_bytes(model) > PROTOBUF_LIMIT
     handle, tmp_name = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.resolve().parent)
     os.close(handle)
     data_name = f"{output.name}.data"

@@ -19,7 +19,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from pfp_onnx.errors import OptionError
-from pfp_onnx.model import PROTOBUF_LIMIT
+from pfp_onnx.model import PROTOBUF_LIMIT, model_bytes
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -80,7 +80,7 @@ def create_session(model: onnx.ModelProto, device: Device) -> ort.InferenceSessi
     """A session for an in-memory model; models over protobuf's 2 GiB limit go through a temp file."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if model.ByteSize() <= PROTOBUF_LIMIT:
+    if model_bytes(model) <= PROTOBUF_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(device.providers))
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
