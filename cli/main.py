@@ -100,9 +100,10 @@ def main() -> None:
               help="Store the output's weights in OUT.data beside it (automatic above 2 GB).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, readable=False), help="Also write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Also print every frozen reason and each output's errors.")
 @_user_errors
 def compress_command(model, data, budget, output, mode, criterion, allocation, recovery, holdout, batch_size, seed,
-                     device, exclude, exclude_ops, round_to, external_data, report_path, quiet):
+                     device, exclude, exclude_ops, round_to, external_data, report_path, quiet, verbose):
     """Prune MODEL to keep BUDGET of its layer weights and write a smaller dense ONNX model."""
     output_path = check_output_path(output, model, data)
     if report_path is not None:
@@ -118,7 +119,7 @@ def compress_command(model, data, budget, output, mode, criterion, allocation, r
         for note in result.notes:
             click.echo(f"note: {note}", err=True)
         sys.stderr.flush()
-        click.echo(render_table(result.report))
+        click.echo(render_table(result.report, verbose=verbose))
         click.echo(f"wrote {output_path}" + (f" and {report_path}" if report_path else ""))
 
 

@@ -70,8 +70,9 @@ def _ratio(after: float, before: float) -> str:
     return f"{after / before:6.1%}" if before else "   n/a"
 
 
-def render_table(report: CompressReport) -> str:
-    """The summary a user reads after `pfp-onnx compress`."""
+def render_table(report: CompressReport, *, verbose: bool = False) -> str:
+    """The summary a user reads after `pfp-onnx compress`; verbose adds every frozen reason and the
+    per-output comparison."""
     epsilon = "n/a" if report.epsilon is None else f"{report.epsilon:.4g}"
     lines = [f"pfp-onnx compress {report.model}  budget={report.budget}  method={report.method}  "
              f"mode={report.mode}  seed={report.seed}  ε={epsilon}  ({report.device})",
@@ -82,6 +83,9 @@ def render_table(report: CompressReport) -> str:
         kept = "" if row.sensitivity_kept is None else f"{row.sensitivity_kept:10.1%}"
         note = "frozen: " + row.frozen[0] if row.frozen else ""
         lines.append(f"{row.group:>5}  {_names(row.producers):<34.34} {channels:>13}  {kept:>10}  {note}")
+        if verbose:
+            lines.extend(f"{'':>5}  producers: {name}" for name in row.producers[2:])
+            lines.extend(f"{'':>5}  frozen: {reason}" for reason in row.frozen[1:])
     totals = report.totals
     lines += ["",
               f"parameters     {totals.parameters_before:>12,} → {totals.parameters_after:<12,} "
@@ -94,6 +98,10 @@ def render_table(report: CompressReport) -> str:
         lines.append("verification   skipped (no held-out points; use --holdout > 0)")
     else:
         lines.append(render_verification(report.verification))
+        if verbose:
+            lines.extend(f"  output '{item.name}': max abs error {item.max_abs_error:.4g}, relative max "
+                         f"{item.max_relative_error:.4g}, mean {item.mean_relative_error:.4g}"
+                         for item in report.verification.outputs)
     timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report.seconds.items())
     lines.append(f"time           {timing}")
     return "\n".join(lines)

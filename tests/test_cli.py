@@ -98,3 +98,11 @@ def test_readme_cli_reference_is_current():
     """The README's CLI reference is generated from --help; regenerate with python -m pfp_onnx_cli.reference."""
     done = subprocess.run([sys.executable, "-m", "pfp_onnx_cli.reference", "--check"], capture_output=True)
     assert done.returncode == 0, "README.md's CLI reference is stale: run python -m pfp_onnx_cli.reference"
+
+
+def test_quiet_and_verbose(tmp_path):
+    quiet = run_cli("compress", MODEL, "--data", DATA, "--budget", 0.7, "-o", tmp_path / "q.onnx", "-q")
+    assert quiet.returncode == 0 and quiet.stdout == "" and quiet.stderr == ""
+    verbose = run_cli("compress", MODEL, "--data", DATA, "--budget", 0.7, "-o", tmp_path / "v.onnx", "-v")
+    assert verbose.returncode == 0 and "output 'logits': max abs error" in verbose.stdout
+    assert "note: running on" in verbose.stderr  # the execution provider is said once
