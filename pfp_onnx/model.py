@@ -298,6 +298,11 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
             _relocate_external_data(tmp_name, data_name, tmp_data.name)
         else:
             onnx.save(model, tmp_name)
+        umask = os.umask(0)
+        os.umask(umask)
+        for written in (Path(tmp_name), output.resolve().parent / data_name if external_data else None):
+            if written is not None:
+                os.chmod(written, 0o666 & ~umask)  # mkstemp makes 0600 files; outputs are ordinary files
         os.replace(tmp_name, output)
     except OSError as exc:
         raise OutputError(f"Could not write '{output}': {exc.strerror or exc}. Check the disk and permissions.") from None

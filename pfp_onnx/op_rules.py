@@ -9,6 +9,7 @@ group they touch.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import numpy as np
@@ -52,6 +53,20 @@ def _int_list(tracer: ChannelTracer, node: gs.Node, input_index: int, attribute:
     if attribute is not None and attribute in node.attrs:
         return [int(v) for v in node.attrs[attribute]]
     return []
+
+
+def _reads_channels(*claimed: int):
+    """For rules whose channels enter through input 0: claim the inputs they handle (all when none are
+    named), and call the rule only when that input carries channels."""
+    def wrap(rule: Callable[[gs.Node, ChannelTracer, Channels], None]) -> Rule:
+        @functools.wraps(rule)
+        def apply(node: gs.Node, tracer: ChannelTracer) -> None:
+            tracer.claim(*(claimed or range(len(node.inputs))))
+            incoming = tracer.channels(node.inputs[0])
+            if incoming is not None:
+                rule(node, tracer, incoming)
+        return apply
+    return wrap
 
 
 def _produce(tracer: ChannelTracer, node: gs.Node, output: gs.Tensor, axis: int, rank: int, width: int,
@@ -205,24 +220,20 @@ def matmul(node: gs.Node, tracer: ChannelTracer) -> None:
 
 
 # ---- channel-preserving operators ------------------------------------------------------------------
-def passthrough(node: gs.Node, tracer: ChannelTracer) -> None:
-    """Element-wise unary operators, Dropout, Identity, Cast: output channel c depends on input channel c."""
-    tracer.claim(*range(len(node.inputs)))  # extra inputs (Clip bounds, Dropout ratio) are scalars
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels()
+def passthrough(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
+    """Element-wise unary operators, Dropout, Identity, Cast: output channel c depends on input channel c.
+
+    Extra inputs (Clip bounds, Dropout ratio) are scalars."""
     if _extra_outputs_used(node, tracer) or any(tracer.channels(t) for t in node.inputs[1:]):
         tracer.freeze(incoming, f"{node.op} '{node.name}' exposes or mixes the channels elsewhere")
         return
     tracer.follow(node.outputs[0], incoming)
 
 
-def spatial(node: gs.Node, tracer: ChannelTracer) -> None:
+@_reads_channels(0)
+def spatial(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     """Pooling: works within each channel of an NC... tensor."""
-    tracer.claim(0)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
     if incoming.axis != 1 or incoming.block != 1:
         tracer.freeze(incoming, f"{node.op} '{node.name}' pools a tensor whose channels are not on axis 1")
     elif _extra_outputs_used(node, tracer):
@@ -231,11 +242,8 @@ def spatial(node: gs.Node, tracer: ChannelTracer) -> None:
         tracer.follow(node.outputs[0], incoming)
 
 
-def batch_normalization(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(0, 1, 2, 3, 4)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels(0, 1, 2, 3, 4)
+def batch_normalization(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     params = [tracer.constant(tensor) for tensor in node.inputs[1:5]]
     if incoming.axis != 1 or incoming.block != 1 or any(p is None or p.ndim != 1 for p in params):
         tracer.freeze(incoming, f"BatchNormalization '{node.name}' has non-constant parameters")
@@ -326,11 +334,8 @@ def concat(node: gs.Node, tracer: ChannelTracer) -> None:
     tracer.follow(node.outputs[0], Channels(tuple(groups), axis, output_rank))
 
 
-def split(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(0, 1)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels(0, 1)
+def split(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     axis = int(node.attrs.get("axis", 0)) % incoming.rank
     if axis != incoming.axis:
         for output in node.outputs:
@@ -351,11 +356,8 @@ def split(node: gs.Node, tracer: ChannelTracer) -> None:
         start += size
 
 
-def slice_(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(*range(len(node.inputs)))
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels()
+def slice_(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     starts, ends = _int_list(tracer, node, 1, "starts"), _int_list(tracer, node, 2, "ends")
     axes = _int_list(tracer, node, 3, "axes") or list(range(len(starts or [])))
     steps = _int_list(tracer, node, 4, None) or [1] * len(axes)
@@ -380,12 +382,9 @@ def slice_(node: gs.Node, tracer: ChannelTracer) -> None:
     tracer.follow(node.outputs[0], _moved(part, incoming.axis, output_rank))
 
 
-def resize(node: gs.Node, tracer: ChannelTracer) -> None:
+@_reads_channels()
+def resize(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     """Resize/Upsample: fine while the channel axis keeps its size (scale 1, or a size we rewrite)."""
-    tracer.claim(*range(len(node.inputs)))
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
     axes = [a % incoming.rank for a in node.attrs.get("axes", range(incoming.rank))]
     scale_index, size_index = (1, None) if node.op == "Upsample" else (2, 3)
     scales = tracer.constant(node.inputs[scale_index]) if len(node.inputs) > scale_index \
@@ -403,11 +402,8 @@ def resize(node: gs.Node, tracer: ChannelTracer) -> None:
         tracer.freeze(incoming, f"{node.op} '{node.name}' may resize the channel axis")
 
 
-def pad(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(*range(len(node.inputs)))
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels()
+def pad(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     pads = _int_list(tracer, node, 1, "pads")
     axes = _int_list(tracer, node, 3, None) or list(range(incoming.rank))
     if pads is None or len(pads) != 2 * len(axes):
@@ -420,11 +416,8 @@ def pad(node: gs.Node, tracer: ChannelTracer) -> None:
     tracer.follow(node.outputs[0], incoming)
 
 
-def softmax(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(0)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels(0)
+def softmax(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     default = -1 if _opset(tracer) >= 13 else 1
     if int(node.attrs.get("axis", default)) % incoming.rank == incoming.axis:
         tracer.freeze(incoming, f"{node.op} '{node.name}' normalises across the channels")
@@ -432,11 +425,8 @@ def softmax(node: gs.Node, tracer: ChannelTracer) -> None:
         tracer.follow(node.outputs[0], incoming)
 
 
-def reduce(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(0, 1)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels(0, 1)
+def reduce(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     axes = _int_list(tracer, node, 1, "axes")
     if axes is None or not axes:
         tracer.freeze(incoming, f"{node.op} '{node.name}' reduces over unknown or all axes")
@@ -452,21 +442,15 @@ def reduce(node: gs.Node, tracer: ChannelTracer) -> None:
         tracer.follow(node.outputs[0], _moved(incoming, incoming.axis - shift, incoming.rank - len(axes)))
 
 
-def transpose(node: gs.Node, tracer: ChannelTracer) -> None:
+@_reads_channels(0)
+def transpose(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     """NHWC ↔ NCHW and friends: the channels simply move to another axis."""
-    tracer.claim(0)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
     perm = [int(p) for p in node.attrs.get("perm", range(incoming.rank - 1, -1, -1))]
     tracer.follow(node.outputs[0], _moved(incoming, perm.index(incoming.axis), incoming.rank))
 
 
-def squeeze(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(0, 1)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels(0, 1)
+def squeeze(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     axes = _int_list(tracer, node, 1, "axes")
     shape = tracer.shape(node.inputs[0])
     if axes == [] and shape is not None and None not in shape:
@@ -482,11 +466,8 @@ def squeeze(node: gs.Node, tracer: ChannelTracer) -> None:
     tracer.follow(node.outputs[0], _moved(incoming, incoming.axis - shift, incoming.rank - len(axes)))
 
 
-def unsqueeze(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(0, 1)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels(0, 1)
+def unsqueeze(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     axes = _int_list(tracer, node, 1, "axes")
     if not axes:
         tracer.freeze(incoming, f"Unsqueeze '{node.name}' has unknown axes")
@@ -506,11 +487,8 @@ def _flatten_from_channel_axis(tracer: ChannelTracer, node: gs.Node, incoming: C
     return Channels(incoming.groups, incoming.axis, incoming.axis + 1, incoming.block * inner)
 
 
-def flatten(node: gs.Node, tracer: ChannelTracer) -> None:
-    tracer.claim(0)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
+@_reads_channels(0)
+def flatten(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     axis = int(node.attrs.get("axis", 1)) % max(incoming.rank, 1)
     flat = _flatten_from_channel_axis(tracer, node, incoming) if axis == incoming.axis else None
     if flat is None:
@@ -519,12 +497,9 @@ def flatten(node: gs.Node, tracer: ChannelTracer) -> None:
     tracer.follow(node.outputs[0], _moved(flat, 1, 2))
 
 
-def reshape(node: gs.Node, tracer: ChannelTracer) -> None:
+@_reads_channels(0, 1)
+def reshape(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     """Reshapes that flatten from the channel axis on, or append size-1 axes after it."""
-    tracer.claim(0, 1)
-    incoming = tracer.channels(node.inputs[0])
-    if incoming is None:
-        return
     target = tracer.constant(node.inputs[1])
     input_shape, output_shape = tracer.shape(node.inputs[0]), tracer.shape(node.outputs[0])
     axis, width = incoming.axis, tracer.width(incoming)

@@ -81,3 +81,13 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     with pytest.raises(OutputError, match="No space left"):
         save_model(onnx.load(str(MODEL)), target)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        save_model(onnx.load(str(MODEL)), tmp_path / "out.onnx", external_data=True)
+    finally:
+        os.umask(umask)
+    for name in ("out.onnx", "out.onnx.data"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
