@@ -242,16 +242,18 @@ def spatial(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
         tracer.follow(node.outputs[0], incoming)
 
 
-@_reads_channels(0, 1, 2, 3, 4)
-def batch_normalization(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
-    params = [tracer.constant(tensor) for tensor in node.inputs[1:5]]
+@_reads_channels()
+def channel_normalization(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
+    """BatchNormalization and InstanceNormalization: per-channel statistics and affine parameters on
+    axis 1, each a constant [C] vector cut with the channels."""
+    params = [tracer.constant(tensor) for tensor in node.inputs[1:]]
     if incoming.axis != 1 or incoming.block != 1 or any(p is None or p.ndim != 1 for p in params):
-        tracer.freeze(incoming, f"BatchNormalization '{node.name}' has non-constant parameters")
+        tracer.freeze(incoming, f"{node.op} '{node.name}' has non-constant parameters")
         return
     if _extra_outputs_used(node, tracer):
-        tracer.freeze(incoming, f"BatchNormalization '{node.name}' exposes training statistics")
+        tracer.freeze(incoming, f"{node.op} '{node.name}' exposes training statistics")
         return
-    for index in range(1, 5):
+    for index in range(1, len(node.inputs)):
         tracer.add_slice(incoming, node, index, 0, "param")
     tracer.follow(node.outputs[0], incoming)
 
@@ -542,7 +544,8 @@ RULES: dict[str, Rule] = {
     "ConvTranspose": conv,
     "Gemm": gemm,
     "MatMul": matmul,
-    "BatchNormalization": batch_normalization,
+    "BatchNormalization": channel_normalization,
+    "InstanceNormalization": channel_normalization,
     "Flatten": flatten,
     "Reshape": reshape,
     "Concat": concat,

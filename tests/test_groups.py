@@ -267,3 +267,11 @@ def test_tensor_read_inside_a_subgraph_is_frozen():
 def test_second_outputs_carrying_channels_freeze(producer):
     model = extra_outputs()
     assert not group_of(analyse_channel_groups(model, input_shapes(model)), producer).prunable
+
+
+def test_instance_normalization_carries_channels_and_is_cut_with_them():
+    analysis = analyse("instance_norm")
+    group = group_of(analysis, "conv1")
+    assert group.prunable and group.consumers == ("conv2",)
+    assert {(s.node, s.input_index, s.axis) for s in group.slices if s.role == "param"} == {
+        ("conv1", 2, 0), ("in1", 1, 0), ("in1", 2, 0)}

@@ -366,6 +366,21 @@ def extra_outputs() -> onnx.ModelProto:
     return b.build()
 
 
+def instance_norm() -> onnx.ModelProto:
+    """InstanceNormalization (style-transfer and GAN generators) carries channels like BatchNorm."""
+    b = _GraphBuilder("instance_norm", seed=12)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.conv("conv1", x, 3, 8, pads=[1] * 4)
+    scale = b.constant("in1.scale", b.rng.uniform(0.5, 1.5, 8))
+    shift = b.constant("in1.shift", b.rng.normal(0.0, 0.3, 8))
+    h = b.node("Relu", [b.node("InstanceNormalization", [h, scale, shift], "in1", epsilon=1e-5)], "relu1")
+    h = b.node("Relu", [b.conv("conv2", h, 8, 6, pads=[1] * 4)], "relu2")
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h], "gap")], "flatten")
+    b.gemm("logits", h, 6, 4)
+    b.output("logits", ["N", 4])
+    return b.build()
+
+
 ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "chain": chain,
     "residual": residual,
@@ -377,6 +392,7 @@ ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "frozen_cases": frozen_cases,
     "squeeze_excite": squeeze_excite,
     "self_coupled": self_coupled,
+    "instance_norm": instance_norm,
 }
 
 
