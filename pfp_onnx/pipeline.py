@@ -15,22 +15,21 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from pfp_onnx.version import __version__
-
 from pfp_onnx.allocate import GroupDemand, LayerSize, allocate, allocate_uniform
 from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
-from pfp_onnx.recover import FeatureStatistics
-from pfp_onnx.refit import RECOVERIES, new_statistics, recoverable_layers, replacements, with_zero_biases
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import CalibrationData, StreamedData, input_specs, read_npz, split, validate
 from pfp_onnx.errors import ModelError, OptionError
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.model import check_model, load_model, parameter_count, with_metadata
+from pfp_onnx.recover import FeatureStatistics
+from pfp_onnx.refit import RECOVERIES, new_statistics, recoverable_layers, replacements, with_zero_biases
 from pfp_onnx.report import CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import Device, choose_device
 from pfp_onnx.select import Selection, select_channels
 from pfp_onnx.verify import Verification, check_runs, verify
+from pfp_onnx.version import __version__
 
 MODES = ("deterministic", "randomized", "hybrid")
 ALLOCATIONS = ("pfp", "uniform")
