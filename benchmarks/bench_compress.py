@@ -1,0 +1,333 @@
+"""What compress costs and what pruning buys, as ratios measured side by side in one run.
+
+1. compress wall time (recovery none, and the default lstsq) ÷ one plain onnxruntime forward pass over
+   the same calibration points at the same batch size, with compress's own per-stage seconds;
+2. the sensitivity stage alone (pfp_onnx.capture.capture_sensitivities) ÷ a straightforward PyTorch-CPU
+   transcription of the reference tracker (PFP.md §1), after checking both give the same sensitivities
+   (skipped when torch is not installed);
+3. pruned ÷ original inference latency on onnxruntime's CPU provider at several budgets, beside the MAC
+   reduction the report claims, and their ratio (1.0 = the latency falls as much as the MACs).
+
+Models: the checked-in MNIST ResNet-20 (fixtures/mnist_resnet.onnx with the first --points points of
+fixtures/mnist_calib.npz), or --model resnet56-cifar: a CIFAR-style ResNet-56 (3 stages × 9 basic blocks,
+16/32/64 channels, 32×32 input) built here with onnx.helper, random weights, BatchNorm with random
+statistics, and random inputs.
+
+    python benchmarks/bench_compress.py                                  # MNIST ResNet-20, 256 points
+    python benchmarks/bench_compress.py --model resnet56-cifar --points 128 --repeats 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+import pfp_onnx
+from pfp_onnx.capture import ConsumerProbe, augmented_model, capture_sensitivities, consumer_probes
+from pfp_onnx.groups import analyse_channel_groups
+from pfp_onnx.runtime import choose_device, create_session
+
+try:
+    import torch
+    import torch.nn.functional as torch_functional
+except ImportError:  # the project venv has no torch: the comparison is skipped
+    torch = None
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("mnist-resnet20", "resnet56-cifar")
+DEFAULT_POINTS = {"mnist-resnet20": 256, "resnet56-cifar": 64}
+Z_EPS = float(np.finfo(np.float32).eps)  # |z| at or below this counts as +infinity (PFP.md §1, step 3)
+TORCH_CHUNK_BYTES = 256 * 2**20  # bound on one [points, F, C, K, P] contribution tensor in the transcription
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Models and data
+
+
+def mnist_resnet20(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    fixture = np.load(ROOT / "fixtures" / "mnist_calib.npz")
+    if points > len(fixture["input"]):
+        raise SystemExit(f"the MNIST fixture has {len(fixture['input'])} points; ask for at most that many")
+    data = {"input": fixture["input"][:points], "labels": fixture["labels"][:points]}
+    return onnx.load(ROOT / "fixtures" / "mnist_resnet.onnx"), data
+
+
+def resnet56_cifar(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """CIFAR ResNet-56 (He et al. 2016, §4.2) with 1×1 projection shortcuts where the shape changes."""
+    rng = np.random.default_rng(seed)
+    nodes, initializers = [], []
+
+    def constant(name: str, values: np.ndarray) -> str:
+        initializers.append(numpy_helper.from_array(values.astype(np.float32), name))
+        return name
+
+    def conv_bn(name: str, source: str, channels_in: int, channels_out: int, kernel: int, stride: int,
+                gamma_scale: float = 1.0) -> str:
+        fan_in = channels_in * kernel * kernel
+        weight = rng.normal(0, np.sqrt(2 / fan_in), size=(channels_out, channels_in, kernel, kernel))
+        nodes.append(helper.make_node("Conv", [source, constant(f"{name}.weight", weight)], [f"{name}.conv"],
+                                      name=f"{name}/Conv", kernel_shape=[kernel, kernel], strides=[stride, stride],
+                                      pads=[kernel // 2] * 4))
+        bn = [constant(f"{name}.bn.scale", gamma_scale * rng.uniform(0.5, 1.5, channels_out)),
+              constant(f"{name}.bn.bias", rng.normal(0, 0.1, channels_out)),
+              constant(f"{name}.bn.mean", rng.normal(0, 0.1, channels_out)),
+              constant(f"{name}.bn.var", rng.uniform(0.5, 1.5, channels_out))]
+        nodes.append(helper.make_node("BatchNormalization", [f"{name}.conv", *bn], [f"{name}.bn"],
+                                      name=f"{name}/BatchNormalization"))
+        return f"{name}.bn"
+
+    def relu(name: str, source: str) -> str:
+        nodes.append(helper.make_node("Relu", [source], [f"{name}.relu"], name=f"{name}/Relu"))
+        return f"{name}.relu"
+
+    tensor = relu("stem", conv_bn("stem", "input", 3, 16, 3, 1))
+    channels = 16
+    for stage, width in enumerate((16, 32, 64)):
+        for block in range(9):
+            name = f"stage{stage + 1}.block{block}"
+            stride = 2 if stage > 0 and block == 0 else 1
+            branch = relu(f"{name}.conv1", conv_bn(f"{name}.conv1", tensor, channels, width, 3, stride))
+            # A small second BN scale keeps the random residual stream from growing over 27 blocks.
+            branch = conv_bn(f"{name}.conv2", branch, width, width, 3, 1, gamma_scale=0.3)
+            shortcut = tensor if stride == 1 and channels == width else \
+                conv_bn(f"{name}.shortcut", tensor, channels, width, 1, stride)
+            nodes.append(helper.make_node("Add", [branch, shortcut], [f"{name}.add"], name=f"{name}/Add"))
+            tensor, channels = relu(name, f"{name}.add"), width
+    nodes.append(helper.make_node("GlobalAveragePool", [tensor], ["pooled"], name="pool/GlobalAveragePool"))
+    nodes.append(helper.make_node("Flatten", ["pooled"], ["features"], name="flatten/Flatten", axis=1))
+    nodes.append(helper.make_node("Gemm", ["features", constant("fc.weight", rng.normal(0, 0.1, (10, 64))),
+                                           constant("fc.bias", np.zeros(10))], ["logits"], name="fc/Gemm", transB=1))
+    graph = helper.make_graph(nodes, "resnet56_cifar",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    data = {"input": rng.normal(0, 1, size=(points, 3, 32, 32)).astype(np.float32)}
+    return model, data
+
+
+def batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    count = len(data["input"])
+    for start in range(0, count, batch_size):
+        yield {name: array[start:start + batch_size] for name, array in data.items()}
+
+
+def seconds_of(function: Callable[[], object]) -> tuple[float, object]:
+    started = time.perf_counter()
+    value = function()
+    return time.perf_counter() - started, value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The PyTorch transcription of the reference sensitivity tracker (PFP.md §1)
+
+
+def torch_layer_sensitivity(activation: np.ndarray, probe: ConsumerProbe) -> "torch.Tensor":
+    """s_c of one consuming layer over a batch of points, written the way a PyTorch user would.
+
+    Per point: W⁺/W⁻ split, a⁺ and a⁻ as separate points, z± = layer(a; W±) without bias, unfolded patches,
+    g± = W± · a_unf / z± (0 where |z±| ≤ eps), g = max(g⁺, g⁻), max over positions, kernel offsets,
+    filters and points. Points are batched, in chunks that keep the 5-D contribution tensor bounded.
+    """
+    weight = torch.from_numpy(probe.weight)
+    activation = torch.from_numpy(np.ascontiguousarray(activation, dtype=np.float32))
+    geometry = probe.layer.conv
+    if geometry is None:
+        points = activation.reshape(-1, weight.shape[1])  # every row is a point with its own z
+    else:
+        if geometry.transposed or weight.ndim != 4:
+            raise SystemExit("the PyTorch transcription covers 2-D Conv and dense layers only")
+        pads = geometry.pads  # ONNX (top, left, bottom, right) → torch (left, right, top, bottom)
+        points = torch_functional.pad(activation, (pads[1], pads[3], pads[0], pads[2]))
+    points = torch.cat([points.clamp(min=0), (-points).clamp(min=0)]) if (points < 0).any() else points
+    positive_weight, negative_weight = weight.clamp(min=0), weight.clamp(max=0)
+
+    if geometry is None:
+        filters, channels = weight.shape
+        per_point = filters * channels * 4
+    else:
+        filters, channels, kernel_h, kernel_w = weight.shape
+        z_probe = torch_functional.conv2d(points[:1], weight, stride=geometry.strides, dilation=geometry.dilations)
+        positions = z_probe.shape[2] * z_probe.shape[3]
+        per_point = filters * channels * kernel_h * kernel_w * positions * 4
+    chunk = max(1, TORCH_CHUNK_BYTES // per_point)
+
+    sensitivity = torch.zeros(channels)
+    for start in range(0, points.shape[0], chunk):
+        a = points[start:start + chunk]
+        for signed_weight in (positive_weight, negative_weight):
+            if geometry is None:
+                z = a @ signed_weight.T  # [n, F]
+                inverse_z = torch.where(z.abs() > Z_EPS, 1 / z.abs(), torch.zeros(()))
+                g = signed_weight.abs()[None] * a[:, None, :] * inverse_z[:, :, None]  # [n, F, C]
+                sensitivity = torch.maximum(sensitivity, g.amax(dim=(0, 1)))
+            else:
+                z = torch_functional.conv2d(a, signed_weight, stride=geometry.strides, dilation=geometry.dilations)
+                z = z.flatten(2)  # [n, F, P]
+                unfolded = torch_functional.unfold(a, (kernel_h, kernel_w), dilation=geometry.dilations,
+                                                   stride=geometry.strides)  # [n, C·K, P]
+                unfolded = unfolded.reshape(a.shape[0], 1, channels, kernel_h * kernel_w, -1)
+                inverse_z = torch.where(z.abs() > Z_EPS, 1 / z.abs(), torch.zeros(()))
+                g = (signed_weight.abs().reshape(1, filters, channels, -1, 1) * unfolded
+                     * inverse_z[:, :, None, None, :])  # [n, F, C, K, P]
+                sensitivity = torch.maximum(sensitivity, g.amax(dim=4).amax(dim=3).amax(dim=1).amax(dim=0))
+    if geometry is None:
+        sensitivity = sensitivity.reshape(probe.layer.in_units, probe.layer.in_block).amax(dim=1)
+    return sensitivity
+
+
+def torch_sensitivities(model: onnx.ModelProto, analysis, data, batch_size: int, device) -> dict[int, np.ndarray]:
+    """Same capture as pfp-onnx (one augmented onnxruntime session), scoring in PyTorch."""
+    probes = consumer_probes(model, analysis)
+    scores = {group.id: torch.zeros(group.width) for group in analysis.prunable_groups}
+    names = sorted({probe.layer.input for probe in probes})
+    session = create_session(augmented_model(model, names), device)
+    for batch in batches(data, batch_size):
+        activations = dict(zip(names, session.run(names, {"input": batch["input"]})))
+        for probe in probes:
+            channel_scores = torch_layer_sensitivity(activations[probe.layer.input], probe)
+            for group_id, start, width in probe.groups:
+                scores[group_id] = torch.maximum(scores[group_id], channel_scores[start:start + width])
+    return {group_id: values.numpy() for group_id, values in scores.items()}
+
+
+def onnxruntime_capture_only(model: onnx.ModelProto, analysis, data, batch_size: int, device) -> None:
+    """The augmented forward pass both sensitivity implementations share, with no scoring."""
+    names = sorted({probe.layer.input for probe in consumer_probes(model, analysis)})
+    session = create_session(augmented_model(model, names), device)
+    for batch in batches(data, batch_size):
+        session.run(names, {"input": batch["input"]})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Latency
+
+
+def cpu_session(model: onnx.ModelProto, threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Idle worker threads spin by default; with sessions interleaved run by run, one session's spinning
+    # threads would steal the cores of the next one (4× slower on 2 cores).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def median_latencies(models: dict[object, onnx.ModelProto], feed: dict[str, np.ndarray], threads: int,
+                     repeats: int) -> dict[object, float]:
+    """Median seconds per run of each model on one fixed batch; models are interleaved run by run so
+    that machine noise hits all of them alike."""
+    sessions = {name: cpu_session(model, threads) for name, model in models.items()}
+    for session in sessions.values():
+        for _ in range(3):
+            session.run(None, feed)
+    timings = {name: [] for name in sessions}
+    for _ in range(repeats):
+        for name, session in sessions.items():
+            started = time.perf_counter()
+            session.run(None, feed)
+            timings[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", choices=MODELS, default="mnist-resnet20", help="which ResNet to compress")
+    parser.add_argument("--points", type=int, default=None,
+                        help="calibration points; None means 256 for mnist-resnet20, 64 for resnet56-cifar")
+    parser.add_argument("--batch-size", type=int, default=32, help="points per onnxruntime run, everywhere")
+    parser.add_argument("--budget", type=float, default=0.5, help="budget of the timed compress runs")
+    parser.add_argument("--budgets", default="0.7,0.5,0.3", help="budgets whose inference latency is measured")
+    parser.add_argument("--latency-batch", type=int, default=32, help="points in the fixed latency batch")
+    parser.add_argument("--round-to", default="1,8",
+                        help="comma-separated --round-to values for the latency models (8: widths multiple of 8)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for latency")
+    parser.add_argument("--repeats", type=int, default=30, help="timed runs per model for the latency median")
+    parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch comparison")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random model and data")
+    args = parser.parse_args()
+
+    points = args.points or DEFAULT_POINTS[args.model]
+    build = mnist_resnet20 if args.model == "mnist-resnet20" else resnet56_cifar
+    model, data = build(points, args.seed)
+    device = choose_device("cpu")
+    budgets = [float(value) for value in args.budgets.split(",")]
+    print(f"bench_compress: {args.model}, {points} calibration points, batch size {args.batch_size}, "
+          f"{os.cpu_count()} CPUs, onnxruntime {ort.__version__}, numpy {np.__version__}, "
+          f"torch {torch.__version__ if torch else 'absent'}, python {platform.python_version()}")
+
+    # 1. compress ÷ one plain forward pass over the same points.
+    plain = create_session(model, device)
+    forward = min(seconds_of(lambda: [plain.run(None, {"input": b["input"]})
+                                      for b in batches(data, args.batch_size)])[0] for _ in range(3))
+    print(f"\n[1] compress wall time ÷ one onnxruntime forward pass over the same {points} points "
+          f"(forward pass {forward:.3f} s, best of 3)")
+    for recovery in ("none", "lstsq"):
+        seconds, result = seconds_of(lambda: pfp_onnx.compress(model, data, budget=args.budget, recovery=recovery,
+                                                               batch_size=args.batch_size, device="cpu"))
+        stages = ", ".join(f"{stage} {value:.2f}" for stage, value in result.report.seconds.items()
+                           if stage != "total")
+        print(f"  recovery={recovery:5s} {seconds:8.2f} s = {seconds / forward:7.1f} × forward   "
+              f"(stages, s: {stages})")
+
+    # 2. the sensitivity stage alone ÷ the PyTorch transcription, on the same analysis and points.
+    analysis = analyse_channel_groups(model, {"input": (1, *data["input"].shape[1:])})
+    capture_seconds, _ = seconds_of(lambda: onnxruntime_capture_only(model, analysis, data, args.batch_size, device))
+    ours_seconds, ours = seconds_of(lambda: capture_sensitivities(model, analysis, batches(data, args.batch_size),
+                                                                  device))
+    print(f"\n[2] sensitivity stage on {points} points (augmented onnxruntime pass alone: {capture_seconds:.2f} s)")
+    print(f"  pfp-onnx capture_sensitivities {ours_seconds:8.2f} s")
+    if torch is None or args.skip_torch:
+        print("  PyTorch comparison skipped: " + ("--skip-torch" if torch else "torch is not installed here "
+              "(pip install torch==2.13.0 in a separate venv and run this script there)"))
+    else:
+        torch_seconds, theirs = seconds_of(lambda: torch_sensitivities(model, analysis, data, args.batch_size,
+                                                                       device))
+        for group_id in ours:
+            np.testing.assert_allclose(ours[group_id], theirs[group_id], rtol=1e-4, atol=0,
+                                       err_msg=f"group {group_id}: pfp-onnx and the PyTorch transcription differ")
+        worst = max(float(np.max(np.abs(ours[g] - theirs[g]) / np.maximum(np.abs(theirs[g]), 1e-30)))
+                    for g in ours)
+        print(f"  PyTorch transcription ({torch.get_num_threads()} threads) {torch_seconds:8.2f} s   "
+              f"(same sensitivities: worst relative difference {worst:.1e} over {len(ours)} groups)")
+        print(f"  pfp-onnx ÷ PyTorch: {ours_seconds / torch_seconds:.3f} overall, "
+              f"{(ours_seconds - capture_seconds) / (torch_seconds - capture_seconds):.3f} "
+              f"scoring only (augmented pass subtracted)")
+
+    # 3. pruned vs original latency beside the MAC reduction.
+    method = pfp_onnx.Method(recovery="none")  # recovery changes weights, not shapes: same latency
+    pruned = {}
+    for round_to in (int(value) for value in args.round_to.split(",")):
+        prepared = pfp_onnx.prepare(model, data, budgets=budgets, methods=[method], batch_size=args.batch_size,
+                                    device="cpu", round_to=round_to)
+        for budget in budgets:
+            pruned[(round_to, budget)] = pfp_onnx.prune(prepared, budget=budget, method=method)
+    feed = {"input": np.resize(data["input"], (args.latency_batch, *data["input"].shape[1:]))}
+    latency = median_latencies({"original": model, **{key: result.model for key, result in pruned.items()}}, feed,
+                               args.threads, args.repeats)
+    print(f"\n[3] onnxruntime CPU latency, batch {args.latency_batch}, {args.threads} intra-op threads, median of "
+          f"{args.repeats} interleaved runs (original {latency['original'] * 1e3:.2f} ms)")
+    print("  budget  round-to  latency ms  speed-up  MAC reduction  speed-up ÷ MAC reduction")
+    for (round_to, budget), result in pruned.items():
+        speedup = latency["original"] / latency[(round_to, budget)]
+        mac_ratio = result.report.totals.macs_before / result.report.totals.macs_after
+        print(f"  {budget:6g}  {round_to:8d}  {latency[(round_to, budget)] * 1e3:10.2f}  {speedup:7.2f}×  "
+              f"{mac_ratio:12.2f}×  {speedup / mac_ratio:10.2f}")
+
+if __name__ == "__main__":
+    main()
