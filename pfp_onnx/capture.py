@@ -7,6 +7,7 @@ then dropped, so memory is bounded by one batch, not by the calibration set.
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -52,6 +53,8 @@ def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[C
         if layer.conv is None and layer.weight_is_in_by_out:
             weight = weight.T
         probes.append(ConsumerProbe(layer, tuple(spans), np.ascontiguousarray(weight)))
+    del constants
+    gc.collect()  # the graphsurgeon graph is cyclic: drop the weights the probes did not keep
     return probes
 
 
@@ -84,7 +87,7 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
     layers = {layer.node: layer for layer in analysis.layers}
     names = sorted({probe.layer.input for probe in probes} | {layers[node].input for node in statistics})
     if names:
-        session = create_session(augmented_model(model, names), device)
+        session = create_session(augmented_model(model, names), device, owned=True)
         for batch in batches:
             activations = dict(zip(names, session.run(names, model_feeds(batch))))
             for probe in probes:

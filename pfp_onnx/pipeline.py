@@ -6,6 +6,7 @@ prepare() does the budget-independent part once, so a sweep over budgets and met
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -141,6 +142,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     if recovery != "none":  # give every layer that may be corrected a bias to absorb the correction
         proto = with_zero_biases(proto, {layer.node for layer in recoverable_layers(analysis)})
         analysis = analyse_channel_groups(proto, calibration.point_shapes(), **excluded)
+    gc.collect()  # graphsurgeon graphs are cyclic: free the analysis graph's weight arrays now
     if not analysis.layers:
         raise ModelError(f"{name} has no Conv, Gemm or MatMul layer with constant weights: nothing to prune.")
     if not analysis.prunable_groups:

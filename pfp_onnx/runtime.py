@@ -19,11 +19,13 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from pfp_onnx.errors import OptionError
-from pfp_onnx.model import PROTOBUF_LIMIT, model_bytes
+from pfp_onnx.model import model_bytes
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
+# Above this, sessions are created from a temporary file rather than from serialised bytes.
+SESSION_BYTES_LIMIT = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -76,12 +78,24 @@ def choose_device(device: str = "auto") -> Device:
     return Device((CPU,), "running on CPU (CUDA is not available to onnxruntime)")
 
 
-def create_session(model: onnx.ModelProto, device: Device) -> ort.InferenceSession:
-    """A session for an in-memory model; models over protobuf's 2 GiB limit go through a temp file."""
+def create_session(model: onnx.ModelProto, device: Device, *, owned: bool = False) -> ort.InferenceSession:
+    """A session for an in-memory model.
+
+    Small models go over as bytes. Large ones are written to a temporary file with external data, which
+    moves each weight's bytes out of the proto as it is written, so the weights are never held twice;
+    the caller's model is copied first unless it is `owned` (a throwaway, like capture's augmented copy).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if model_bytes(model) <= PROTOBUF_LIMIT:
+    if model_bytes(model) <= SESSION_BYTES_LIMIT:
         return ort.InferenceSession(model.SerializeToString(), options, providers=list(device.providers))
+    # Prepacking would keep a second, reordered copy of every large weight; for a few passes it is not
+    # worth the memory.
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    if not owned:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
         onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
