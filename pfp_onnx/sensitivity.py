@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+import functools
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -220,6 +221,13 @@ def _unfold(
     return view.transpose(order).reshape(channels, int(np.prod(kernel_shape)), -1)
 
 
+@functools.lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    """One pool for the whole run: a pool per batch starts new threads, each with fresh malloc arenas,
+    and resident memory then creeps up with the number of batches."""
+    return ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="pfp-sensitivity")
+
+
 class _MaxTimesScorer:
     """Running max of g over patch blocks [C, K, P] of nonnegative data points, for one weight [F, C, K]."""
 
@@ -264,8 +272,7 @@ class _MaxTimesScorer:
         if workers <= 1:
             block_maxima = [score_block(start) for start in starts]
         else:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                block_maxima = list(pool.map(score_block, starts))
+            block_maxima = list(_pool().map(score_block, starts))
         np.maximum(self.sensitivity, np.max(block_maxima, axis=0), out=self.sensitivity)
 
 
