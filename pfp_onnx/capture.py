@@ -22,7 +22,7 @@ from pfp_onnx.model import infer_shapes, to_graph
 from pfp_onnx.recover import FeatureStatistics, accumulate_features
 from pfp_onnx.runtime import Device, create_session
 from pfp_onnx.refit import patches
-from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, dense_sensitivity
+from pfp_onnx.sensitivity import ConvScorer, ConvTransposeScorer, DenseScorer
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,15 @@ class ConsumerProbe:
 
     layer: Layer
     groups: tuple[tuple[int, int, int], ...]  # (prunable group, first channel, width) along the input
-    weight: np.ndarray  # conv: [F, C, k...]; transposed conv: [C, F, k...]; dense: [F, C·block]
+    scorer: ConvScorer | ConvTransposeScorer | DenseScorer  # running max over the batches it is fed
+
+    def channel_sensitivity(self) -> np.ndarray:
+        """Per input channel: after a Flatten a channel owns in_block features and scores their max."""
+        return self.scorer.sensitivity.reshape(self.layer.in_units, self.layer.in_block).max(axis=1)
 
 
 def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[ConsumerProbe]:
-    """One probe per layer that reads a prunable group; weights read once from the model."""
+    """One probe per layer that reads a prunable group; each weight is prepared once for all batches."""
     constants = {name: tensor for name, tensor in to_graph(model).tensors().items()
                  if isinstance(tensor, gs.Constant)}
     prunable = {group.id for group in analysis.prunable_groups}
@@ -49,13 +53,21 @@ def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[C
             if group_id in prunable:
                 spans.append((group_id, start, width))
             start += width
-        weight = np.asarray(constants[layer.weight].values, dtype=np.float32)
-        if layer.conv is None and layer.weight_is_in_by_out:
-            weight = weight.T
-        probes.append(ConsumerProbe(layer, tuple(spans), np.ascontiguousarray(weight)))
+        probes.append(ConsumerProbe(layer, tuple(spans), _scorer(layer, constants[layer.weight].values)))
     del constants
-    gc.collect()  # the graphsurgeon graph is cyclic: drop the weights the probes did not keep
+    gc.collect()  # the graphsurgeon graph is cyclic: drop the weight arrays now that scorers hold theirs
     return probes
+
+
+def _scorer(layer: Layer, weight) -> ConvScorer | ConvTransposeScorer | DenseScorer:
+    weight = np.asarray(weight, dtype=np.float32)
+    geometry = layer.conv
+    if geometry is not None and geometry.transposed:
+        return ConvTransposeScorer(weight, strides=geometry.strides, pads=geometry.pads,
+                                   dilations=geometry.dilations, output_padding=geometry.output_padding)
+    if geometry is not None:
+        return ConvScorer(weight, strides=geometry.strides, pads=geometry.pads, dilations=geometry.dilations)
+    return DenseScorer(weight.T if layer.weight_is_in_by_out else weight)
 
 
 def augmented_model(model: onnx.ModelProto, tensor_names: Iterable[str]) -> onnx.ModelProto:
@@ -91,14 +103,16 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
         for batch in batches:
             activations = _run_bound(session, names, model_feeds(batch))
             for probe in probes:
-                channel_scores = _probe_batch(probe, activations[probe.layer.input])
-                for group_id, start, width in probe.groups:
-                    np.maximum(scores[group_id], channel_scores[start:start + width], out=scores[group_id])
+                probe.scorer.update(activations[probe.layer.input])
             for node, moments in statistics.items():
                 accumulate_features(moments, activations[layers[node].input], conv=patches(layers[node]))
             if progress is not None:
                 progress(len(next(iter(batch.values()))))
             del activations
+    for probe in probes:
+        channel_scores = probe.channel_sensitivity()
+        for group_id, start, width in probe.groups:
+            np.maximum(scores[group_id], channel_scores[start:start + width], out=scores[group_id])
     return scores if sensitivity else None
 
 
@@ -112,17 +126,3 @@ def _run_bound(session, names: list[str], feeds: Mapping[str, np.ndarray]) -> di
         binding.bind_output(name, "cpu")
     session.run_with_iobinding(binding)
     return {name: value.numpy() for name, value in zip(names, binding.get_outputs())}
-
-
-def _probe_batch(probe: ConsumerProbe, activation: np.ndarray) -> np.ndarray:
-    activation = np.asarray(activation, dtype=np.float32)
-    layer = probe.layer
-    geometry = layer.conv
-    if geometry is not None and geometry.transposed:
-        return conv_transpose_sensitivity(activation, probe.weight, strides=geometry.strides, pads=geometry.pads,
-                                          dilations=geometry.dilations, output_padding=geometry.output_padding)
-    if geometry is not None:
-        return conv_sensitivity(activation, probe.weight, strides=geometry.strides, pads=geometry.pads,
-                                dilations=geometry.dilations)
-    features = dense_sensitivity(activation, probe.weight)
-    return features.reshape(layer.in_units, layer.in_block).max(axis=1)

@@ -11,8 +11,8 @@ points), a_unf its patches and z± = layer(a; W±) without bias; |z| ≤ float32
 Why it is fast: with inv_z[f, p] = 1/|z[f, p]| the quantity factorises as
     s_c = max_k max_p a_unf[c, k, p] · max_f |W[f, c, k]| · inv_z±[f, p],
 a "max-times" matrix product costing C·K·F·P per point, with z itself from one BLAS matmul. The points of a
-batch are concatenated along p (each keeps its own z). Everything is pure per-batch: callers fold
-successive batches with np.maximum.
+batch are concatenated along p (each keeps its own z). The *Scorer classes keep a running max over the
+batches they are fed; the *_sensitivity functions score a single batch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-__all__ = ["conv_sensitivity", "conv_transpose_sensitivity", "dense_sensitivity"]
+__all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "conv_sensitivity", "conv_transpose_sensitivity",
+           "dense_sensitivity"]
 
 # Denominators at or below this are treated as +infinity (the reference's float32 eps cut-off).
 Z_EPS = float(np.finfo(np.float32).eps)
@@ -36,154 +37,199 @@ MAX_TIMES_BYTES = 8 * 2**20
 MAX_THREADS = min(8, os.cpu_count() or 1)
 
 
-def conv_sensitivity(
-    activation: np.ndarray,
-    weight: np.ndarray,
-    *,
-    strides: Sequence[int],
-    pads: Sequence[int],
-    dilations: Sequence[int],
-) -> np.ndarray:
-    """Sensitivities s[C] (float32) of a group=1 Conv's input channels over one calibration batch.
+class ConvScorer:
+    """Running sensitivities of a group=1 Conv's input channels, fed batch by batch.
 
-    activation is [N, C, *spatial], weight [F, C, *kernel]; pads follow ONNX order (x1_begin, x2_begin, …,
-    x1_end, x2_end, …). Zero padding contributes zero products. Any number of spatial axes works.
+    weight is [F, C, *kernel]; pads follow ONNX order (x1_begin, x2_begin, …, x1_end, x2_end, …). Zero
+    padding contributes zero products. Any number of spatial axes works. The weight is prepared once, so a
+    capture pass builds one scorer per layer and feeds it every batch.
     """
-    activation = np.asarray(activation, dtype=np.float32)
-    weight = np.asarray(weight, dtype=np.float32)
-    spatial_rank = weight.ndim - 2
-    if activation.ndim != weight.ndim or activation.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"activation {activation.shape} and weight {weight.shape} do not form a group=1 conv "
-            "(expected [N, C, *spatial] and [F, C, *kernel] with the same C)"
+
+    def __init__(self, weight: np.ndarray, *, strides: Sequence[int], pads: Sequence[int],
+                 dilations: Sequence[int]) -> None:
+        weight = np.asarray(weight, dtype=np.float32)
+        self.spatial_rank = weight.ndim - 2
+        if self.spatial_rank < 0:
+            raise ValueError(f"a conv weight is [F, C, *kernel], got {weight.shape}")
+        if not (len(strides) == len(dilations) == self.spatial_rank and len(pads) == 2 * self.spatial_rank):
+            raise ValueError(
+                f"need {self.spatial_rank} strides/dilations and {2 * self.spatial_rank} pads, "
+                f"got {len(strides)}, {len(dilations)} and {len(pads)}"
+            )
+        self.filters, self.channels = weight.shape[:2]
+        self.kernel_shape = weight.shape[2:]
+        self.strides, self.pads, self.dilations = list(strides), list(pads), list(dilations)
+        self._scorer = _MaxTimesScorer(weight.reshape(self.filters, self.channels, -1))
+
+    @property
+    def sensitivity(self) -> np.ndarray:
+        return self._scorer.sensitivity
+
+    def update(self, activation: np.ndarray) -> None:
+        """Fold one batch [N, C, *spatial]."""
+        activation = np.asarray(activation, dtype=np.float32)
+        if activation.ndim != self.spatial_rank + 2 or activation.shape[1] != self.channels:
+            raise ValueError(
+                f"activation {activation.shape} does not fit a conv weight with C={self.channels} and "
+                f"{self.spatial_rank} spatial axes (expected [N, C, *spatial])"
+            )
+        rank = self.spatial_rank
+        padded = np.pad(activation, [(0, 0), (0, 0)] + [(self.pads[d], self.pads[d + rank]) for d in range(rank)])
+        out_shape = tuple(
+            (padded.shape[2 + d] - self.dilations[d] * (self.kernel_shape[d] - 1) - 1) // self.strides[d] + 1
+            for d in range(rank)
         )
-    if not (len(strides) == len(dilations) == spatial_rank and len(pads) == 2 * spatial_rank):
-        raise ValueError(
-            f"need {spatial_rank} strides/dilations and {2 * spatial_rank} pads, "
-            f"got {len(strides)}, {len(dilations)} and {len(pads)}"
-        )
-    channels = weight.shape[1]
-    kernel_shape = weight.shape[2:]
-    kernel_size = int(np.prod(kernel_shape))
-    padded = np.pad(
-        activation,
-        [(0, 0), (0, 0)] + [(pads[d], pads[d + spatial_rank]) for d in range(spatial_rank)],
-    )
-    out_shape = tuple(
-        (padded.shape[2 + d] - dilations[d] * (kernel_shape[d] - 1) - 1) // strides[d] + 1
-        for d in range(spatial_rank)
-    )
-    if min(out_shape, default=1) <= 0:
-        return np.zeros(channels, dtype=np.float32)
-    positions = int(np.prod(out_shape))
-
-    scorer = _MaxTimesScorer(weight.reshape(weight.shape[0], channels, kernel_size))
-    # Unfold a chunk of samples at a time; per position it holds C·K patch values and 2F inverse z's.
-    bytes_per_sample = 4 * positions * max(channels * kernel_size, 2 * weight.shape[0])
-    samples_per_chunk = max(1, CHUNK_BYTES // bytes_per_sample)
-    for start in range(0, padded.shape[0], samples_per_chunk):
-        for point in _sign_split(padded[start : start + samples_per_chunk]):
-            scorer.update(_unfold(point, kernel_shape, out_shape, strides, dilations))
-    return scorer.sensitivity
+        if min(out_shape, default=1) <= 0:
+            return
+        positions = int(np.prod(out_shape))
+        kernel_size = int(np.prod(self.kernel_shape))
+        # Unfold a chunk of samples at a time; per position it holds C·K patch values and 2F inverse z's.
+        bytes_per_sample = 4 * positions * max(self.channels * kernel_size, 2 * self.filters)
+        samples_per_chunk = max(1, CHUNK_BYTES // bytes_per_sample)
+        for start in range(0, padded.shape[0], samples_per_chunk):
+            for point in _sign_split(padded[start : start + samples_per_chunk]):
+                self._scorer.update(_unfold(point, self.kernel_shape, out_shape, self.strides, self.dilations))
 
 
-def conv_transpose_sensitivity(
-    activation: np.ndarray,
-    weight: np.ndarray,
-    *,
-    strides: Sequence[int],
-    pads: Sequence[int],
-    dilations: Sequence[int],
-    output_padding: Sequence[int] | None = None,
-) -> np.ndarray:
-    """Sensitivities s[C_in] (float32) of a group=1 ConvTranspose's input channels over one calibration batch.
+class ConvTransposeScorer:
+    """Running sensitivities of a group=1 ConvTranspose's input channels, fed batch by batch.
 
-    activation is [N, C_in, *spatial], weight is in ONNX ConvTranspose layout [C_in, C_out, *kernel]; pads
-    follow ONNX order (x1_begin, …, x1_end, …). The definition is conv_sensitivity's, for the scatter form of
-    the layer: input position q and kernel offset k land (per spatial axis) on output position
-    o = q·stride + k·dilation − pad_begin when 0 ≤ o < out_size, with
+    weight is in ONNX ConvTranspose layout [C_in, C_out, *kernel]; pads follow ONNX order. The definition
+    is conv_sensitivity's, for the scatter form of the layer: input position q and kernel offset k land
+    (per spatial axis) on output position o = q·stride + k·dilation − pad_begin when 0 ≤ o < out_size, with
     out_size = stride·(in − 1) + output_padding + (kernel − 1)·dilation + 1 − pad_begin − pad_end, and
     g±[c, f, k, o] = W±[c, f, k] · a[c, q] / z±[f, o], maximised over everything.
 
     It is computed as the equivalent stride-1 Conv: insert stride − 1 zeros between input pixels, pad each
     axis by dilation·(kernel − 1) − pad_begin at the start and dilation·(kernel − 1) − pad_end +
     output_padding at the end (cropping where that is negative: the cropped inputs land on no valid output),
-    flip the kernel spatially and swap its first two axes to [C_out, C_in, *kernel], then call
-    conv_sensitivity with stride 1, the same dilation and no further padding. Every (q, k) → o pair of the
-    transposed conv is exactly one nonzero-able product of that conv, with the same z; the inserted and
-    padded zeros only add zero products, which do not change z or the max.
+    flip the kernel spatially and swap its first two axes to [C_out, C_in, *kernel], then score that conv
+    with stride 1, the same dilation and no further padding. Every (q, k) → o pair of the transposed conv is
+    exactly one nonzero-able product of that conv, with the same z; the inserted and padded zeros only add
+    zero products, which do not change z or the max.
     """
-    activation = np.asarray(activation, dtype=np.float32)
-    weight = np.asarray(weight, dtype=np.float32)
-    spatial_rank = weight.ndim - 2
-    if spatial_rank < 0 or activation.ndim != weight.ndim or activation.shape[1] != weight.shape[0]:
+
+    def __init__(self, weight: np.ndarray, *, strides: Sequence[int], pads: Sequence[int],
+                 dilations: Sequence[int], output_padding: Sequence[int] | None = None) -> None:
+        weight = np.asarray(weight, dtype=np.float32)
+        rank = weight.ndim - 2
+        if rank < 0:
+            raise ValueError(f"a ConvTranspose weight is [C_in, C_out, *kernel], got {weight.shape}")
+        output_padding = [0] * rank if output_padding is None else list(output_padding)
+        if not (len(strides) == len(dilations) == len(output_padding) == rank and len(pads) == 2 * rank):
+            raise ValueError(
+                f"need {rank} strides/dilations/output_padding and {2 * rank} pads, got "
+                f"{len(strides)}, {len(dilations)}, {len(output_padding)} and {len(pads)}"
+            )
+        self.rank, self.channels, self.kernel_shape = rank, weight.shape[0], weight.shape[2:]
+        self.strides, self.pads, self.dilations = list(strides), list(pads), list(dilations)
+        self.output_padding = output_padding
+        flipped = weight[(slice(None), slice(None), *([slice(None, None, -1)] * rank))]
+        self._conv = ConvScorer(np.ascontiguousarray(np.swapaxes(flipped, 0, 1)),  # [C_out, C_in, *kernel]
+                                strides=[1] * rank, pads=[0] * (2 * rank), dilations=self.dilations)
+
+    @property
+    def sensitivity(self) -> np.ndarray:
+        return self._conv.sensitivity
+
+    def update(self, activation: np.ndarray) -> None:
+        activation = np.asarray(activation, dtype=np.float32)
+        if activation.ndim != self.rank + 2 or activation.shape[1] != self.channels:
+            raise ValueError(
+                f"activation {activation.shape} does not fit a ConvTranspose weight with C_in={self.channels} "
+                "(expected [N, C_in, *spatial])"
+            )
+        samples, channels = activation.shape[:2]
+        spatial = activation.shape[2:]
+        if min(spatial, default=1) <= 0:
+            return
+        # Zero insertion: input pixel q sits at q·stride.
+        upsampled = np.zeros(
+            (samples, channels, *((n - 1) * s + 1 for n, s in zip(spatial, self.strides))), dtype=np.float32
+        )
+        upsampled[(slice(None), slice(None), *(slice(None, None, s) for s in self.strides))] = activation
+        # Pad (or crop, where negative) each side so that the equivalent conv needs no padding of its own.
+        crops, extra_pads = [], []
+        for d in range(self.rank):
+            reach = self.dilations[d] * (self.kernel_shape[d] - 1)
+            begin = reach - self.pads[d]
+            end = reach - self.pads[d + self.rank] + self.output_padding[d]
+            length = upsampled.shape[2 + d]
+            crops.append(slice(max(0, -begin), max(max(0, -begin), length - max(0, -end))))
+            extra_pads.append((max(0, begin), max(0, end)))
+        self._conv.update(np.pad(upsampled[(slice(None), slice(None), *crops)], [(0, 0), (0, 0), *extra_pads]))
+
+
+class DenseScorer:
+    """Running sensitivities of a dense layer's input channels, fed batch by batch.
+
+    weight is [F, C] (out, in; transpose an ONNX MatMul weight first); every leading index of an
+    activation [..., C] is one point/patch with its own z. It is the conv case with one kernel offset.
+    """
+
+    def __init__(self, weight: np.ndarray) -> None:
+        weight = np.asarray(weight, dtype=np.float32)
+        if weight.ndim != 2:
+            raise ValueError(f"a dense weight is [F, C], got {weight.shape}")
+        self.filters, self.channels = weight.shape
+        self._scorer = _MaxTimesScorer(weight[:, :, None])
+
+    @property
+    def sensitivity(self) -> np.ndarray:
+        return self._scorer.sensitivity
+
+    def update(self, activation: np.ndarray) -> None:
+        activation = np.asarray(activation, dtype=np.float32)
+        if activation.ndim < 1 or activation.shape[-1] != self.channels:
+            raise ValueError(f"activation {activation.shape} does not fit a dense weight with C={self.channels}")
+        rows = activation.reshape(-1, self.channels)
+        rows_per_chunk = max(1, CHUNK_BYTES // (4 * max(self.channels, 2 * self.filters)))
+        for start in range(0, rows.shape[0], rows_per_chunk):
+            for point in _sign_split(rows[start : start + rows_per_chunk]):
+                self._scorer.update(np.ascontiguousarray(point.T)[:, None, :])
+
+
+def conv_sensitivity(activation: np.ndarray, weight: np.ndarray, *, strides: Sequence[int],
+                     pads: Sequence[int], dilations: Sequence[int]) -> np.ndarray:
+    """Sensitivities s[C] (float32) of a group=1 Conv's input channels over one batch [N, C, *spatial]."""
+    weight = np.asarray(weight)
+    if np.ndim(activation) != weight.ndim or np.shape(activation)[1] != weight.shape[1]:
         raise ValueError(
-            f"activation {activation.shape} and weight {weight.shape} do not form a group=1 ConvTranspose "
+            f"activation {np.shape(activation)} and weight {weight.shape} do not form a group=1 conv "
+            "(expected [N, C, *spatial] and [F, C, *kernel] with the same C)"
+        )
+    scorer = ConvScorer(weight, strides=strides, pads=pads, dilations=dilations)
+    scorer.update(activation)
+    return scorer.sensitivity
+
+
+def conv_transpose_sensitivity(activation: np.ndarray, weight: np.ndarray, *, strides: Sequence[int],
+                               pads: Sequence[int], dilations: Sequence[int],
+                               output_padding: Sequence[int] | None = None) -> np.ndarray:
+    """Sensitivities s[C_in] (float32) of a group=1 ConvTranspose's input channels over one batch
+    (see ConvTransposeScorer for the definition and how it is computed)."""
+    weight = np.asarray(weight)
+    if weight.ndim < 2 or np.ndim(activation) != weight.ndim or np.shape(activation)[1] != weight.shape[0]:
+        raise ValueError(
+            f"activation {np.shape(activation)} and weight {weight.shape} do not form a group=1 ConvTranspose "
             "(expected [N, C_in, *spatial] and [C_in, C_out, *kernel] with the same C_in)"
         )
-    if output_padding is None:
-        output_padding = [0] * spatial_rank
-    if not (
-        len(strides) == len(dilations) == len(output_padding) == spatial_rank and len(pads) == 2 * spatial_rank
-    ):
-        raise ValueError(
-            f"need {spatial_rank} strides/dilations/output_padding and {2 * spatial_rank} pads, got "
-            f"{len(strides)}, {len(dilations)}, {len(output_padding)} and {len(pads)}"
-        )
-    kernel_shape = weight.shape[2:]
-    samples, channels = activation.shape[:2]
-    spatial = activation.shape[2:]
-    if min(spatial, default=1) <= 0:
-        return np.zeros(channels, dtype=np.float32)
-
-    # Zero insertion: input pixel q sits at q·stride.
-    upsampled = np.zeros(
-        (samples, channels, *((n - 1) * s + 1 for n, s in zip(spatial, strides))), dtype=np.float32
-    )
-    upsampled[(slice(None), slice(None), *(slice(None, None, s) for s in strides))] = activation
-
-    # Pad (or crop, where negative) each side so that the equivalent conv needs no padding of its own.
-    crops, extra_pads = [], []
-    for d in range(spatial_rank):
-        reach = dilations[d] * (kernel_shape[d] - 1)
-        begin = reach - pads[d]
-        end = reach - pads[d + spatial_rank] + output_padding[d]
-        length = upsampled.shape[2 + d]
-        crops.append(slice(max(0, -begin), max(max(0, -begin), length - max(0, -end))))
-        extra_pads.append((max(0, begin), max(0, end)))
-    equivalent_input = np.pad(upsampled[(slice(None), slice(None), *crops)], [(0, 0), (0, 0), *extra_pads])
-
-    flipped = weight[(slice(None), slice(None), *([slice(None, None, -1)] * spatial_rank))]
-    equivalent_weight = np.ascontiguousarray(np.swapaxes(flipped, 0, 1))  # [C_out, C_in, *kernel]
-    return conv_sensitivity(
-        equivalent_input,
-        equivalent_weight,
-        strides=[1] * spatial_rank,
-        pads=[0] * (2 * spatial_rank),
-        dilations=list(dilations),
-    )
+    scorer = ConvTransposeScorer(weight, strides=strides, pads=pads, dilations=dilations,
+                                 output_padding=output_padding)
+    scorer.update(activation)
+    return scorer.sensitivity
 
 
 def dense_sensitivity(activation: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """Sensitivities s[C] (float32) of a dense layer's input channels over one calibration batch.
-
-    activation is [..., C] (every leading index is one point/patch with its own z), weight is [F, C]
-    (out, in; transpose an ONNX MatMul weight first). It is the conv case with one kernel offset.
-    """
-    activation = np.asarray(activation, dtype=np.float32)
-    weight = np.asarray(weight, dtype=np.float32)
-    if weight.ndim != 2 or activation.ndim < 1 or activation.shape[-1] != weight.shape[1]:
+    """Sensitivities s[C] (float32) of a dense layer's input channels over one batch [..., C]."""
+    weight = np.asarray(weight)
+    if weight.ndim != 2 or np.ndim(activation) < 1 or np.shape(activation)[-1] != weight.shape[1]:
         raise ValueError(
-            f"activation {activation.shape} and weight {weight.shape} do not form a dense layer "
+            f"activation {np.shape(activation)} and weight {weight.shape} do not form a dense layer "
             "(expected [..., C] and [F, C] with the same C)"
         )
-    channels = weight.shape[1]
-    rows = activation.reshape(-1, channels)
-    scorer = _MaxTimesScorer(weight[:, :, None])
-    rows_per_chunk = max(1, CHUNK_BYTES // (4 * max(channels, 2 * weight.shape[0])))
-    for start in range(0, rows.shape[0], rows_per_chunk):
-        for point in _sign_split(rows[start : start + rows_per_chunk]):
-            scorer.update(np.ascontiguousarray(point.T)[:, None, :])
+    scorer = DenseScorer(weight)
+    scorer.update(activation)
     return scorer.sensitivity
 
 
@@ -233,24 +279,22 @@ class _MaxTimesScorer:
 
     def __init__(self, weight: np.ndarray) -> None:
         filters, channels, kernel_size = weight.shape
-        positive = np.maximum(weight, 0)
-        negative = np.minimum(weight, 0)
-        self.positive_matrix = positive.reshape(filters, -1)
-        self.negative_matrix = negative.reshape(filters, -1)
         # [K, C, 2F]: |W⁺| then |W⁻| along f, so that one max over the stacked filters covers both signs;
-        # it pairs with inverse z's stacked the same way ([2F, P]).
-        self.stacked_magnitude = np.ascontiguousarray(
-            np.concatenate([positive, -negative], axis=0).transpose(2, 1, 0)
-        )
+        # it pairs with inverse z's stacked the same way ([2F, P]). It is the only copy of the weight kept
+        # (2× its size): z± come from it too. Filled one kernel offset at a time to bound temporaries.
+        self.stacked_magnitude = np.empty((kernel_size, channels, 2 * filters), dtype=np.float32)
+        for k in range(kernel_size):
+            offset = weight[:, :, k].T  # [C, F]
+            np.maximum(offset, 0, out=self.stacked_magnitude[k, :, :filters])
+            np.negative(np.minimum(offset, 0), out=self.stacked_magnitude[k, :, filters:])
         self.sensitivity = np.zeros(channels, dtype=np.float32)
 
     def update(self, patches: np.ndarray) -> None:
         """Fold the data points whose patches are patches[C, K, P] (P spans all their positions)."""
         channels, kernel_size, positions = patches.shape
-        flat = patches.reshape(channels * kernel_size, positions)
-        inverse_z = np.concatenate(
-            [_inverse_magnitude(self.positive_matrix @ flat), _inverse_magnitude(self.negative_matrix @ flat)]
-        )  # [2F, P]
+        # z⁺ and |z⁻| in one BLAS product: [2F, K·C] @ [K·C, P], patches ordered (k, c) like the weights.
+        flat = np.ascontiguousarray(patches.transpose(1, 0, 2)).reshape(kernel_size * channels, positions)
+        inverse_z = _inverse_magnitude(self.stacked_magnitude.reshape(kernel_size * channels, -1).T @ flat)
         block = max(1, MAX_TIMES_BYTES // (4 * channels * inverse_z.shape[0]))
         starts = range(0, positions, block)
 

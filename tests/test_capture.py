@@ -40,6 +40,7 @@ def test_matches_direct_computation(setting):
     session = ort.InferenceSession(augmented_model(model, names).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     activations = dict(zip(names, session.run(names, {"input": data.inputs["input"]})))
+    weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
     for group in analysis.prunable_groups:
         expected = np.zeros(group.width, np.float32)
         for probe in probes:
@@ -47,11 +48,12 @@ def test_matches_direct_computation(setting):
             if not spans:
                 continue
             layer = probe.layer
+            weight = weights[layer.weight]
             if layer.conv is not None:
-                scores = conv_sensitivity(activations[layer.input], probe.weight, strides=layer.conv.strides,
+                scores = conv_sensitivity(activations[layer.input], weight, strides=layer.conv.strides,
                                           pads=layer.conv.pads, dilations=layer.conv.dilations)
             else:
-                scores = dense_sensitivity(activations[layer.input], probe.weight)
+                scores = dense_sensitivity(activations[layer.input], weight.T if layer.weight_is_in_by_out else weight)
             for start, width in spans:
                 expected = np.maximum(expected, scores[start:start + width])
         np.testing.assert_allclose(captured[group.id], expected, rtol=1e-6)
