@@ -1,7 +1,7 @@
 """A model above protobuf's 2 GB limit, built on the fly with external data, in and out.
 
-It needs several GB of disk and, today, about 8× the model size in memory (see the issue notes), so it
-runs only when asked: PFP_ONNX_LARGE_TESTS=1, with enough free disk and memory.
+It needs ~8 GB of free disk and peaks near 6× the model's 2.6 GB in memory (15.4 GB measured), so it is
+skipped on smaller machines, when the disk is short, or with PFP_ONNX_SKIP_LARGE_TESTS=1.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from test_cli import run_cli
 
 WIDE, WIDER = 8192, 40000  # two 1.3 GB weights: 2.6 GB in all
 NEEDED_DISK = 8 * 2**30
-NEEDED_MEMORY = 24 * 2**30
+NEEDED_MEMORY = 20 * 2**30
 
 
 def _memory() -> int:
@@ -27,8 +27,8 @@ def _memory() -> int:
 
 
 pytestmark = pytest.mark.skipif(
-    os.environ.get("PFP_ONNX_LARGE_TESTS") != "1" or _memory() < NEEDED_MEMORY,
-    reason="large-model test: set PFP_ONNX_LARGE_TESTS=1 on a machine with ≥ 24 GB of memory")
+    os.environ.get("PFP_ONNX_SKIP_LARGE_TESTS") == "1" or _memory() < NEEDED_MEMORY,
+    reason="large-model test: needs ≥ 20 GB of memory (and is off with PFP_ONNX_SKIP_LARGE_TESTS=1)")
 
 
 def build(folder) -> None:
