@@ -35,15 +35,24 @@ def _user_errors(command):
 
 
 def _progress_printer(quiet: bool):
+    """A progress bar on stderr for the capture pass; nothing when quiet or when stderr is not a terminal."""
     if quiet or not sys.stderr.isatty():
         return None
 
     def show(stage: str, done: int, total: int | None) -> None:
-        click.echo(f"\r{stage}: {done}" + ("" if total is None else f"/{total}") + " points", err=True, nl=False)
-        if total is not None and done >= total:
+        if total:
+            filled = min(BAR_WIDTH, BAR_WIDTH * done // total)
+            line = f"{stage} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} points"
+        else:
+            line = f"{stage}: {done} points"
+        click.echo(f"\r{line}", err=True, nl=False)
+        if total and done >= total:
             click.echo("", err=True)
 
     return show
+
+
+BAR_WIDTH = 30
 
 
 def _run_options(command):

@@ -106,3 +106,18 @@ def test_quiet_and_verbose(tmp_path):
     verbose = run_cli("compress", MODEL, "--data", DATA, "--budget", 0.7, "-o", tmp_path / "v.onnx", "-v")
     assert verbose.returncode == 0 and "output 'logits': max abs error" in verbose.stdout
     assert "note: running on" in verbose.stderr  # the execution provider is said once
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+    from pfp_onnx_cli import main as cli_main
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert cli_main._progress_printer(quiet=False) is None
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert cli_main._progress_printer(quiet=True) is None
+    show = cli_main._progress_printer(quiet=False)
+    show("capture", 100, 400)
+    show("capture", 400, 400)
+    err = capsys.readouterr().err
+    assert "capture [#######.......................] 100/400 points" in err
+    assert err.endswith("[" + "#" * 30 + "] 400/400 points\n")
