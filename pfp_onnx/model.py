@@ -240,10 +240,6 @@ def with_metadata(model: onnx.ModelProto, entries: dict[str, str]) -> onnx.Model
     return model
 
 
-def initializer_arrays(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    return {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
-
-
 def parameter_count(model: onnx.ModelProto) -> int:
     """Every stored number: initializers plus tensors held by Constant nodes."""
     count = sum(int(np.prod(init.dims)) for init in model.graph.initializer)
