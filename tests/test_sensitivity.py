@@ -12,6 +12,15 @@ from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, d
 EPS = np.finfo(np.float32).eps
 
 
+@pytest.fixture(autouse=True, params=["exact", "bounds"])
+def scoring_path(request, monkeypatch):
+    """Every test runs on both kernels: all products, and bound-then-verify (forced on for small layers)."""
+    from pfp_onnx import sensitivity as module
+
+    monkeypatch.setattr(module, "BOUND_MIN_FILTERS", 10**9 if request.param == "exact" else 0)
+    return request.param
+
+
 def reference_conv(activation, weight, strides, pads, dilations):
     """s[C] by loops over samples, sign of a, sign of W, f, c, k and p; z by loops too (float64)."""
     activation = np.asarray(activation, dtype=np.float64)
