@@ -40,7 +40,7 @@ MAX_THREADS = min(8, os.cpu_count() or 1)
 BOUND_SQUARINGS = 4
 BOUND_POWER = 2**BOUND_SQUARINGS
 # With fewer stacked filters (2F) than this, evaluating every product is cheaper than bounding.
-BOUND_MIN_FILTERS = 96
+BOUND_MIN_FILTERS = 32
 
 
 class ConvScorer:
