@@ -41,6 +41,7 @@ BOUND_SQUARINGS = 4
 BOUND_POWER = 2**BOUND_SQUARINGS
 # With fewer stacked filters (2F) than this, evaluating every product is cheaper than bounding.
 BOUND_MIN_FILTERS = 32
+SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
 
 
 class ConvScorer:
@@ -362,9 +363,10 @@ class _MaxTimesScorer:
             bound *= flat[:, start:stop]  # a_unf · bound ≥ every g of that (k, c, p)
             by_channel = bound.reshape(kernel_size, channels, -1)
             floor = np.maximum(by_channel.max(axis=(0, 2)) / slack, self.sensitivity)  # [C]
-            # float32 roots carry ~1e-6 relative error: the margin only admits a few more candidates
-            k_index, c_index, p_index = np.nonzero((by_channel * (1 + 1e-4) >= floor[None, :, None])
-                                                   & (by_channel > 0))
+            # float32 roots carry ~1e-6 relative error: the margin only admits a few more candidates;
+            # a zero bound means a zero contribution, never a candidate.
+            threshold = np.maximum(floor / (1 + 1e-4), SMALLEST_POSITIVE).astype(np.float32)
+            k_index, c_index, p_index = np.nonzero(by_channel >= threshold[None, :, None])
             self._verify(inverse_z, flat, k_index, c_index, p_index + start, channels)
 
     def _verify(self, inverse_z: np.ndarray, flat: np.ndarray, k_index: np.ndarray, c_index: np.ndarray,
