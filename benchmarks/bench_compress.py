@@ -132,14 +132,14 @@ def seconds_of(function: Callable[[], object]) -> tuple[float, object]:
 # The PyTorch transcription of the reference sensitivity tracker (PFP.md §1)
 
 
-def torch_layer_sensitivity(activation: np.ndarray, probe: ConsumerProbe) -> "torch.Tensor":
+def torch_layer_sensitivity(activation: np.ndarray, probe: ConsumerProbe, weight: np.ndarray) -> "torch.Tensor":
     """s_c of one consuming layer over a batch of points, written the way a PyTorch user would.
 
     Per point: W⁺/W⁻ split, a⁺ and a⁻ as separate points, z± = layer(a; W±) without bias, unfolded patches,
     g± = W± · a_unf / z± (0 where |z±| ≤ eps), g = max(g⁺, g⁻), max over positions, kernel offsets,
     filters and points. Points are batched, in chunks that keep the 5-D contribution tensor bounded.
     """
-    weight = torch.from_numpy(probe.weight)
+    weight = torch.from_numpy(np.array(weight, dtype=np.float32))  # a writable copy
     activation = torch.from_numpy(np.ascontiguousarray(activation, dtype=np.float32))
     geometry = probe.layer.conv
     if geometry is None:
@@ -189,13 +189,17 @@ def torch_layer_sensitivity(activation: np.ndarray, probe: ConsumerProbe) -> "to
 def torch_sensitivities(model: onnx.ModelProto, analysis, data, batch_size: int, device) -> dict[int, np.ndarray]:
     """Same capture as pfp-onnx (one augmented onnxruntime session), scoring in PyTorch."""
     probes = consumer_probes(model, analysis)
+    initializers = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}
+    weights = {probe.layer.node: (initializers[probe.layer.weight].T if probe.layer.conv is None
+                                  and probe.layer.weight_is_in_by_out else initializers[probe.layer.weight])
+               for probe in probes}
     scores = {group.id: torch.zeros(group.width) for group in analysis.prunable_groups}
     names = sorted({probe.layer.input for probe in probes})
     session = create_session(augmented_model(model, names), device)
     for batch in batches(data, batch_size):
         activations = dict(zip(names, session.run(names, {"input": batch["input"]})))
         for probe in probes:
-            channel_scores = torch_layer_sensitivity(activations[probe.layer.input], probe)
+            channel_scores = torch_layer_sensitivity(activations[probe.layer.input], probe, weights[probe.layer.node])
             for group_id, start, width in probe.groups:
                 scores[group_id] = torch.maximum(scores[group_id], channel_scores[start:start + width])
     return {group_id: values.numpy() for group_id, values in scores.items()}
