@@ -68,8 +68,8 @@ class FeatureStatistics:
     split. Sums are kept about a fixed shift (the first chunk's mean), which keeps the centred scatter
     accurate when features have a large mean. gram=False keeps only the count and the sum (enough for
     bias compensation); gram=True also keeps an F×F float64 matrix — (F+1)² with the constant.
-    fast=True forms each chunk's product in float32 (about 3× faster on large layers, relative error
-    ~1e-6 instead of ~1e-15), still summing in float64.
+    fast=True centres each chunk and forms its product in float32 (about 3× faster on large layers,
+    relative error ~1e-6 instead of ~1e-15), still summing in float64.
     """
 
     def __init__(self, features: int, *, gram: bool, fast: bool = False) -> None:
@@ -98,15 +98,15 @@ class FeatureStatistics:
             raise ValueError(f"expected features [rows, {self.features}], got {features.shape}")
         if features.shape[0] == 0:
             return
-        centred = features.astype(np.float64)  # always a copy: centred in place below
+        dtype = np.float32 if self._fast else np.float64
         if self._shift is None:
-            self._shift = centred.mean(axis=0)
-        centred -= self._shift
+            # float32-representable in fast mode, so that centring there is one float32 subtraction
+            self._shift = features.mean(axis=0, dtype=np.float64).astype(dtype).astype(np.float64)
+        centred = np.subtract(features, self._shift.astype(dtype), dtype=dtype)  # a new array
         self._count += features.shape[0]
-        self._shifted_sum += centred.sum(axis=0)
+        self._shifted_sum += centred.sum(axis=0, dtype=np.float64)
         if self._shifted_gram is not None:
-            if self._fast:  # float32 BLAS, summed into float64: centring keeps the products accurate
-                centred = centred.astype(np.float32)
+            # fast: float32 BLAS (a symmetric rank-k update), summed into float64; centring keeps it accurate
             self._shifted_gram += centred.T @ centred
 
     @property
@@ -150,7 +150,8 @@ class FeatureStatistics:
 
 
 def layer_features(activation: np.ndarray, *, conv: ConvPatches | None) -> np.ndarray:
-    """Features [rows, C·K] of one batch (or piece of a batch), in the activation's dtype.
+    """Features [rows, C·K] of one batch (or piece of a batch), in the activation's dtype (for a conv, a
+    transposed view of a contiguous [C·K, rows] array).
 
     conv=None: a dense layer; activation [..., C] and every leading index is a row. Otherwise activation is
     [N, C, *spatial] and the rows are the patches, ordered (n, *output position), with feature index
@@ -179,19 +180,20 @@ def layer_features(activation: np.ndarray, *, conv: ConvPatches | None) -> np.nd
     if min(out_shape, default=1) <= 0:
         return np.zeros((0, channels * kernel_size), dtype=activation.dtype)
     spatial_strides = padded.strides[2:]
-    # A view [N, *out, C, *kernel] of the padded input; the reshape copies it into [N·P, C·K].
+    # A view [C, *kernel, N, *out] of the padded input, copied into [C·K, N·P] (reading along output
+    # positions is several times faster than along features) and returned transposed.
     view = np.lib.stride_tricks.as_strided(
         padded,
-        shape=(samples, *out_shape, channels, *kernel_shape),
+        shape=(channels, *kernel_shape, samples, *out_shape),
         strides=(
-            padded.strides[0],
-            *(s * t for s, t in zip(spatial_strides, strides)),
             padded.strides[1],
             *(s * d for s, d in zip(spatial_strides, dilations)),
+            padded.strides[0],
+            *(s * t for s, t in zip(spatial_strides, strides)),
         ),
         writeable=False,
     )
-    return view.reshape(-1, channels * kernel_size)
+    return view.reshape(channels * kernel_size, -1).T
 
 
 def accumulate_features(statistics: FeatureStatistics, activation: np.ndarray, *, conv: ConvPatches | None,

@@ -18,11 +18,14 @@ batches they are fed; the *_sensitivity functions score a single batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 __all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "conv_sensitivity", "conv_transpose_sensitivity",
            "dense_sensitivity"]
@@ -34,6 +37,8 @@ CHUNK_BYTES = 64 * 2**20
 # Size of one thread's max-times temporary: large enough to amortise Python overhead, small enough to
 # stay near cache (8 MB measured fastest for a 64x64x3x3 conv; 0.25 MB was 8x slower, 64 MB 1.5x).
 MAX_TIMES_BYTES = 8 * 2**20
+# Size of the products of one step of exact evaluation at gathered candidates (measured fastest near 512 KB).
+VERIFY_BYTES = 2**19
 MAX_THREADS = min(8, os.cpu_count() or 1)
 # The power of the p-norm that bounds a max over filters from above (see _MaxTimesScorer.update): 2^4,
 # so that powers and roots are four squarings and four square roots.
@@ -41,6 +46,13 @@ BOUND_SQUARINGS = 4
 BOUND_POWER = 2**BOUND_SQUARINGS
 # With fewer stacked filters (2F) than this, evaluating every product is cheaper than bounding.
 BOUND_MIN_FILTERS = 32
+# A screen leaving more than this fraction of a block's products for exact evaluation is abandoned for the
+# dense paths (gathering candidates one by one costs several times a dense product).
+SCREEN_MAX_FRACTION = 1 / 8
+# The first block of a layer seeds its running max exactly from its first 1/SEED_DIVISOR positions.
+SEED_DIVISOR = 16
+# Fewest positions in one screened block (smaller blocks cost more in Python than they save).
+MIN_SCREEN_BLOCK = 256
 SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
 
 
@@ -193,7 +205,7 @@ class DenseScorer:
         rows_per_chunk = max(1, CHUNK_BYTES // (4 * max(self.channels, 2 * self.filters)))
         for start in range(0, rows.shape[0], rows_per_chunk):
             for point in _sign_split(rows[start : start + rows_per_chunk]):
-                self._scorer.update(np.ascontiguousarray(point.T)[:, None, :])
+                self._scorer.update(np.ascontiguousarray(point.T))
 
 
 def conv_sensitivity(activation: np.ndarray, weight: np.ndarray, *, strides: Sequence[int],
@@ -255,7 +267,8 @@ def _unfold(
     strides: Sequence[int],
     dilations: Sequence[int],
 ) -> np.ndarray:
-    """im2col of padded [N, C, *spatial] into a contiguous [C, K, N·P] array (patches of all N samples)."""
+    """im2col of padded [N, C, *spatial] into one contiguous [K·C, N·P] array, rows ordered (k, c) like
+    the stacked weights (one copy; the patches of all N samples side by side)."""
     samples, channels = padded.shape[:2]
     spatial_strides = padded.strides[2:]
     view = np.lib.stride_tricks.as_strided(
@@ -269,9 +282,17 @@ def _unfold(
         writeable=False,
     )
     rank = len(kernel_shape)
-    # [N, C, *kernel, *out] -> [C, *kernel, N, *out]
-    order = (1, *range(2, 2 + rank), 0, *range(2 + rank, 2 + 2 * rank))
-    return view.transpose(order).reshape(channels, int(np.prod(kernel_shape)), -1)
+    # [N, C, *kernel, *out] -> [*kernel, C, N, *out]; one copy (threads do not speed it up)
+    order = (*range(2, 2 + rank), 1, 0, *range(2 + rank, 2 + 2 * rank))
+    return view.transpose(order).reshape(int(np.prod(kernel_shape)) * channels, -1)
+
+
+def _parallel_map(function: Callable[[int], T], items: Sequence[int]) -> list[T]:
+    """function over items, on the pool's threads when there are several (numpy releases the GIL inside
+    its loops, so blocks of one array run in parallel). Never called from a pool thread."""
+    if len(items) <= 1 or MAX_THREADS <= 1:
+        return [function(item) for item in items]
+    return list(_pool().map(function, items))
 
 
 @functools.lru_cache(maxsize=1)
@@ -282,58 +303,116 @@ def _pool() -> ThreadPoolExecutor:
 
 
 class _MaxTimesScorer:
-    """Running max of g over patch blocks [C, K, P] of nonnegative data points, for one weight [F, C, K]."""
+    """Running max of g over patch blocks of nonnegative data points, for one weight [F, C, K].
+
+    Per block, z± come from one BLAS product; then the cheapest sufficient path runs:
+    - screen, then verify: g ≤ a_unf · max_f |W[f, c, k]| · max_f inv_z[f, p] costs one pass over the
+      patches and, once the running max is established, rules out nearly every (c, k, p) (97–99.9% on a
+      trained ResNet after its first batch); the rest are evaluated exactly. A layer's first block seeds
+      its running max with the exact g of its first positions.
+    - when the screen leaves more than SCREEN_MAX_FRACTION of the products: every product (few filters)
+      or bound-then-verify (many filters).
+    Every path evaluates a product with the same float32 operations, so they agree bit for bit.
+    """
 
     def __init__(self, weight: np.ndarray) -> None:
         filters, channels, kernel_size = weight.shape
-        # [K, C, 2F]: |W⁺| then |W⁻| along f, so that one max over the stacked filters covers both signs;
-        # it pairs with inverse z's stacked the same way ([2F, P]). It is the only copy of the weight kept
-        # (2× its size): z± come from it too. Filled one kernel offset at a time to bound temporaries.
-        self.stacked_magnitude = np.empty((kernel_size, channels, 2 * filters), dtype=np.float32)
+        # [2F, K·C], columns ordered (k, c): |W⁺| then |W⁻| along f, so that one max over the stacked
+        # filters covers both signs; it pairs with inverse z's stacked the same way ([2F, P]). It is the
+        # only copy of the weight kept (2× its size): z± come from it too. Filled one offset at a time.
+        self.stacked_magnitude = np.empty((2 * filters, kernel_size * channels), dtype=np.float32)
         for k in range(kernel_size):
-            offset = weight[:, :, k].T  # [C, F]
-            np.maximum(offset, 0, out=self.stacked_magnitude[k, :, :filters])
-            np.negative(np.minimum(offset, 0), out=self.stacked_magnitude[k, :, filters:])
+            offset = weight[:, :, k]  # [F, C]
+            columns = slice(k * channels, (k + 1) * channels)
+            np.maximum(offset, 0, out=self.stacked_magnitude[:filters, columns])
+            np.negative(np.minimum(offset, 0), out=self.stacked_magnitude[filters:, columns])
         self.sensitivity = np.zeros(channels, dtype=np.float32)
+        self._largest_magnitude = self.stacked_magnitude.max(axis=0)  # [K·C], for the screen
+        self._seeded = False
 
-    def update(self, patches: np.ndarray) -> None:
-        """Fold the data points whose patches are patches[C, K, P] (P spans all their positions)."""
-        if self.stacked_magnitude.shape[2] < BOUND_MIN_FILTERS:
-            self._update_exactly(patches)
-        else:
-            self._update_by_bounds(patches)
+    def update(self, flat: np.ndarray) -> None:
+        """Fold the data points whose patches are flat[K·C, P], rows ordered (k, c), P spanning all
+        their positions."""
+        positions = flat.shape[1]
+        # z⁺ and |z⁻| for every position in one BLAS product, [2F, K·C] @ [K·C, P]: nonnegative factors,
+        # so no cancellation and no sign to strip.
+        inverse_z = _inverse(self.stacked_magnitude @ flat)  # [2F, P]
+        screened_from = 0
+        if not self._seeded:
+            screened_from = max(1, positions // SEED_DIVISOR)
+            self._update_exactly(flat, inverse_z, 0, screened_from)
+            self._seeded = True
+        dense = self._update_exactly if len(self.stacked_magnitude) < BOUND_MIN_FILTERS else self._update_by_bounds
+        for first, last in self._screen_and_verify(flat, inverse_z, screened_from):
+            dense(flat, inverse_z, first, last)
 
-    def _update_exactly(self, patches: np.ndarray) -> None:
-        """Every product, block by block: cheaper than bounding when there are few filters."""
-        channels, kernel_size, positions = patches.shape
-        # z⁺ and |z⁻| in one BLAS product: [2F, K·C] @ [K·C, P], patches ordered (k, c) like the weights.
-        flat = np.ascontiguousarray(patches.transpose(1, 0, 2)).reshape(kernel_size * channels, positions)
-        inverse_z = _inverse_magnitude(self.stacked_magnitude.reshape(kernel_size * channels, -1).T @ flat)
-        block = max(1, MAX_TIMES_BYTES // (4 * channels * inverse_z.shape[0]))
-        starts = range(0, positions, block)
+    def _screen_and_verify(self, flat: np.ndarray, inverse_z: np.ndarray, first: int) -> list[tuple[int, int]]:
+        """Screen the positions from `first` on, block by block on threads, and evaluate the survivors
+        exactly; return the position ranges whose blocks left more than SCREEN_MAX_FRACTION of their
+        products (those need a dense path). The screen's bound a_unf · max_f |W| · max_f inv_z carries a
+        1e-4 margin, far above the float32 rounding of either side, so no product above the running max
+        is ever screened out."""
+        rows, positions = flat.shape
+        if first >= positions:
+            return []
+        if SCREEN_MAX_FRACTION <= 0:
+            return [(first, positions)]
+        largest_inverse = inverse_z.max(axis=0)  # [P]
+        running = np.tile(self.sensitivity, rows // len(self.sensitivity)).astype(np.float64) / (1 + 1e-4)
+        with np.errstate(divide="ignore"):
+            row_threshold = np.where(self._largest_magnitude > 0, running / self._largest_magnitude, np.inf)
+        row_threshold = row_threshold.astype(np.float32)[:, None]
+        block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows), -(-(positions - first) // MAX_THREADS)))
+        starts = range(first, positions, block)
+
+        def screen_block(start: int) -> tuple[np.ndarray, np.ndarray] | None:
+            stop = min(start + block, positions)
+            bound = flat[:, start:stop] * largest_inverse[start:stop]
+            row, position = _nonzero(bound > row_threshold)
+            if len(row) > SCREEN_MAX_FRACTION * bound.size:
+                return None
+            return row, position + start
+
+        dense, found = [], []
+        for start, candidates in zip(starts, _parallel_map(screen_block, starts)):
+            if candidates is not None:
+                found.append(candidates)
+            elif dense and dense[-1][1] == start:
+                dense[-1] = (dense[-1][0], min(start + block, positions))
+            else:
+                dense.append((start, min(start + block, positions)))
+        if found:
+            self._verify(inverse_z, flat, np.concatenate([row for row, _ in found]),
+                         np.concatenate([position for _, position in found]))
+        return dense
+
+    def _update_exactly(self, flat: np.ndarray, inverse_z: np.ndarray, first: int, last: int) -> None:
+        """Every product of positions [first, last), block by block: cheaper than bounding when there
+        are few filters."""
+        channels = len(self.sensitivity)
+        kernel_size = len(flat) // channels
+        block = max(1, MAX_TIMES_BYTES // (4 * channels * len(inverse_z)))
+        starts = range(first, last, block)
 
         def score_block(start: int) -> np.ndarray:
-            stop = min(start + block, positions)
+            stop = min(start + block, last)
             inverse_block = inverse_z[:, start:stop]
-            products = np.empty((channels, inverse_z.shape[0], stop - start), dtype=np.float32)
+            products = np.empty((channels, len(inverse_z), stop - start), dtype=np.float32)
             block_max = np.zeros(channels, dtype=np.float32)
             for k in range(kernel_size):
+                rows = slice(k * channels, (k + 1) * channels)
                 # best[c, p] = max_f |W[f, c, k]| / |z[f, p]|, then times a_unf[c, k, p].
-                np.multiply(self.stacked_magnitude[k][:, :, None], inverse_block[None], out=products)
+                np.multiply(self.stacked_magnitude[:, rows].T[:, :, None], inverse_block[None], out=products)
                 best = products.max(axis=1)
-                best *= patches[:, k, start:stop]
+                best *= flat[rows, start:stop]
                 np.maximum(block_max, best.max(axis=1), out=block_max)
             return block_max
 
-        # numpy releases the GIL inside these loops, so position blocks run in parallel on threads.
-        workers = min(len(starts), MAX_THREADS)
-        if workers <= 1:
-            block_maxima = [score_block(start) for start in starts]
-        else:
-            block_maxima = list(_pool().map(score_block, starts))
-        np.maximum(self.sensitivity, np.max(block_maxima, axis=0), out=self.sensitivity)
+        block_maxima = _parallel_map(score_block, starts)
+        if block_maxima:
+            np.maximum(self.sensitivity, np.max(block_maxima, axis=0), out=self.sensitivity)
 
-    def _update_by_bounds(self, patches: np.ndarray) -> None:
+    def _update_by_bounds(self, flat: np.ndarray, inverse_z: np.ndarray, first: int, last: int) -> None:
         """Bound, then verify. With x_f = |W[f, c, k]| · inv_z[f, p] ≥ 0, max_f x_f ≤ (Σ_f x_f^Q)^(1/Q) ≤
         (2F)^(1/Q) · max_f x_f, and the middle term is a BLAS matrix product. It bounds every (c, k, p)
         from above; a channel's max is at least its largest bound over (2F)^(1/Q); only the (c, k, p)
@@ -341,43 +420,52 @@ class _MaxTimesScorer:
         products as before. Q-th powers are taken of values scaled to [0, 1] in float64 (exact unless a
         term lies 1e-38 below its row's and column's maxima, far below float32 resolution).
         """
-        channels, kernel_size, positions = patches.shape
-        rows = kernel_size * channels
-        # z⁺ and |z⁻| in one BLAS product: [2F, K·C] @ [K·C, P], patches ordered (k, c) like the weights.
-        flat = np.ascontiguousarray(patches.transpose(1, 0, 2)).reshape(rows, positions)
-        inverse_z = _inverse_magnitude(self.stacked_magnitude.reshape(rows, -1).T @ flat)
+        channels = len(self.sensitivity)
+        rows = len(flat)
         column_max = inverse_z.max(axis=1)  # [2F]
-        scaled_weight = self.stacked_magnitude.reshape(rows, -1).astype(np.float64) * column_max[None, :]
+        scaled_weight = self.stacked_magnitude.T.astype(np.float64) * column_max[None, :]
         row_max = scaled_weight.max(axis=1)  # [K·C]
         np.divide(scaled_weight, row_max[:, None], out=scaled_weight, where=row_max[:, None] > 0)
         scaled_weight[row_max <= 0] = 0
         weight_power = _power(scaled_weight)
-        slack = (2 * self.stacked_magnitude.shape[2]) ** (1.0 / BOUND_POWER) * (1 + 1e-4)
-        block = max(1, MAX_TIMES_BYTES // (8 * max(rows, inverse_z.shape[0])))
-        for start in range(0, positions, block):
-            stop = min(start + block, positions)
-            scaled_z = np.zeros((inverse_z.shape[0], stop - start), dtype=np.float64)
+        slack = len(self.stacked_magnitude) ** (1.0 / BOUND_POWER) * (1 + 1e-4)
+        block = max(1, MAX_TIMES_BYTES // (8 * max(rows, len(inverse_z))))
+        for start in range(first, last, block):
+            stop = min(start + block, last)
+            scaled_z = np.zeros((len(inverse_z), stop - start), dtype=np.float64)
             np.divide(inverse_z[:, start:stop], column_max[:, None], out=scaled_z, where=column_max[:, None] > 0)
-            bound = _root((weight_power @ _power(scaled_z)).astype(np.float32))  # [K·C, p]
+            bound = _root((weight_power @ _power(scaled_z)).astype(np.float32))  # [K·C, b]
             bound *= row_max[:, None]
             bound *= flat[:, start:stop]  # a_unf · bound ≥ every g of that (k, c, p)
-            by_channel = bound.reshape(kernel_size, channels, -1)
-            floor = np.maximum(by_channel.max(axis=(0, 2)) / slack, self.sensitivity)  # [C]
+            floor = np.maximum(bound.reshape(-1, channels, stop - start).max(axis=(0, 2)) / slack,
+                               self.sensitivity)  # [C]
             # float32 roots carry ~1e-6 relative error: the margin only admits a few more candidates;
             # a zero bound means a zero contribution, never a candidate.
             threshold = np.maximum(floor / (1 + 1e-4), SMALLEST_POSITIVE).astype(np.float32)
-            k_index, c_index, p_index = np.nonzero(by_channel >= threshold[None, :, None])
-            self._verify(inverse_z, flat, k_index, c_index, p_index + start, channels)
+            row, position = _nonzero(bound >= np.tile(threshold, rows // channels)[:, None])
+            self._verify(inverse_z, flat, row, position + start)
 
-    def _verify(self, inverse_z: np.ndarray, flat: np.ndarray, k_index: np.ndarray, c_index: np.ndarray,
-                p_index: np.ndarray, channels: int) -> None:
-        """The exact g of the candidate (k, c, p): max over the 2F stacked filters, times the patch value."""
-        step = max(1, MAX_TIMES_BYTES // (4 * inverse_z.shape[0]))
-        for first in range(0, len(k_index), step):
-            k, c, p = (index[first:first + step] for index in (k_index, c_index, p_index))
-            best = (self.stacked_magnitude[k, c, :] * inverse_z[:, p].T).max(axis=1)
-            best *= flat[k * channels + c, p]
-            np.maximum.at(self.sensitivity, c, best)
+    def _verify(self, inverse_z: np.ndarray, flat: np.ndarray, row: np.ndarray, position: np.ndarray) -> None:
+        """The exact g of the candidates (row = k·C + c, p): max over the 2F stacked filters, times the
+        patch value; candidates are split across threads."""
+        channels = len(self.sensitivity)
+        step = max(1, VERIFY_BYTES // (4 * len(inverse_z)))  # [2F, step] products stay in cache
+        share = max(step, -(-len(row) // MAX_THREADS))
+
+        def verify_share(begin: int) -> np.ndarray:
+            best_by_channel = np.zeros(channels, dtype=np.float32)
+            for first in range(begin, min(begin + share, len(row)), step):
+                last = min(first + step, begin + share, len(row))
+                r, p = row[first:last], position[first:last]
+                products = np.take(self.stacked_magnitude, r, axis=1)
+                products *= np.take(inverse_z, p, axis=1)
+                best = products.max(axis=0)
+                best *= flat[r, p]
+                np.maximum.at(best_by_channel, r % channels, best)
+            return best_by_channel
+
+        for best_by_channel in _parallel_map(verify_share, range(0, len(row), share)):
+            np.maximum(self.sensitivity, best_by_channel, out=self.sensitivity)
 
 
 def _power(values: np.ndarray) -> np.ndarray:
@@ -395,9 +483,22 @@ def _root(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _inverse_magnitude(z: np.ndarray) -> np.ndarray:
-    """1/|z|, with 0 where |z| ≤ eps (such denominators count as +infinity)."""
-    magnitude = np.abs(z)
-    inverse = np.zeros_like(magnitude)
-    np.divide(1.0, magnitude, out=inverse, where=magnitude > Z_EPS)
-    return inverse
+def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """np.nonzero of a contiguous 2-D mask, several times faster when few entries are set: eight flags at
+    a time are read as one 64-bit word, and only the nonzero words are unpacked."""
+    columns = mask.shape[1]
+    flags = mask.reshape(-1)
+    tail = (-len(flags)) % 8
+    if tail:
+        flags = np.concatenate([flags, np.zeros(tail, dtype=np.bool_)])
+    words = np.flatnonzero(flags.view(np.uint64))
+    word, bit = np.nonzero(flags.reshape(-1, 8)[words])
+    return np.divmod(words[word] * 8 + bit, columns)
+
+
+def _inverse(z: np.ndarray) -> np.ndarray:
+    """1/z of nonnegative z, in place, with 0 where z ≤ eps (such denominators count as +infinity)."""
+    negligible = z <= Z_EPS
+    np.divide(1.0, z, out=z, where=~negligible)
+    z[negligible] = 0
+    return z

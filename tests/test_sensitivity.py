@@ -12,11 +12,13 @@ from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, d
 EPS = np.finfo(np.float32).eps
 
 
-@pytest.fixture(autouse=True, params=["exact", "bounds"])
+@pytest.fixture(autouse=True, params=["exact", "bounds", "screen"])
 def scoring_path(request, monkeypatch):
-    """Every test runs on both kernels: all products, and bound-then-verify (forced on for small layers)."""
+    """Every test runs on each kernel alone: all products, bound-then-verify (forced on for small layers),
+    and screen-then-verify (kept however many candidates it leaves)."""
     from pfp_onnx import sensitivity as module
 
+    monkeypatch.setattr(module, "SCREEN_MAX_FRACTION", 1.0 if request.param == "screen" else 0.0)
     monkeypatch.setattr(module, "BOUND_MIN_FILTERS", 10**9 if request.param == "exact" else 0)
     return request.param
 
@@ -253,6 +255,32 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     monkeypatch.setattr(sensitivity, "MAX_THREADS", 4)
     np.testing.assert_array_equal(conv_sensitivity(activation, weight, **kwargs), whole)
     np.testing.assert_array_equal(dense_sensitivity(dense_activation, weight[:, :, 0, 0]), dense_whole)
+
+
+@pytest.mark.parametrize("screen_fraction, bound_min_filters", [
+    (0.0, 10**9), (0.0, 0), (1.0, 10**9), (1 / 8, 0), (1 / 8, 10**9), (0.002, 0)])
+def test_kernels_agree_bit_for_bit_over_streamed_batches(monkeypatch, screen_fraction, bound_min_filters):
+    """Sparse ReLU-like activations fed in batches, as a capture does: whichever path each batch takes
+    (a screen kept, a screen abandoned for the dense paths, every product, bounds), the running maxima
+    are the same floats."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    rng = np.random.default_rng(12)
+    weight = rng.standard_normal((24, 8, 3, 3)).astype(np.float32)
+    batches = [np.maximum(rng.standard_normal((3, 8, 9, 9)), 0.8).astype(np.float32) - 0.8 for _ in range(4)]
+    batches.append(rng.standard_normal((2, 8, 9, 9)).astype(np.float32))  # signed: a⁺ and a⁻
+
+    def run(fraction, min_filters):
+        monkeypatch.setattr(sensitivity, "SCREEN_MAX_FRACTION", fraction)
+        monkeypatch.setattr(sensitivity, "BOUND_MIN_FILTERS", min_filters)
+        scorer = sensitivity.ConvScorer(weight, strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+        for batch in batches:
+            scorer.update(batch)
+        return scorer.sensitivity
+
+    result = run(screen_fraction, bound_min_filters)
+    assert result.min() > 0
+    np.testing.assert_array_equal(result, run(0.0, 10**9))  # every product, checked against loops above
 
 
 def test_mismatched_shapes_are_rejected():
