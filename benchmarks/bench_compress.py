@@ -9,12 +9,14 @@
    reduction the report claims, and their ratio (1.0 = the latency falls as much as the MACs).
 
 Models: the checked-in MNIST ResNet-20 (fixtures/mnist_resnet.onnx with the first --points points of
-fixtures/mnist_calib.npz), or --model resnet56-cifar: a CIFAR-style ResNet-56 (3 stages × 9 basic blocks,
-16/32/64 channels, 32×32 input) built here with onnx.helper, random weights, BatchNorm with random
+fixtures/mnist_calib.npz); --model resnet56-cifar, a CIFAR-style ResNet-56 (3 stages × 9 basic blocks,
+16/32/64 channels, 32×32 input); --model resnet18-imagenet, the ImageNet ResNet-18 topology (224×224
+input). The last two are built here with onnx.helper, with random weights, BatchNorm with random
 statistics, and random inputs.
 
     python benchmarks/bench_compress.py                                  # MNIST ResNet-20, 256 points
     python benchmarks/bench_compress.py --model resnet56-cifar --points 128 --repeats 50
+    python benchmarks/bench_compress.py --model resnet18-imagenet --points 32 --skip-torch
 """
 
 from __future__ import annotations
@@ -44,8 +46,6 @@ except ImportError:  # the project venv has no torch: the comparison is skipped
     torch = None
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ("mnist-resnet20", "resnet56-cifar")
-DEFAULT_POINTS = {"mnist-resnet20": 256, "resnet56-cifar": 64}
 Z_EPS = float(np.finfo(np.float32).eps)  # |z| at or below this counts as +infinity (PFP.md §1, step 3)
 TORCH_CHUNK_BYTES = 256 * 2**20  # bound on one [points, F, C, K, P] contribution tensor in the transcription
 
@@ -63,7 +63,22 @@ def mnist_resnet20(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, n
 
 
 def resnet56_cifar(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """CIFAR ResNet-56 (He et al. 2016, §4.2) with 1×1 projection shortcuts where the shape changes."""
+    """CIFAR ResNet-56 (He et al. 2016, §4.2): 3×3 stem, 3 stages × 9 basic blocks of 16/32/64 channels."""
+    return basic_resnet("resnet56_cifar", points, seed, image=32, stem=(16, 3, 1, False), widths=(16, 32, 64),
+                        blocks=9, classes=10)
+
+
+def resnet18_imagenet(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """ImageNet ResNet-18 (He et al. 2016, Table 1): 7×7/2 stem and 3×3/2 max pool, 4 stages × 2 basic
+    blocks of 64/128/256/512 channels, 224×224 input, 1000 classes."""
+    return basic_resnet("resnet18_imagenet", points, seed, image=224, stem=(64, 7, 2, True),
+                        widths=(64, 128, 256, 512), blocks=2, classes=1000)
+
+
+def basic_resnet(name: str, points: int, seed: int, *, image: int, stem: tuple[int, int, int, bool],
+                 widths: tuple[int, ...], blocks: int, classes: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A basic-block ResNet with 1×1 projection shortcuts where the shape changes, random weights and
+    BatchNorm statistics, and random inputs. stem = (width, kernel, stride, max pool after it)."""
     rng = np.random.default_rng(seed)
     nodes, initializers = [], []
 
@@ -90,30 +105,41 @@ def resnet56_cifar(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, n
         nodes.append(helper.make_node("Relu", [source], [f"{name}.relu"], name=f"{name}/Relu"))
         return f"{name}.relu"
 
-    tensor = relu("stem", conv_bn("stem", "input", 3, 16, 3, 1))
-    channels = 16
-    for stage, width in enumerate((16, 32, 64)):
-        for block in range(9):
-            name = f"stage{stage + 1}.block{block}"
+    stem_width, stem_kernel, stem_stride, stem_pool = stem
+    tensor = relu("stem", conv_bn("stem", "input", 3, stem_width, stem_kernel, stem_stride))
+    if stem_pool:
+        nodes.append(helper.make_node("MaxPool", [tensor], ["stem.pool"], name="stem/MaxPool", kernel_shape=[3, 3],
+                                      strides=[2, 2], pads=[1, 1, 1, 1]))
+        tensor = "stem.pool"
+    channels = stem_width
+    for stage, width in enumerate(widths):
+        for block in range(blocks):
+            block_name = f"stage{stage + 1}.block{block}"
             stride = 2 if stage > 0 and block == 0 else 1
-            branch = relu(f"{name}.conv1", conv_bn(f"{name}.conv1", tensor, channels, width, 3, stride))
-            # A small second BN scale keeps the random residual stream from growing over 27 blocks.
-            branch = conv_bn(f"{name}.conv2", branch, width, width, 3, 1, gamma_scale=0.3)
+            branch = relu(f"{block_name}.conv1", conv_bn(f"{block_name}.conv1", tensor, channels, width, 3, stride))
+            # A small second BN scale keeps the random residual stream from growing over many blocks.
+            branch = conv_bn(f"{block_name}.conv2", branch, width, width, 3, 1, gamma_scale=0.3)
             shortcut = tensor if stride == 1 and channels == width else \
-                conv_bn(f"{name}.shortcut", tensor, channels, width, 1, stride)
-            nodes.append(helper.make_node("Add", [branch, shortcut], [f"{name}.add"], name=f"{name}/Add"))
-            tensor, channels = relu(name, f"{name}.add"), width
+                conv_bn(f"{block_name}.shortcut", tensor, channels, width, 1, stride)
+            nodes.append(helper.make_node("Add", [branch, shortcut], [f"{block_name}.add"], name=f"{block_name}/Add"))
+            tensor, channels = relu(block_name, f"{block_name}.add"), width
     nodes.append(helper.make_node("GlobalAveragePool", [tensor], ["pooled"], name="pool/GlobalAveragePool"))
     nodes.append(helper.make_node("Flatten", ["pooled"], ["features"], name="flatten/Flatten", axis=1))
-    nodes.append(helper.make_node("Gemm", ["features", constant("fc.weight", rng.normal(0, 0.1, (10, 64))),
-                                           constant("fc.bias", np.zeros(10))], ["logits"], name="fc/Gemm", transB=1))
-    graph = helper.make_graph(nodes, "resnet56_cifar",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 32, 32])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], initializers)
+    nodes.append(helper.make_node("Gemm", ["features", constant("fc.weight", rng.normal(0, 0.1, (classes, channels))),
+                                           constant("fc.bias", np.zeros(classes))], ["logits"], name="fc/Gemm",
+                                  transB=1))
+    graph = helper.make_graph(nodes, name,
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, image, image])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+                              initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.checker.check_model(model)
-    data = {"input": rng.normal(0, 1, size=(points, 3, 32, 32)).astype(np.float32)}
+    data = {"input": rng.normal(0, 1, size=(points, 3, image, image)).astype(np.float32)}
     return model, data
+
+
+MODELS = {"mnist-resnet20": mnist_resnet20, "resnet56-cifar": resnet56_cifar, "resnet18-imagenet": resnet18_imagenet}
+DEFAULT_POINTS = {"mnist-resnet20": 256, "resnet56-cifar": 64, "resnet18-imagenet": 32}
 
 
 def batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -253,7 +279,8 @@ def main() -> None:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="mnist-resnet20", help="which ResNet to compress")
     parser.add_argument("--points", type=int, default=None,
-                        help="calibration points; None means 256 for mnist-resnet20, 64 for resnet56-cifar")
+                        help="calibration points; None means 256 for mnist-resnet20, 64 for resnet56-cifar, "
+                             "32 for resnet18-imagenet")
     parser.add_argument("--batch-size", type=int, default=32, help="points per onnxruntime run, everywhere")
     parser.add_argument("--budget", type=float, default=0.5, help="budget of the timed compress runs")
     parser.add_argument("--budgets", default="0.7,0.5,0.3", help="budgets whose inference latency is measured")
@@ -267,8 +294,7 @@ def main() -> None:
     args = parser.parse_args()
 
     points = args.points or DEFAULT_POINTS[args.model]
-    build = mnist_resnet20 if args.model == "mnist-resnet20" else resnet56_cifar
-    model, data = build(points, args.seed)
+    model, data = MODELS[args.model](points, args.seed)
     device = choose_device("cpu")
     budgets = [float(value) for value in args.budgets.split(",")]
     print(f"bench_compress: {args.model}, {points} calibration points, batch size {args.batch_size}, "

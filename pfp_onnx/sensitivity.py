@@ -10,9 +10,12 @@ points), a_unf its patches and z± = layer(a; W±) without bias; |z| ≤ float32
 
 Why it is fast: with inv_z[f, p] = 1/|z[f, p]| the quantity factorises as
     s_c = max_k max_p a_unf[c, k, p] · max_f |W[f, c, k]| · inv_z±[f, p],
-a "max-times" matrix product costing C·K·F·P per point, with z itself from one BLAS matmul. The points of a
-batch are concatenated along p (each keeps its own z). The *Scorer classes keep a running max over the
-batches they are fed; the *_sensitivity functions score a single batch.
+a "max-times" matrix product costing C·K·F·P per point (BLAS cannot do it), with z itself from one BLAS
+matmul. Almost none of it is evaluated: a running max is kept, and the bound a_unf · max_f |W| · max_f inv_z
+(one pass over the patches) shows that nearly every (c, k, p) cannot raise it; only the rest are evaluated
+exactly (see _MaxTimesScorer). The points of a batch are concatenated along p (each keeps its own z).
+The *Scorer classes keep a running max over the batches they are fed; the *_sensitivity functions score a
+single batch.
 """
 
 from __future__ import annotations
@@ -49,8 +52,6 @@ BOUND_MIN_FILTERS = 32
 # A screen leaving more than this fraction of a block's products for exact evaluation is abandoned for the
 # dense paths (gathering candidates one by one costs several times a dense product).
 SCREEN_MAX_FRACTION = 1 / 8
-# The first block of a layer seeds its running max exactly from its first 1/SEED_DIVISOR positions.
-SEED_DIVISOR = 16
 # Fewest positions in one screened block (smaller blocks cost more in Python than they save).
 MIN_SCREEN_BLOCK = 256
 SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
@@ -308,8 +309,8 @@ class _MaxTimesScorer:
     Per block, z± come from one BLAS product; then the cheapest sufficient path runs:
     - screen, then verify: g ≤ a_unf · max_f |W[f, c, k]| · max_f inv_z[f, p] costs one pass over the
       patches and, once the running max is established, rules out nearly every (c, k, p) (97–99.9% on a
-      trained ResNet after its first batch); the rest are evaluated exactly. A layer's first block seeds
-      its running max with the exact g of its first positions.
+      trained ResNet after its first batch); the rest are evaluated exactly. Before its first screen, a
+      layer seeds its running max with the exact g at each row's most promising position.
     - when the screen leaves more than SCREEN_MAX_FRACTION of the products: every product (few filters)
       or bound-then-verify (many filters).
     Every path evaluates a product with the same float32 operations, so they agree bit for bit.
@@ -337,33 +338,46 @@ class _MaxTimesScorer:
         # z⁺ and |z⁻| for every position in one BLAS product, [2F, K·C] @ [K·C, P]: nonnegative factors,
         # so no cancellation and no sign to strip.
         inverse_z = _inverse(self.stacked_magnitude @ flat)  # [2F, P]
-        screened_from = 0
-        if not self._seeded:
-            screened_from = max(1, positions // SEED_DIVISOR)
-            self._update_exactly(flat, inverse_z, 0, screened_from)
+        largest_inverse = inverse_z.max(axis=0)  # [P]
+        if not self._seeded and SCREEN_MAX_FRACTION > 0:
+            self._seed(flat, inverse_z, largest_inverse)
             self._seeded = True
         dense = self._update_exactly if len(self.stacked_magnitude) < BOUND_MIN_FILTERS else self._update_by_bounds
-        for first, last in self._screen_and_verify(flat, inverse_z, screened_from):
+        for first, last in self._screen_and_verify(flat, inverse_z, largest_inverse):
             dense(flat, inverse_z, first, last)
 
-    def _screen_and_verify(self, flat: np.ndarray, inverse_z: np.ndarray, first: int) -> list[tuple[int, int]]:
-        """Screen the positions from `first` on, block by block on threads, and evaluate the survivors
-        exactly; return the position ranges whose blocks left more than SCREEN_MAX_FRACTION of their
-        products (those need a dense path). The screen's bound a_unf · max_f |W| · max_f inv_z carries a
-        1e-4 margin, far above the float32 rounding of either side, so no product above the running max
-        is ever screened out."""
+    def _seed(self, flat: np.ndarray, inverse_z: np.ndarray, largest_inverse: np.ndarray) -> None:
+        """Before a layer's first screen, raise its running max from zero to the exact g at each row's most
+        promising position (the largest a_unf · max_f inv_z): a few products per channel, and usually
+        close enough to the final max for the screen to rule out nearly everything."""
+        block = max(1, MAX_TIMES_BYTES // (4 * len(flat)))
+        best_value = np.zeros(len(flat), dtype=np.float32)
+        best_position = np.zeros(len(flat), dtype=np.intp)
+        for start in range(0, flat.shape[1], block):
+            bound = flat[:, start:start + block] * largest_inverse[start:start + block]
+            position = bound.argmax(axis=1)
+            value = bound[np.arange(len(flat)), position]
+            better = value > best_value
+            best_value[better] = value[better]
+            best_position[better] = position[better] + start
+        row = np.flatnonzero(best_value > 0)
+        self._verify(inverse_z, flat, row, best_position[row])
+
+    def _screen_and_verify(self, flat: np.ndarray, inverse_z: np.ndarray,
+                           largest_inverse: np.ndarray) -> list[tuple[int, int]]:
+        """Screen every position, block by block on threads, and evaluate the survivors exactly; return
+        the position ranges whose blocks left more than SCREEN_MAX_FRACTION of their products (those need
+        a dense path). The screen's bound a_unf · max_f |W| · max_f inv_z carries a 1e-4 margin, far above
+        the float32 rounding of either side, so no product above the running max is ever screened out."""
         rows, positions = flat.shape
-        if first >= positions:
-            return []
         if SCREEN_MAX_FRACTION <= 0:
-            return [(first, positions)]
-        largest_inverse = inverse_z.max(axis=0)  # [P]
+            return [(0, positions)] if positions else []
         running = np.tile(self.sensitivity, rows // len(self.sensitivity)).astype(np.float64) / (1 + 1e-4)
         with np.errstate(divide="ignore"):
             row_threshold = np.where(self._largest_magnitude > 0, running / self._largest_magnitude, np.inf)
         row_threshold = row_threshold.astype(np.float32)[:, None]
-        block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows), -(-(positions - first) // MAX_THREADS)))
-        starts = range(first, positions, block)
+        block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows), -(-positions // MAX_THREADS)))
+        starts = range(0, positions, block)
 
         def screen_block(start: int) -> tuple[np.ndarray, np.ndarray] | None:
             stop = min(start + block, positions)
@@ -373,17 +387,20 @@ class _MaxTimesScorer:
                 return None
             return row, position + start
 
-        dense, found = [], []
-        for start, candidates in zip(starts, _parallel_map(screen_block, starts)):
-            if candidates is not None:
-                found.append(candidates)
-            elif dense and dense[-1][1] == start:
-                dense[-1] = (dense[-1][0], min(start + block, positions))
-            else:
-                dense.append((start, min(start + block, positions)))
-        if found:
-            self._verify(inverse_z, flat, np.concatenate([row for row, _ in found]),
-                         np.concatenate([position for _, position in found]))
+        dense = []
+        for wave in range(0, len(starts), MAX_THREADS):  # a wave's candidates are all that is held at once
+            found = []
+            for start, candidates in zip(starts[wave:wave + MAX_THREADS],
+                                         _parallel_map(screen_block, starts[wave:wave + MAX_THREADS])):
+                if candidates is not None:
+                    found.append(candidates)
+                elif dense and dense[-1][1] == start:
+                    dense[-1] = (dense[-1][0], min(start + block, positions))
+                else:
+                    dense.append((start, min(start + block, positions)))
+            if found:
+                self._verify(inverse_z, flat, np.concatenate([row for row, _ in found]),
+                             np.concatenate([position for _, position in found]))
         return dense
 
     def _update_exactly(self, flat: np.ndarray, inverse_z: np.ndarray, first: int, last: int) -> None:
