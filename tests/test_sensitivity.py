@@ -283,6 +283,45 @@ def test_kernels_agree_bit_for_bit_over_streamed_batches(monkeypatch, screen_fra
     np.testing.assert_array_equal(result, run(0.0, 10**9))  # every product, checked against loops above
 
 
+@pytest.mark.parametrize("screen_fraction", [1.0, 0.2, 0.1])
+def test_many_screen_blocks_and_waves_match_one_block(monkeypatch, screen_fraction):
+    """Blocks of a few positions, screened in waves on threads, some abandoned for the dense paths and
+    merged into ranges: the same floats as every product in one go."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    rng = np.random.default_rng(13)
+    weight = rng.standard_normal((20, 5, 3, 3)).astype(np.float32)
+    batches = [np.maximum(rng.standard_normal((2, 5, 8, 8)), 0).astype(np.float32) for _ in range(3)]
+
+    def run():
+        scorer = sensitivity.ConvScorer(weight, strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+        for batch in batches:
+            scorer.update(batch)
+        return scorer.sensitivity
+
+    monkeypatch.setattr(sensitivity, "SCREEN_MAX_FRACTION", 0.0)
+    monkeypatch.setattr(sensitivity, "BOUND_MIN_FILTERS", 10**9)
+    expected = run()
+    monkeypatch.setattr(sensitivity, "SCREEN_MAX_FRACTION", screen_fraction)
+    monkeypatch.setattr(sensitivity, "BOUND_MIN_FILTERS", 0)
+    monkeypatch.setattr(sensitivity, "MAX_TIMES_BYTES", 4 * 45 * 7)  # 7 positions of 45 rows per block
+    monkeypatch.setattr(sensitivity, "MIN_SCREEN_BLOCK", 1)
+    monkeypatch.setattr(sensitivity, "VERIFY_BYTES", 4 * 40 * 3)  # 3 candidates per step
+    monkeypatch.setattr(sensitivity, "MAX_THREADS", 3)
+    np.testing.assert_array_equal(run(), expected)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 9), (16, 64), (5, 0)])
+def test_word_wise_nonzero_equals_numpy(shape):
+    from pfp_onnx.sensitivity import _nonzero
+
+    rng = np.random.default_rng(14)
+    for density in (0.0, 0.01, 0.5, 1.0):
+        mask = rng.random(shape) < density
+        for ours, numpys in zip(_nonzero(mask), np.nonzero(mask)):
+            np.testing.assert_array_equal(ours, numpys)
+
+
 def test_mismatched_shapes_are_rejected():
     with pytest.raises(ValueError):
         conv_sensitivity(np.zeros((1, 3, 4, 4)), np.zeros((2, 4, 3, 3)), strides=[1, 1], pads=[0] * 4, dilations=[1, 1])
