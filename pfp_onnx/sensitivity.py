@@ -55,6 +55,7 @@ SCREEN_MAX_FRACTION = 1 / 8
 # Fewest positions in one screened block (smaller blocks cost more in Python than they save).
 MIN_SCREEN_BLOCK = 256
 SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ConvScorer:
@@ -375,6 +376,8 @@ class _MaxTimesScorer:
         running = np.tile(self.sensitivity, rows // len(self.sensitivity)).astype(np.float64) / (1 + 1e-4)
         with np.errstate(divide="ignore"):
             row_threshold = np.where(self._largest_magnitude > 0, running / self._largest_magnitude, np.inf)
+        # A finite threshold beyond float32 stays finite, so an overflowing bound (inf) is still a candidate.
+        row_threshold = np.where(np.isinf(row_threshold), np.inf, np.minimum(row_threshold, FLOAT32_MAX))
         row_threshold = row_threshold.astype(np.float32)[:, None]
         block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows), -(-positions // MAX_THREADS)))
         starts = range(0, positions, block)

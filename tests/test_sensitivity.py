@@ -311,6 +311,29 @@ def test_many_screen_blocks_and_waves_match_one_block(monkeypatch, screen_fracti
     np.testing.assert_array_equal(run(), expected)
 
 
+def test_screen_keeps_products_whose_bound_overflows(monkeypatch):
+    """A subnormal weight beside a huge activation: the running max over a tiny weight needs a threshold
+    beyond float32, and the next point's bound a · max inv_z overflows to inf. The screen must still
+    evaluate that point (its g is 1), as every-product scoring does."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    weight = np.array([[1.0, 1.4e-45]], dtype=np.float32)
+    first = np.array([[1e-7, 3.4e38]], dtype=np.float32)  # z ≈ 5.8e-7: channel 1 scores ≈ 0.83
+    second = np.array([[0.0, 3.4e38]], dtype=np.float32)  # channel 1 alone: it scores 1
+    results = []
+    for fraction in (0.0, 1.0):
+        monkeypatch.setattr(sensitivity, "SCREEN_MAX_FRACTION", fraction)
+        monkeypatch.setattr(sensitivity, "BOUND_MIN_FILTERS", 10**9)
+        scorer = sensitivity.DenseScorer(weight)
+        with np.errstate(over="ignore"):
+            scorer.update(first)
+            assert 0.8 < scorer.sensitivity[1] < 0.9
+            scorer.update(second)
+        results.append(scorer.sensitivity)
+    np.testing.assert_array_equal(results[1], results[0])
+    assert results[1][1] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 9), (16, 64), (5, 0)])
 def test_word_wise_nonzero_equals_numpy(shape):
     from pfp_onnx.sensitivity import _nonzero
