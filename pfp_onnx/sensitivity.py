@@ -355,7 +355,8 @@ class _MaxTimesScorer:
         best_value = np.zeros(len(flat), dtype=np.float32)
         best_position = np.zeros(len(flat), dtype=np.intp)
         for start in range(0, flat.shape[1], block):
-            bound = flat[:, start:start + block] * largest_inverse[start:start + block]
+            with np.errstate(over="ignore"):  # an infinite bound is simply the most promising
+                bound = flat[:, start:start + block] * largest_inverse[start:start + block]
             position = bound.argmax(axis=1)
             value = bound[np.arange(len(flat)), position]
             better = value > best_value
@@ -384,7 +385,8 @@ class _MaxTimesScorer:
 
         def screen_block(start: int) -> tuple[np.ndarray, np.ndarray] | None:
             stop = min(start + block, positions)
-            bound = flat[:, start:stop] * largest_inverse[start:stop]
+            with np.errstate(over="ignore"):  # an infinite bound is simply a candidate
+                bound = flat[:, start:stop] * largest_inverse[start:stop]
             row, position = _nonzero(bound > row_threshold)
             if len(row) > SCREEN_MAX_FRACTION * bound.size:
                 return None
