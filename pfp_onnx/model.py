@@ -77,10 +77,26 @@ def check_model(model: onnx.ModelProto, *, what: str = "the model", full: bool =
 
 
 def model_bytes(model: onnx.ModelProto) -> int:
-    """The serialised size, summed per node and initializer: protobuf cannot size a message above 2 GB."""
+    """The serialised size (an upper estimate), summed per node and initializer: protobuf cannot size a
+    message above 2 GB."""
     graph = model.graph
-    return (sum(init.ByteSize() for init in graph.initializer) + sum(node.ByteSize() for node in graph.node)
+    return (sum(tensor_bytes(init) for init in graph.initializer) + sum(node.ByteSize() for node in graph.node)
             + sum(info.ByteSize() for info in [*graph.input, *graph.output, *graph.value_info]))
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's serialised size, or a little more. protobuf's ByteSize() walks raw bytes (~0.1 s per few
+    hundred MB, asked often), so raw tensors are sized from their shape: at least one byte per element,
+    which over-counts only the packed 4-bit types, plus a generous allowance for name, dims and tags."""
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    try:
+        itemsize = max(1, helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize)
+    except (KeyError, ValueError, TypeError):
+        return tensor.ByteSize()
+    elements = int(np.prod(tensor.dims, dtype=np.int64))
+    return (elements * itemsize + 64 + 11 * len(tensor.dims) + len(tensor.name.encode())
+            + len(tensor.doc_string.encode()))
 
 
 def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -89,7 +105,7 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     Checking and shape inference need shapes, not weight bytes: the skeleton of a multi-GB model is a few
     kB, so no step ever copies or re-serialises the weights just to look at the graph.
     """
-    large = [init for init in model.graph.initializer if init.ByteSize() > SKELETON_TENSOR_BYTES]
+    large = [init for init in model.graph.initializer if tensor_bytes(init) > SKELETON_TENSOR_BYTES]
     if model_bytes(model) <= SKELETON_MODEL_BYTES or not large:
         return model
     large_names = {init.name for init in large}

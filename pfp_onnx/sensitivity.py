@@ -443,22 +443,35 @@ class _MaxTimesScorer:
         term lies 1e-38 below its row's and column's maxima, far below float32 resolution).
         """
         channels = len(self.sensitivity)
-        rows = len(flat)
+        rows, filters = len(flat), len(inverse_z)
         column_max = inverse_z.max(axis=1)  # [2F]
-        scaled_weight = self.stacked_magnitude.T.astype(np.float64) * column_max[None, :]
-        row_max = scaled_weight.max(axis=1)  # [K·C]
-        np.divide(scaled_weight, row_max[:, None], out=scaled_weight, where=row_max[:, None] > 0)
-        scaled_weight[row_max <= 0] = 0
-        weight_power = _power(scaled_weight)
-        slack = len(self.stacked_magnitude) ** (1.0 / BOUND_POWER) * (1 + 1e-4)
-        block = max(1, MAX_TIMES_BYTES // (8 * max(rows, len(inverse_z))))
+        # Weight rows are scaled and raised to the power in blocks, so temporaries stay near
+        # MAX_TIMES_BYTES even for a dense layer of a billion weights; one block is computed once.
+        rows_per_block = max(1, MAX_TIMES_BYTES // (8 * filters))
+        row_blocks = [(r, min(r + rows_per_block, rows)) for r in range(0, rows, rows_per_block)]
+
+        def weight_power(first_row: int, last_row: int) -> tuple[np.ndarray, np.ndarray]:
+            scaled = self.stacked_magnitude[:, first_row:last_row].T.astype(np.float64) * column_max[None, :]
+            row_max = scaled.max(axis=1)  # [rows of the block]
+            np.divide(scaled, row_max[:, None], out=scaled, where=row_max[:, None] > 0)
+            scaled[row_max <= 0] = 0
+            return _power(scaled), row_max
+
+        cached = weight_power(*row_blocks[0]) if len(row_blocks) == 1 else None
+        slack = filters ** (1.0 / BOUND_POWER) * (1 + 1e-4)
+        block = max(1, MAX_TIMES_BYTES // (8 * max(min(rows, rows_per_block), filters)))
         for start in range(first, last, block):
             stop = min(start + block, last)
-            scaled_z = np.zeros((len(inverse_z), stop - start), dtype=np.float64)
+            scaled_z = np.zeros((filters, stop - start), dtype=np.float64)
             np.divide(inverse_z[:, start:stop], column_max[:, None], out=scaled_z, where=column_max[:, None] > 0)
-            bound = _root((weight_power @ _power(scaled_z)).astype(np.float32))  # [K·C, b]
-            bound *= row_max[:, None]
-            bound *= flat[:, start:stop]  # a_unf · bound ≥ every g of that (k, c, p)
+            z_power = _power(scaled_z)
+            bound = np.empty((rows, stop - start), dtype=np.float32)  # a_unf · bound ≥ every g of (k, c, p)
+            for first_row, last_row in row_blocks:
+                power, row_max = cached or weight_power(first_row, last_row)
+                part = bound[first_row:last_row]
+                part[...] = _root((power @ z_power).astype(np.float32))
+                part *= row_max[:, None]
+            bound *= flat[:, start:stop]
             floor = np.maximum(bound.reshape(-1, channels, stop - start).max(axis=(0, 2)) / slack,
                                self.sensitivity)  # [C]
             # float32 roots carry ~1e-6 relative error: the margin only admits a few more candidates;
@@ -491,8 +504,8 @@ class _MaxTimesScorer:
 
 
 def _power(values: np.ndarray) -> np.ndarray:
-    """values ** BOUND_POWER by repeated squaring (in place on a float64 copy)."""
-    result = np.array(values, dtype=np.float64)
+    """values ** BOUND_POWER by repeated squaring, in place (values is a float64 array of the caller's)."""
+    result = values
     for _ in range(BOUND_SQUARINGS):
         np.multiply(result, result, out=result)
     return result

@@ -91,3 +91,20 @@ def test_saved_files_have_ordinary_permissions(tmp_path):
         os.umask(umask)
     for name in ("out.onnx", "out.onnx.data"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64, np.uint8, np.bool_, np.float64])
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (7, 5), (2, 3, 4, 5)])
+def test_tensor_size_estimate_never_undercounts(dtype, shape):
+    """Size decisions (the 2 GB limit, skeletons) read tensor_bytes instead of protobuf's slow ByteSize."""
+    from onnx import numpy_helper
+
+    from pfp_onnx.model import tensor_bytes
+
+    rng = np.random.default_rng(0)
+    tensor = numpy_helper.from_array((rng.standard_normal(shape) * 100).astype(dtype), name="weight.of_some_layer")
+    tensor.doc_string = "kept"
+    assert tensor.HasField("raw_data") or tensor.ByteSize() == tensor_bytes(tensor)
+    assert tensor.ByteSize() <= tensor_bytes(tensor) <= tensor.ByteSize() + 200
+    typed = onnx.helper.make_tensor("typed", onnx.TensorProto.FLOAT, [4], [1.0, 2.0, 3.0, 4.0])
+    assert tensor_bytes(typed) == typed.ByteSize()
