@@ -35,7 +35,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import pfp_onnx
-from pfp_onnx.capture import ConsumerProbe, augmented_model, capture_sensitivities, consumer_probes
+from pfp_onnx.capture import ConsumerProbe, capture_sensitivities, consumer_probes
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.runtime import choose_device, create_session
 
@@ -221,7 +221,7 @@ def torch_sensitivities(model: onnx.ModelProto, analysis, data, batch_size: int,
                for probe in probes}
     scores = {group.id: torch.zeros(group.width) for group in analysis.prunable_groups}
     names = sorted({probe.layer.input for probe in probes})
-    session = create_session(augmented_model(model, names), device)
+    session = create_session(model, device, outputs=names)
     for batch in batches(data, batch_size):
         activations = dict(zip(names, session.run(names, {"input": batch["input"]})))
         for probe in probes:
@@ -234,7 +234,7 @@ def torch_sensitivities(model: onnx.ModelProto, analysis, data, batch_size: int,
 def onnxruntime_capture_only(model: onnx.ModelProto, analysis, data, batch_size: int, device) -> None:
     """The augmented forward pass both sensitivity implementations share, with no scoring."""
     names = sorted({probe.layer.input for probe in consumer_probes(model, analysis)})
-    session = create_session(augmented_model(model, names), device)
+    session = create_session(model, device, outputs=names)
     for batch in batches(data, batch_size):
         session.run(names, {"input": batch["input"]})
 

@@ -14,11 +14,10 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper
 
 from pfp_onnx.data import model_feeds
 from pfp_onnx.groups import ChannelAnalysis, Layer
-from pfp_onnx.model import infer_shapes, to_graph
+from pfp_onnx.model import to_graph
 from pfp_onnx.recover import FeatureStatistics, accumulate_features
 from pfp_onnx.runtime import Device, create_session
 from pfp_onnx.refit import patches
@@ -70,20 +69,6 @@ def _scorer(layer: Layer, weight) -> ConvScorer | ConvTransposeScorer | DenseSco
     return DenseScorer(weight.T if layer.weight_is_in_by_out else weight)
 
 
-def augmented_model(model: onnx.ModelProto, tensor_names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the named intermediate tensors."""
-    augmented = onnx.ModelProto()
-    augmented.CopyFrom(model)
-    known = {info.name: info for info in infer_shapes(model).graph.value_info}
-    existing = {output.name for output in augmented.graph.output}
-    for name in tensor_names:
-        if name in existing:
-            continue
-        info = known.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
-        augmented.graph.output.append(info)
-    return augmented
-
-
 def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
                           batches: Iterable[Mapping[str, np.ndarray]], device: Device,
                           progress: Callable[[int], None] | None = None, *, sensitivity: bool = True,
@@ -99,7 +84,7 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
     layers = {layer.node: layer for layer in analysis.layers}
     names = sorted({probe.layer.input for probe in probes} | {layers[node].input for node in statistics})
     if names:
-        session = create_session(augmented_model(model, names), device, owned=True)
+        session = create_session(model, device, outputs=names)
         for batch in batches:
             activations = _run_bound(session, names, model_feeds(batch))
             for probe in probes:

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 from pfp_onnx.errors import ModelError, OutputError
 
@@ -23,6 +24,10 @@ PROTOBUF_LIMIT = 2**31 - 1
 # Models above this size are checked and shape-inferred through their skeleton (see skeleton()).
 SKELETON_MODEL_BYTES = 256 * 2**20
 SKELETON_TENSOR_BYTES = 2**20
+# Tensors above this go to the data file when a model is written with external data (onnx's threshold).
+EXTERNAL_TENSOR_BYTES = 1024
+# Offsets in data files written here are multiples of this (a page on every platform onnxruntime maps).
+DATA_ALIGNMENT = 2**16
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -109,21 +114,77 @@ def skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     if model_bytes(model) <= SKELETON_MODEL_BYTES or not large:
         return model
     large_names = {init.name for init in large}
-    result = onnx.ModelProto()
-    for field in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(result, field, getattr(model, field))
-    result.opset_import.extend(model.opset_import)
-    result.functions.extend(model.functions)
+    result = _without_initializers(model)
     graph = result.graph
-    graph.name = model.graph.name
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
     graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
                        for init in large if init.name not in {info.name for info in model.graph.input})
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
     graph.initializer.extend(init for init in model.graph.initializer if init.name not in large_names)
     return result
+
+
+def externalized(model: onnx.ModelProto, data_path: str | os.PathLike, location: str, *,
+                 threshold: int = EXTERNAL_TENSOR_BYTES) -> onnx.ModelProto:
+    """A small copy of `model` whose raw tensors above `threshold` bytes are written to `data_path` one at a
+    time and referenced as external data at `location` (relative to the model file).
+
+    `model` is neither copied whole nor changed: onnx.save(save_as_external_data=True) would move the bytes
+    out of the caller's proto, and a copy first would hold the weights twice. Offsets are aligned so that
+    onnxruntime may map the weights rather than copy them.
+    """
+    shell = _without_initializers(model)
+    with open(data_path, "wb") as handle:
+        for tensor in model.graph.initializer:
+            if not tensor.HasField("raw_data") or tensor_bytes(tensor) <= threshold:
+                shell.graph.initializer.append(tensor)
+                continue
+            offset = -(-handle.tell() // DATA_ALIGNMENT) * DATA_ALIGNMENT
+            handle.seek(offset)
+            data = tensor.raw_data
+            handle.write(data)
+            reference = shell.graph.initializer.add()
+            _copy_fields(tensor, reference, skip={"raw_data", "data_location", "external_data"})
+            reference.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = reference.external_data.add()
+                entry.key, entry.value = key, value
+            del data
+    return shell
+
+
+def with_outputs(model: onnx.ModelProto, tensor_names: Iterable[str]) -> onnx.ModelProto:
+    """A copy of `model` that also outputs the named intermediate tensors (typed from shape inference)."""
+    augmented = onnx.ModelProto()
+    augmented.CopyFrom(model)
+    known = {info.name: info for info in infer_shapes(model).graph.value_info}
+    existing = {output.name for output in augmented.graph.output}
+    for name in tensor_names:
+        if name in existing:
+            continue
+        info = known.get(name) or helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
+        augmented.graph.output.append(info)
+        existing.add(name)
+    return augmented
+
+
+def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every field of the model except its graph's initializers (small whatever the weights)."""
+    result = onnx.ModelProto()
+    _copy_fields(model, result, skip={"graph"})
+    _copy_fields(model.graph, result.graph, skip={"initializer"})
+    return result
+
+
+def _copy_fields(source, target, *, skip: set[str]) -> None:
+    """Copy the set fields of one protobuf message into another of the same type, except `skip`."""
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if hasattr(value, "extend"):  # repeated
+            getattr(target, field.name).extend(value)
+        elif hasattr(value, "CopyFrom"):  # message
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
@@ -303,11 +364,9 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
     data_name = f"{output.name}.data"
     tmp_data = output.resolve().parent / f"{Path(tmp_name).name}.data"
     try:
-        if external_data:
-            onnx.save(model, tmp_name, save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=tmp_data.name, size_threshold=1024)
+        if external_data:  # the model refers to the final data file name from the start
+            onnx.save(externalized(model, tmp_data, data_name), tmp_name)
             os.replace(tmp_data, output.resolve().parent / data_name)
-            _relocate_external_data(tmp_name, data_name, tmp_data.name)
         else:
             onnx.save(model, tmp_name)
         umask = os.umask(0)
@@ -322,16 +381,6 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
         for leftover in (Path(tmp_name), tmp_data):
             if leftover.exists():
                 leftover.unlink()
-
-
-def _relocate_external_data(model_file: str, new_location: str, old_location: str) -> None:
-    """Point the saved model's external-data references at the final data file name."""
-    model = onnx.load(model_file, load_external_data=False)
-    for tensor in model.graph.initializer:
-        for entry in tensor.external_data:
-            if entry.key == "location" and entry.value == old_location:
-                entry.value = new_location
-    onnx.save(model, model_file)
 
 
 def _first_line(exc: BaseException) -> str:

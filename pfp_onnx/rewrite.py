@@ -9,6 +9,7 @@ Concat several groups share that axis at different offsets.
 
 from __future__ import annotations
 
+import gc
 from collections import defaultdict
 from typing import Mapping
 
@@ -68,6 +69,8 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mappi
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     # Strict inference re-derives every shape from the new weights: a cut that missed a consumer fails here.
     pruned = from_graph(graph, model)
+    del graph, nodes
+    gc.collect()  # graphsurgeon graphs are cyclic: free the original's weight arrays now, not at some later gc
     pruned.graph.value_info.extend(infer_shapes(pruned, strict=True).graph.value_info)
     check_model(pruned, what="the pruned model", full=True)
     return pruned

@@ -12,6 +12,7 @@ import functools
 import io
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import onnx
@@ -19,7 +20,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from pfp_onnx.errors import OptionError
-from pfp_onnx.model import model_bytes
+from pfp_onnx.model import externalized, model_bytes, with_outputs
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
@@ -78,25 +79,24 @@ def choose_device(device: str = "auto") -> Device:
     return Device((CPU,), "running on CPU (CUDA is not available to onnxruntime)")
 
 
-def create_session(model: onnx.ModelProto, device: Device, *, owned: bool = False) -> ort.InferenceSession:
-    """A session for an in-memory model.
+def create_session(model: onnx.ModelProto, device: Device, *, outputs: Iterable[str] = ()) -> ort.InferenceSession:
+    """A session for an in-memory model that also outputs the named intermediate tensors.
 
-    Small models go over as bytes. Large ones are written to a temporary file with external data, which
-    moves each weight's bytes out of the proto as it is written, so the weights are never held twice;
-    the caller's model is copied first unless it is `owned` (a throwaway, like capture's augmented copy).
+    Small models go over as bytes. Large ones are written to a temporary file whose weights go to an
+    external-data file one tensor at a time, straight from the caller's proto: the weights are never held
+    twice by pfp-onnx, and the caller's model is not changed.
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    outputs = list(outputs)
     if model_bytes(model) <= SESSION_BYTES_LIMIT:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=list(device.providers))
+        return ort.InferenceSession((with_outputs(model, outputs) if outputs else model).SerializeToString(),
+                                    options, providers=list(device.providers))
     # Prepacking would keep a second, reordered copy of every large weight; for a few passes it is not
     # worth the memory.
     options.add_session_config_entry("session.disable_prepacking", "1")
-    if not owned:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "model.onnx")
-        onnx.save(model, path, save_as_external_data=True, location="model.onnx.data")
+        shell = externalized(model, path + ".data", "model.onnx.data")
+        onnx.save(with_outputs(shell, outputs) if outputs else shell, path)
         return ort.InferenceSession(path, options, providers=list(device.providers))

@@ -319,33 +319,43 @@ class _MaxTimesScorer:
 
     def __init__(self, weight: np.ndarray) -> None:
         filters, channels, kernel_size = weight.shape
-        # [2F, K·C], columns ordered (k, c): |W⁺| then |W⁻| along f, so that one max over the stacked
-        # filters covers both signs; it pairs with inverse z's stacked the same way ([2F, P]). It is the
-        # only copy of the weight kept (2× its size): z± come from it too. Filled one offset at a time.
-        self.stacked_magnitude = np.empty((2 * filters, kernel_size * channels), dtype=np.float32)
-        for k in range(kernel_size):
-            offset = weight[:, :, k]  # [F, C]
-            columns = slice(k * channels, (k + 1) * channels)
-            np.maximum(offset, 0, out=self.stacked_magnitude[:filters, columns])
-            np.negative(np.minimum(offset, 0), out=self.stacked_magnitude[filters:, columns])
+        # [F, K·C], columns ordered (k, c) like the patches. The signed weight is the only copy kept (a view
+        # of the caller's for dense layers): |W⁺| and |W⁻| are cut from it block by block when needed,
+        # stacked along f ([2F, …]) so that one max over the stacked filters covers both signs, paired
+        # with inverse z's stacked the same way ([2F, P]).
+        self.weight = weight[:, :, 0] if kernel_size == 1 else \
+            np.ascontiguousarray(weight.transpose(0, 2, 1)).reshape(filters, kernel_size * channels)
+        self.filters = filters
         self.sensitivity = np.zeros(channels, dtype=np.float32)
-        self._largest_magnitude = self.stacked_magnitude.max(axis=0)  # [K·C], for the screen
+        # max_f |W[f, k, c]| for the screen, without a weight-sized temporary
+        self._largest_magnitude = np.maximum(self.weight.max(axis=0), -self.weight.min(axis=0))
         self._seeded = False
 
     def update(self, flat: np.ndarray) -> None:
         """Fold the data points whose patches are flat[K·C, P], rows ordered (k, c), P spanning all
         their positions."""
         positions = flat.shape[1]
-        # z⁺ and |z⁻| for every position in one BLAS product, [2F, K·C] @ [K·C, P]: nonnegative factors,
-        # so no cancellation and no sign to strip.
-        inverse_z = _inverse(self.stacked_magnitude @ flat)  # [2F, P]
+        inverse_z = _inverse(self._z(flat))  # [2F, P]
         largest_inverse = inverse_z.max(axis=0)  # [P]
         if not self._seeded and SCREEN_MAX_FRACTION > 0:
             self._seed(flat, inverse_z, largest_inverse)
             self._seeded = True
-        dense = self._update_exactly if len(self.stacked_magnitude) < BOUND_MIN_FILTERS else self._update_by_bounds
+        dense = self._update_exactly if 2 * self.filters < BOUND_MIN_FILTERS else self._update_by_bounds
         for first, last in self._screen_and_verify(flat, inverse_z, largest_inverse):
             dense(flat, inverse_z, first, last)
+
+    def _z(self, flat: np.ndarray) -> np.ndarray:
+        """z⁺ and |z⁻| [2F, P] for every position by BLAS, [F, K·C] @ [K·C, P] per sign: nonnegative
+        factors, so no cancellation and no sign to strip. Filters go in blocks of about MAX_TIMES_BYTES
+        of weights, so |W±| never exist whole."""
+        z = np.empty((2 * self.filters, flat.shape[1]), dtype=np.float32)
+        step = max(1, MAX_TIMES_BYTES // (4 * self.weight.shape[1]))
+        for first in range(0, self.filters, step):
+            last = min(first + step, self.filters)
+            part = self.weight[first:last]
+            np.matmul(np.maximum(part, 0), flat, out=z[first:last])
+            np.matmul(np.maximum(-part, 0), flat, out=z[self.filters + first:self.filters + last])
+        return z
 
     def _seed(self, flat: np.ndarray, inverse_z: np.ndarray, largest_inverse: np.ndarray) -> None:
         """Before a layer's first screen, raise its running max from zero to the exact g at each row's most
@@ -424,7 +434,7 @@ class _MaxTimesScorer:
             for k in range(kernel_size):
                 rows = slice(k * channels, (k + 1) * channels)
                 # best[c, p] = max_f |W[f, c, k]| / |z[f, p]|, then times a_unf[c, k, p].
-                np.multiply(self.stacked_magnitude[:, rows].T[:, :, None], inverse_block[None], out=products)
+                np.multiply(_stacked(self.weight[:, rows]).T[:, :, None], inverse_block[None], out=products)
                 best = products.max(axis=1)
                 best *= flat[rows, start:stop]
                 np.maximum(block_max, best.max(axis=1), out=block_max)
@@ -451,7 +461,7 @@ class _MaxTimesScorer:
         row_blocks = [(r, min(r + rows_per_block, rows)) for r in range(0, rows, rows_per_block)]
 
         def weight_power(first_row: int, last_row: int) -> tuple[np.ndarray, np.ndarray]:
-            scaled = self.stacked_magnitude[:, first_row:last_row].T.astype(np.float64) * column_max[None, :]
+            scaled = _stacked(self.weight[:, first_row:last_row]).T.astype(np.float64) * column_max[None, :]
             row_max = scaled.max(axis=1)  # [rows of the block]
             np.divide(scaled, row_max[:, None], out=scaled, where=row_max[:, None] > 0)
             scaled[row_max <= 0] = 0
@@ -492,7 +502,7 @@ class _MaxTimesScorer:
             for first in range(begin, min(begin + share, len(row)), step):
                 last = min(first + step, begin + share, len(row))
                 r, p = row[first:last], position[first:last]
-                products = np.take(self.stacked_magnitude, r, axis=1)
+                products = _stacked(np.take(self.weight, r, axis=1))
                 products *= np.take(inverse_z, p, axis=1)
                 best = products.max(axis=0)
                 best *= flat[r, p]
@@ -501,6 +511,14 @@ class _MaxTimesScorer:
 
         for best_by_channel in _parallel_map(verify_share, range(0, len(row), share)):
             np.maximum(self.sensitivity, best_by_channel, out=self.sensitivity)
+
+
+def _stacked(weight: np.ndarray) -> np.ndarray:
+    """[|W⁺|; |W⁻|] of a block of signed weights [F, n]: the 2F stacked filters, as a new [2F, n] array."""
+    stacked = np.empty((2 * len(weight), weight.shape[1]), dtype=np.float32)
+    np.maximum(weight, 0, out=stacked[:len(weight)])
+    np.maximum(np.negative(weight, out=stacked[len(weight):]), 0, out=stacked[len(weight):])
+    return stacked
 
 
 def _power(values: np.ndarray) -> np.ndarray:

@@ -7,9 +7,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from pfp_onnx.capture import augmented_model, capture_sensitivities, consumer_probes
+from pfp_onnx.capture import capture_sensitivities, consumer_probes
 from pfp_onnx.data import validate
 from pfp_onnx.groups import analyse_channel_groups
+from pfp_onnx.model import with_outputs
 from pfp_onnx.runtime import choose_device
 from pfp_onnx.sensitivity import conv_sensitivity, dense_sensitivity
 from test_cli import DATA, MODEL
@@ -37,7 +38,7 @@ def test_matches_direct_computation(setting):
     captured = capture_sensitivities(model, analysis, data.batches(16), device)
     probes = consumer_probes(model, analysis)
     names = sorted({probe.layer.input for probe in probes})
-    session = ort.InferenceSession(augmented_model(model, names).SerializeToString(),
+    session = ort.InferenceSession(with_outputs(model, names).SerializeToString(),
                                    providers=["CPUExecutionProvider"])
     activations = dict(zip(names, session.run(names, {"input": data.inputs["input"]})))
     weights = {init.name: onnx.numpy_helper.to_array(init) for init in model.graph.initializer}

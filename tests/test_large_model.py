@@ -1,6 +1,6 @@
 """A model above protobuf's 2 GB limit, built on the fly with external data, in and out.
 
-It needs ~8 GB of free disk and peaks near 6× the model's 2.6 GB in memory (15.4 GB measured), so it is
+It needs ~8 GB of free disk and peaks near 3.5× the model's 2.6 GB in memory (9.3 GB measured), so it is
 skipped on smaller machines, when the disk is short, or with PFP_ONNX_SKIP_LARGE_TESTS=1.
 """
 

@@ -37,11 +37,21 @@ def test_external_data_missing_is_a_model_error(tmp_path):
 
 def test_save_with_external_data_roundtrips(tmp_path):
     model = onnx.load(str(MODEL))
+    before = model.SerializeToString()
     target = tmp_path / "out.onnx"
     save_model(model, target, external_data=True)
+    assert model.SerializeToString() == before  # the caller's model keeps its weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
     reloaded = onnx.load(str(target))
     assert parameter_count(reloaded) == parameter_count(model)
+    for original, loaded in zip(model.graph.initializer, reloaded.graph.initializer):
+        assert original.name == loaded.name
+        np.testing.assert_array_equal(onnx.numpy_helper.to_array(original), onnx.numpy_helper.to_array(loaded))
+    external = [t for t in onnx.load(str(target), load_external_data=False).graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and all(int(dict((e.key, e.value) for e in t.external_data)["offset"]) % 65536 == 0
+                            for t in external)
+    assert {e.value for t in external for e in t.external_data if e.key == "location"} == {"out.onnx.data"}
 
 
 def test_constant_nodes_become_constants():

@@ -67,3 +67,26 @@ def test_real_probe_on_this_machine():
     """Whatever the machine, the probe answers without raising and auto picks a working provider."""
     device = runtime.choose_device("auto")
     assert runtime.CPU in device.providers
+
+
+def test_large_model_sessions_go_through_external_data_untouched(monkeypatch):
+    """Above the size limit a session is built from a temporary file with external data, written tensor by
+    tensor from the caller's proto: same outputs (extra ones included), and the model is not changed."""
+    import numpy as np
+    import onnx
+
+    from test_cli import MODEL
+
+    model = onnx.load(str(MODEL))
+    before = model.SerializeToString()
+    feeds = {model.graph.input[0].name: np.random.default_rng(0).standard_normal(
+        [d.dim_value or 2 for d in model.graph.input[0].type.tensor_type.shape.dim]).astype(np.float32)}
+    inner = model.graph.node[1].output[0]
+    device = runtime.choose_device("cpu")
+    small = runtime.create_session(model, device, outputs=[inner]).run(None, feeds)
+    monkeypatch.setattr(runtime, "SESSION_BYTES_LIMIT", 0)
+    large_session = runtime.create_session(model, device, outputs=[inner])
+    assert [output.name for output in large_session.get_outputs()][-1] == inner
+    for expected, got in zip(small, large_session.run(None, feeds)):
+        np.testing.assert_array_equal(got, expected)
+    assert model.SerializeToString() == before
