@@ -52,6 +52,8 @@ BOUND_MIN_FILTERS = 32
 # A screen leaving more than this fraction of a block's products for exact evaluation is abandoned for the
 # dense paths (gathering candidates one by one costs several times a dense product).
 SCREEN_MAX_FRACTION = 1 / 8
+# Weights up to this size also keep [|W⁺|; |W⁻|] whole (2× their size); larger ones are cut per block.
+STACKED_CACHE_BYTES = 32 * 2**20
 # Fewest positions in one screened block (smaller blocks cost more in Python than they save).
 MIN_SCREEN_BLOCK = 256
 SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
@@ -329,6 +331,9 @@ class _MaxTimesScorer:
         self.sensitivity = np.zeros(channels, dtype=np.float32)
         # max_f |W[f, k, c]| for the screen, without a weight-sized temporary
         self._largest_magnitude = np.maximum(self.weight.max(axis=0), -self.weight.min(axis=0))
+        # Layers of ordinary size keep [|W⁺|; |W⁻|] whole (one GEMM for z, plain gathers): only weights
+        # above STACKED_CACHE_BYTES, such as a huge dense layer, are cut block by block.
+        self._stacked = _stacked(self.weight) if self.weight.nbytes <= STACKED_CACHE_BYTES else None
         self._seeded = False
 
     def update(self, flat: np.ndarray) -> None:
@@ -348,6 +353,8 @@ class _MaxTimesScorer:
         """z⁺ and |z⁻| [2F, P] for every position by BLAS, [F, K·C] @ [K·C, P] per sign: nonnegative
         factors, so no cancellation and no sign to strip. Filters go in blocks of about MAX_TIMES_BYTES
         of weights, so |W±| never exist whole."""
+        if self._stacked is not None:
+            return self._stacked @ flat
         z = np.empty((2 * self.filters, flat.shape[1]), dtype=np.float32)
         step = max(1, MAX_TIMES_BYTES // (4 * self.weight.shape[1]))
         for first in range(0, self.filters, step):
@@ -356,6 +363,14 @@ class _MaxTimesScorer:
             np.matmul(np.maximum(part, 0), flat, out=z[first:last])
             np.matmul(np.maximum(-part, 0), flat, out=z[self.filters + first:self.filters + last])
         return z
+
+    def _magnitudes(self, columns: slice | np.ndarray) -> np.ndarray:
+        """[|W⁺|; |W⁻|] [2F, n] of some weight columns (a slice, or an index array to gather)."""
+        if isinstance(columns, slice):
+            return self._stacked[:, columns] if self._stacked is not None else _stacked(self.weight[:, columns])
+        if self._stacked is not None:
+            return np.take(self._stacked, columns, axis=1)
+        return _stacked(np.take(self.weight, columns, axis=1))
 
     def _seed(self, flat: np.ndarray, inverse_z: np.ndarray, largest_inverse: np.ndarray) -> None:
         """Before a layer's first screen, raise its running max from zero to the exact g at each row's most
@@ -434,7 +449,7 @@ class _MaxTimesScorer:
             for k in range(kernel_size):
                 rows = slice(k * channels, (k + 1) * channels)
                 # best[c, p] = max_f |W[f, c, k]| / |z[f, p]|, then times a_unf[c, k, p].
-                np.multiply(_stacked(self.weight[:, rows]).T[:, :, None], inverse_block[None], out=products)
+                np.multiply(self._magnitudes(rows).T[:, :, None], inverse_block[None], out=products)
                 best = products.max(axis=1)
                 best *= flat[rows, start:stop]
                 np.maximum(block_max, best.max(axis=1), out=block_max)
@@ -461,7 +476,7 @@ class _MaxTimesScorer:
         row_blocks = [(r, min(r + rows_per_block, rows)) for r in range(0, rows, rows_per_block)]
 
         def weight_power(first_row: int, last_row: int) -> tuple[np.ndarray, np.ndarray]:
-            scaled = _stacked(self.weight[:, first_row:last_row]).T.astype(np.float64) * column_max[None, :]
+            scaled = self._magnitudes(slice(first_row, last_row)).T.astype(np.float64) * column_max[None, :]
             row_max = scaled.max(axis=1)  # [rows of the block]
             np.divide(scaled, row_max[:, None], out=scaled, where=row_max[:, None] > 0)
             scaled[row_max <= 0] = 0
@@ -502,7 +517,7 @@ class _MaxTimesScorer:
             for first in range(begin, min(begin + share, len(row)), step):
                 last = min(first + step, begin + share, len(row))
                 r, p = row[first:last], position[first:last]
-                products = _stacked(np.take(self.weight, r, axis=1))
+                products = self._magnitudes(r)
                 products *= np.take(inverse_z, p, axis=1)
                 best = products.max(axis=0)
                 best *= flat[r, p]

@@ -12,6 +12,16 @@ from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, d
 EPS = np.finfo(np.float32).eps
 
 
+@pytest.fixture(autouse=True, params=["cached", "blockwise"])
+def weight_magnitudes(request, monkeypatch):
+    """Every test runs with |W±| kept whole (ordinary layers) and cut from W block by block (huge ones)."""
+    from pfp_onnx import sensitivity as module
+
+    if request.param == "blockwise":
+        monkeypatch.setattr(module, "STACKED_CACHE_BYTES", 0)
+    return request.param
+
+
 @pytest.fixture(autouse=True, params=["exact", "bounds", "screen"])
 def scoring_path(request, monkeypatch):
     """Every test runs on each kernel alone: all products, bound-then-verify (forced on for small layers),
