@@ -7,7 +7,6 @@ then dropped, so memory is bounded by one batch, not by the calibration set.
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
@@ -17,7 +16,7 @@ import onnx_graphsurgeon as gs
 
 from pfp_onnx.data import model_feeds
 from pfp_onnx.groups import ChannelAnalysis, Layer
-from pfp_onnx.model import to_graph
+from pfp_onnx.model import free_graph_weights, to_graph
 from pfp_onnx.recover import FeatureStatistics, accumulate_features
 from pfp_onnx.runtime import Device, create_session
 from pfp_onnx.refit import patches
@@ -54,7 +53,7 @@ def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[C
             start += width
         probes.append(ConsumerProbe(layer, tuple(spans), _scorer(layer, constants[layer.weight].values)))
     del constants
-    gc.collect()  # the graphsurgeon graph is cyclic: drop the weight arrays now that scorers hold theirs
+    free_graph_weights(model)  # the graph's other weight arrays go now that scorers hold theirs
     return probes
 
 

@@ -6,7 +6,6 @@ prepare() does the budget-independent part once, so a sweep over budgets and met
 
 from __future__ import annotations
 
-import gc
 import math
 import os
 import time
@@ -22,7 +21,7 @@ from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import CalibrationData, StreamedData, input_specs, read_npz, split, validate
 from pfp_onnx.errors import ModelError, OptionError
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
-from pfp_onnx.model import check_model, load_model, parameter_count, with_metadata
+from pfp_onnx.model import check_model, free_graph_weights, load_model, parameter_count, with_metadata
 from pfp_onnx.recover import FeatureStatistics
 from pfp_onnx.refit import RECOVERIES, new_statistics, recoverable_layers, replacements, with_zero_biases
 from pfp_onnx.report import CompressReport, GroupRow, Totals
@@ -142,7 +141,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     if recovery != "none":  # give every layer that may be corrected a bias to absorb the correction
         proto = with_zero_biases(proto, {layer.node for layer in recoverable_layers(analysis)})
         analysis = analyse_channel_groups(proto, calibration.point_shapes(), **excluded)
-    gc.collect()  # graphsurgeon graphs are cyclic: free the analysis graph's weight arrays now
+    free_graph_weights(proto)  # the analysis graph's weight arrays
     if not analysis.layers:
         raise ModelError(f"{name} has no Conv, Gemm or MatMul layer with constant weights: nothing to prune.")
     if not analysis.prunable_groups:

@@ -9,7 +9,6 @@ Concat several groups share that axis at different offsets.
 
 from __future__ import annotations
 
-import gc
 from collections import defaultdict
 from typing import Mapping
 
@@ -18,7 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from pfp_onnx.groups import ChannelAnalysis, SizeFix, WeightSlice
-from pfp_onnx.model import check_model, from_graph, infer_shapes, to_graph
+from pfp_onnx.model import check_model, free_graph_weights, from_graph, infer_shapes, to_graph
 from pfp_onnx.select import Selection
 
 
@@ -70,7 +69,7 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mappi
     # Strict inference re-derives every shape from the new weights: a cut that missed a consumer fails here.
     pruned = from_graph(graph, model)
     del graph, nodes
-    gc.collect()  # graphsurgeon graphs are cyclic: free the original's weight arrays now, not at some later gc
+    free_graph_weights(model)  # the original's weight arrays
     pruned.graph.value_info.extend(infer_shapes(pruned, strict=True).graph.value_info)
     check_model(pruned, what="the pruned model", full=True)
     return pruned
