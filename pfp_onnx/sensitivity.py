@@ -54,6 +54,9 @@ BOUND_MIN_FILTERS = 32
 SCREEN_MAX_FRACTION = 1 / 8
 # Weights up to this size also keep [|W⁺|; |W⁻|] whole (2× their size); larger ones are cut per block.
 STACKED_CACHE_BYTES = 32 * 2**20
+# A batch's positions are screened in about this many waves (more waves tighten later thresholds sooner;
+# each costs a little Python).
+SCREEN_WAVES = 4
 # Fewest positions in one screened block (smaller blocks cost more in Python than they save).
 MIN_SCREEN_BLOCK = 256
 SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
@@ -399,14 +402,11 @@ class _MaxTimesScorer:
         rows, positions = flat.shape
         if SCREEN_MAX_FRACTION <= 0:
             return [(0, positions)] if positions else []
-        running = np.tile(self.sensitivity, rows // len(self.sensitivity)).astype(np.float64) / (1 + 1e-4)
-        with np.errstate(divide="ignore"):
-            row_threshold = np.where(self._largest_magnitude > 0, running / self._largest_magnitude, np.inf)
-        # A finite threshold beyond float32 stays finite, so an overflowing bound (inf) is still a candidate.
-        row_threshold = np.where(np.isinf(row_threshold), np.inf, np.minimum(row_threshold, FLOAT32_MAX))
-        row_threshold = row_threshold.astype(np.float32)[:, None]
-        block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows), -(-positions // MAX_THREADS)))
+        # Several waves per batch: each wave's thresholds include what the waves before it found.
+        block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows),
+                                          -(-positions // (MAX_THREADS * SCREEN_WAVES))))
         starts = range(0, positions, block)
+        row_threshold = None
 
         def screen_block(start: int) -> tuple[np.ndarray, np.ndarray] | None:
             stop = min(start + block, positions)
@@ -419,6 +419,7 @@ class _MaxTimesScorer:
 
         dense = []
         for wave in range(0, len(starts), MAX_THREADS):  # a wave's candidates are all that is held at once
+            row_threshold = self._row_threshold()
             found = []
             for start, candidates in zip(starts[wave:wave + MAX_THREADS],
                                          _parallel_map(screen_block, starts[wave:wave + MAX_THREADS])):
@@ -432,6 +433,17 @@ class _MaxTimesScorer:
                 self._verify(inverse_z, flat, np.concatenate([row for row, _ in found]),
                              np.concatenate([position for _, position in found]))
         return dense
+
+    def _row_threshold(self) -> np.ndarray:
+        """Per patch row (k, c), the value of a_unf · max_f inv_z above which a product of that row might
+        beat the running max of c: s_c / max_f |W[f, c, k]|, less a 1e-4 margin ([K·C, 1], float32)."""
+        running = np.tile(self.sensitivity, len(self._largest_magnitude) // len(self.sensitivity))
+        with np.errstate(divide="ignore"):
+            threshold = np.where(self._largest_magnitude > 0,
+                                 running.astype(np.float64) / (1 + 1e-4) / self._largest_magnitude, np.inf)
+        # A finite threshold beyond float32 stays finite, so an overflowing bound (inf) is still a candidate.
+        threshold = np.where(np.isinf(threshold), np.inf, np.minimum(threshold, FLOAT32_MAX))
+        return threshold.astype(np.float32)[:, None]
 
     def _update_exactly(self, flat: np.ndarray, inverse_z: np.ndarray, first: int, last: int) -> None:
         """Every product of positions [first, last), block by block: cheaper than bounding when there
