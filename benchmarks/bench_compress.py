@@ -65,20 +65,29 @@ def mnist_resnet20(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, n
 def resnet56_cifar(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """CIFAR ResNet-56 (He et al. 2016, §4.2): 3×3 stem, 3 stages × 9 basic blocks of 16/32/64 channels."""
     return basic_resnet("resnet56_cifar", points, seed, image=32, stem=(16, 3, 1, False), widths=(16, 32, 64),
-                        blocks=9, classes=10)
+                        blocks=(9, 9, 9), classes=10)
 
 
 def resnet18_imagenet(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """ImageNet ResNet-18 (He et al. 2016, Table 1): 7×7/2 stem and 3×3/2 max pool, 4 stages × 2 basic
     blocks of 64/128/256/512 channels, 224×224 input, 1000 classes."""
     return basic_resnet("resnet18_imagenet", points, seed, image=224, stem=(64, 7, 2, True),
-                        widths=(64, 128, 256, 512), blocks=2, classes=1000)
+                        widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000)
+
+
+def resnet50_imagenet(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """ImageNet ResNet-50 (He et al. 2016, Table 1): the ResNet-18 stem, then 3/4/6/3 bottleneck blocks
+    (1×1, 3×3, 1×1 convs of 64–512 channels expanded 4×), 224×224 input, 1000 classes."""
+    return basic_resnet("resnet50_imagenet", points, seed, image=224, stem=(64, 7, 2, True),
+                        widths=(64, 128, 256, 512), blocks=(3, 4, 6, 3), classes=1000, bottleneck=True)
 
 
 def basic_resnet(name: str, points: int, seed: int, *, image: int, stem: tuple[int, int, int, bool],
-                 widths: tuple[int, ...], blocks: int, classes: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """A basic-block ResNet with 1×1 projection shortcuts where the shape changes, random weights and
-    BatchNorm statistics, and random inputs. stem = (width, kernel, stride, max pool after it)."""
+                 widths: tuple[int, ...], blocks: tuple[int, ...], classes: int,
+                 bottleneck: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A ResNet of basic (or bottleneck) blocks with 1×1 projection shortcuts where the shape changes,
+    random weights and BatchNorm statistics, and random inputs. stem = (width, kernel, stride, max pool
+    after it); blocks = blocks per stage."""
     rng = np.random.default_rng(seed)
     nodes, initializers = [], []
 
@@ -112,17 +121,24 @@ def basic_resnet(name: str, points: int, seed: int, *, image: int, stem: tuple[i
                                       strides=[2, 2], pads=[1, 1, 1, 1]))
         tensor = "stem.pool"
     channels = stem_width
-    for stage, width in enumerate(widths):
-        for block in range(blocks):
+    for stage, (width, count) in enumerate(zip(widths, blocks)):
+        for block in range(count):
             block_name = f"stage{stage + 1}.block{block}"
             stride = 2 if stage > 0 and block == 0 else 1
-            branch = relu(f"{block_name}.conv1", conv_bn(f"{block_name}.conv1", tensor, channels, width, 3, stride))
-            # A small second BN scale keeps the random residual stream from growing over many blocks.
-            branch = conv_bn(f"{block_name}.conv2", branch, width, width, 3, 1, gamma_scale=0.3)
-            shortcut = tensor if stride == 1 and channels == width else \
-                conv_bn(f"{block_name}.shortcut", tensor, channels, width, 1, stride)
+            # A small last BN scale keeps the random residual stream from growing over many blocks.
+            if bottleneck:
+                out = 4 * width
+                branch = relu(f"{block_name}.conv1", conv_bn(f"{block_name}.conv1", tensor, channels, width, 1, 1))
+                branch = relu(f"{block_name}.conv2", conv_bn(f"{block_name}.conv2", branch, width, width, 3, stride))
+                branch = conv_bn(f"{block_name}.conv3", branch, width, out, 1, 1, gamma_scale=0.3)
+            else:
+                out = width
+                branch = relu(f"{block_name}.conv1", conv_bn(f"{block_name}.conv1", tensor, channels, width, 3, stride))
+                branch = conv_bn(f"{block_name}.conv2", branch, width, width, 3, 1, gamma_scale=0.3)
+            shortcut = tensor if stride == 1 and channels == out else \
+                conv_bn(f"{block_name}.shortcut", tensor, channels, out, 1, stride)
             nodes.append(helper.make_node("Add", [branch, shortcut], [f"{block_name}.add"], name=f"{block_name}/Add"))
-            tensor, channels = relu(block_name, f"{block_name}.add"), width
+            tensor, channels = relu(block_name, f"{block_name}.add"), out
     nodes.append(helper.make_node("GlobalAveragePool", [tensor], ["pooled"], name="pool/GlobalAveragePool"))
     nodes.append(helper.make_node("Flatten", ["pooled"], ["features"], name="flatten/Flatten", axis=1))
     nodes.append(helper.make_node("Gemm", ["features", constant("fc.weight", rng.normal(0, 0.1, (classes, channels))),
@@ -138,8 +154,9 @@ def basic_resnet(name: str, points: int, seed: int, *, image: int, stem: tuple[i
     return model, data
 
 
-MODELS = {"mnist-resnet20": mnist_resnet20, "resnet56-cifar": resnet56_cifar, "resnet18-imagenet": resnet18_imagenet}
-DEFAULT_POINTS = {"mnist-resnet20": 256, "resnet56-cifar": 64, "resnet18-imagenet": 32}
+MODELS = {"mnist-resnet20": mnist_resnet20, "resnet56-cifar": resnet56_cifar, "resnet18-imagenet": resnet18_imagenet,
+          "resnet50-imagenet": resnet50_imagenet}
+DEFAULT_POINTS = {"mnist-resnet20": 256, "resnet56-cifar": 64, "resnet18-imagenet": 32, "resnet50-imagenet": 32}
 
 
 def batches(data: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -280,7 +297,7 @@ def main() -> None:
     parser.add_argument("--model", choices=MODELS, default="mnist-resnet20", help="which ResNet to compress")
     parser.add_argument("--points", type=int, default=None,
                         help="calibration points; None means 256 for mnist-resnet20, 64 for resnet56-cifar, "
-                             "32 for resnet18-imagenet")
+                             "32 for the ImageNet ResNets")
     parser.add_argument("--batch-size", type=int, default=32, help="points per onnxruntime run, everywhere")
     parser.add_argument("--budget", type=float, default=0.5, help="budget of the timed compress runs")
     parser.add_argument("--budgets", default="0.7,0.5,0.3", help="budgets whose inference latency is measured")

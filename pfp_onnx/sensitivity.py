@@ -52,6 +52,8 @@ BOUND_MIN_FILTERS = 32
 # A screen leaving more than this fraction of a block's products for exact evaluation is abandoned for the
 # dense paths (gathering candidates one by one costs several times a dense product).
 SCREEN_MAX_FRACTION = 1 / 8
+# The bound path keeps its float64 weight powers ([K·C, 2F]) for a whole batch up to this size.
+BOUND_CACHE_BYTES = 64 * 2**20
 # Weights up to this size also keep [|W⁺|; |W⁻|] whole (2× their size); larger ones are cut per block.
 STACKED_CACHE_BYTES = 32 * 2**20
 # A batch's positions are screened in about this many waves (more waves tighten later thresholds sooner;
@@ -317,8 +319,8 @@ class _MaxTimesScorer:
       patches and, once the running max is established, rules out nearly every (c, k, p) (97–99.9% on a
       trained ResNet after its first batch); the rest are evaluated exactly. Before its first screen, a
       layer seeds its running max with the exact g at each row's most promising position.
-    - when the screen leaves more than SCREEN_MAX_FRACTION of the products: every product (few filters)
-      or bound-then-verify (many filters).
+    - when the screen leaves too many products (over SCREEN_MAX_FRACTION, or for many filters, over the
+      point where the BLAS bound is cheaper): every product (few filters) or bound-then-verify (many).
     Every path evaluates a product with the same float32 operations, so they agree bit for bit.
     """
 
@@ -396,11 +398,15 @@ class _MaxTimesScorer:
     def _screen_and_verify(self, flat: np.ndarray, inverse_z: np.ndarray,
                            largest_inverse: np.ndarray) -> list[tuple[int, int]]:
         """Screen every position, block by block on threads, and evaluate the survivors exactly; return
-        the position ranges whose blocks left more than SCREEN_MAX_FRACTION of their products (those need
-        a dense path). The screen's bound a_unf · max_f |W| · max_f inv_z carries a 1e-4 margin, far above
+        the position ranges whose blocks left too many of their products (those need a dense path). The screen's bound a_unf · max_f |W| · max_f inv_z carries a 1e-4 margin, far above
         the float32 rounding of either side, so no product above the running max is ever screened out."""
         rows, positions = flat.shape
-        if SCREEN_MAX_FRACTION <= 0:
+        limit = SCREEN_MAX_FRACTION
+        if 2 * self.filters >= BOUND_MIN_FILTERS:
+            # An exact check costs ~2F gathers; the bound path ~2F BLAS multiply-adds (tens of times
+            # cheaper each) plus a few passes: measured break-even near 2% + 3/(2F) of the products.
+            limit = min(limit, 0.02 + 3 / (2 * self.filters))
+        if limit <= 0:
             return [(0, positions)] if positions else []
         # Several waves per batch: each wave's thresholds include what the waves before it found.
         block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows),
@@ -413,7 +419,7 @@ class _MaxTimesScorer:
             with np.errstate(over="ignore"):  # an infinite bound is simply a candidate
                 bound = flat[:, start:stop] * largest_inverse[start:stop]
             row, position = _nonzero(bound > row_threshold)
-            if len(row) > SCREEN_MAX_FRACTION * bound.size:
+            if len(row) > limit * bound.size:
                 return None
             return row, position + start
 
@@ -494,7 +500,8 @@ class _MaxTimesScorer:
             scaled[row_max <= 0] = 0
             return _power(scaled), row_max
 
-        cached = weight_power(*row_blocks[0]) if len(row_blocks) == 1 else None
+        # Kept for all position blocks unless the layer is huge (then recomputed per position block).
+        cached = [weight_power(*block_rows) for block_rows in row_blocks] if 8 * rows * filters <= BOUND_CACHE_BYTES else None
         slack = filters ** (1.0 / BOUND_POWER) * (1 + 1e-4)
         block = max(1, MAX_TIMES_BYTES // (8 * max(min(rows, rows_per_block), filters)))
         for start in range(first, last, block):
@@ -503,8 +510,8 @@ class _MaxTimesScorer:
             np.divide(inverse_z[:, start:stop], column_max[:, None], out=scaled_z, where=column_max[:, None] > 0)
             z_power = _power(scaled_z)
             bound = np.empty((rows, stop - start), dtype=np.float32)  # a_unf · bound ≥ every g of (k, c, p)
-            for first_row, last_row in row_blocks:
-                power, row_max = cached or weight_power(first_row, last_row)
+            for index, (first_row, last_row) in enumerate(row_blocks):
+                power, row_max = cached[index] if cached else weight_power(first_row, last_row)
                 part = bound[first_row:last_row]
                 part[...] = _root((power @ z_power).astype(np.float32))
                 part *= row_max[:, None]
