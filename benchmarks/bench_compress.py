@@ -11,8 +11,8 @@
 Models: the checked-in MNIST ResNet-20 (fixtures/mnist_resnet.onnx with the first --points points of
 fixtures/mnist_calib.npz); --model resnet56-cifar, a CIFAR-style ResNet-56 (3 stages × 9 basic blocks,
 16/32/64 channels, 32×32 input); --model resnet18-imagenet, the ImageNet ResNet-18 topology (224×224
-input). The last two are built here with onnx.helper, with random weights, BatchNorm with random
-statistics, and random inputs.
+input); --model resnet50-imagenet, ResNet-50 (bottleneck blocks). The last three are built here with
+onnx.helper, with random weights, BatchNorm with random statistics, and random inputs.
 
     python benchmarks/bench_compress.py                                  # MNIST ResNet-20, 256 points
     python benchmarks/bench_compress.py --model resnet56-cifar --points 128 --repeats 50
