@@ -13,56 +13,24 @@ Why it is fast: with inv_z[f, p] = 1/|z[f, p]| the quantity factorises as
 a "max-times" matrix product costing C·K·F·P per point (BLAS cannot do it), with z itself from one BLAS
 matmul. Almost none of it is evaluated: a running max is kept, and the bound a_unf · max_f |W| · max_f inv_z
 (one pass over the patches) shows that nearly every (c, k, p) cannot raise it; only the rest are evaluated
-exactly (see _MaxTimesScorer). The points of a batch are concatenated along p (each keeps its own z).
+exactly (see pfp_onnx.max_times). The points of a batch are concatenated along p (each keeps its own z).
 The *Scorer classes keep a running max over the batches they are fed; the *_sensitivity functions score a
 single batch.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-import functools
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from collections.abc import Sequence
 
 import numpy as np
 
-T = TypeVar("T")
+from pfp_onnx.max_times import MaxTimesScorer
 
 __all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "conv_sensitivity", "conv_transpose_sensitivity",
            "dense_sensitivity"]
 
-# Denominators at or below this are treated as +infinity (the reference's float32 eps cut-off).
-Z_EPS = float(np.finfo(np.float32).eps)
 # Upper bound on the bytes of any large temporary (a chunk's unfolded patches or its inverse z's).
 CHUNK_BYTES = 64 * 2**20
-# Size of one thread's max-times temporary: large enough to amortise Python overhead, small enough to
-# stay near cache (8 MB measured fastest for a 64x64x3x3 conv; 0.25 MB was 8x slower, 64 MB 1.5x).
-MAX_TIMES_BYTES = 8 * 2**20
-# Size of the products of one step of exact evaluation at gathered candidates (measured fastest near 512 KB).
-VERIFY_BYTES = 2**19
-MAX_THREADS = min(8, os.cpu_count() or 1)
-# The power of the p-norm that bounds a max over filters from above (see _MaxTimesScorer.update): 2^4,
-# so that powers and roots are four squarings and four square roots.
-BOUND_SQUARINGS = 4
-BOUND_POWER = 2**BOUND_SQUARINGS
-# With fewer stacked filters (2F) than this, evaluating every product is cheaper than bounding.
-BOUND_MIN_FILTERS = 32
-# A screen leaving more than this fraction of a block's products for exact evaluation is abandoned for the
-# dense paths (gathering candidates one by one costs several times a dense product).
-SCREEN_MAX_FRACTION = 1 / 8
-# The bound path keeps its float64 weight powers ([K·C, 2F]) for a whole batch up to this size.
-BOUND_CACHE_BYTES = 64 * 2**20
-# Weights up to this size also keep [|W⁺|; |W⁻|] whole (2× their size); larger ones are cut per block.
-STACKED_CACHE_BYTES = 32 * 2**20
-# A batch's positions are screened in about this many waves (more waves tighten later thresholds sooner;
-# each costs a little Python).
-SCREEN_WAVES = 4
-# Fewest positions in one screened block (smaller blocks cost more in Python than they save).
-MIN_SCREEN_BLOCK = 256
-SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class ConvScorer:
@@ -87,7 +55,7 @@ class ConvScorer:
         self.filters, self.channels = weight.shape[:2]
         self.kernel_shape = weight.shape[2:]
         self.strides, self.pads, self.dilations = list(strides), list(pads), list(dilations)
-        self._scorer = _MaxTimesScorer(weight.reshape(self.filters, self.channels, -1))
+        self._scorer = MaxTimesScorer(weight.reshape(self.filters, self.channels, -1))
 
     @property
     def sensitivity(self) -> np.ndarray:
@@ -200,7 +168,7 @@ class DenseScorer:
         if weight.ndim != 2:
             raise ValueError(f"a dense weight is [F, C], got {weight.shape}")
         self.filters, self.channels = weight.shape
-        self._scorer = _MaxTimesScorer(weight[:, :, None])
+        self._scorer = MaxTimesScorer(weight[:, :, None])
 
     @property
     def sensitivity(self) -> np.ndarray:
@@ -294,298 +262,3 @@ def _unfold(
     # [N, C, *kernel, *out] -> [*kernel, C, N, *out]; one copy (threads do not speed it up)
     order = (*range(2, 2 + rank), 1, 0, *range(2 + rank, 2 + 2 * rank))
     return view.transpose(order).reshape(int(np.prod(kernel_shape)) * channels, -1)
-
-
-def _parallel_map(function: Callable[[int], T], items: Sequence[int]) -> list[T]:
-    """function over items, on the pool's threads when there are several (numpy releases the GIL inside
-    its loops, so blocks of one array run in parallel). Never called from a pool thread."""
-    if len(items) <= 1 or MAX_THREADS <= 1:
-        return [function(item) for item in items]
-    return list(_pool().map(function, items))
-
-
-@functools.lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    """One pool for the whole run: a pool per batch starts new threads, each with fresh malloc arenas,
-    and resident memory then creeps up with the number of batches."""
-    return ThreadPoolExecutor(max_workers=MAX_THREADS, thread_name_prefix="pfp-sensitivity")
-
-
-class _MaxTimesScorer:
-    """Running max of g over patch blocks of nonnegative data points, for one weight [F, C, K].
-
-    Per block, z± come from one BLAS product; then the cheapest sufficient path runs:
-    - screen, then verify: g ≤ a_unf · max_f |W[f, c, k]| · max_f inv_z[f, p] costs one pass over the
-      patches and, once the running max is established, rules out nearly every (c, k, p) (97–99.9% on a
-      trained ResNet after its first batch); the rest are evaluated exactly. Before its first screen, a
-      layer seeds its running max with the exact g at each row's most promising position.
-    - when the screen leaves too many products (over SCREEN_MAX_FRACTION, or for many filters, over the
-      point where the BLAS bound is cheaper): every product (few filters) or bound-then-verify (many).
-    Every path evaluates a product with the same float32 operations, so they agree bit for bit.
-    """
-
-    def __init__(self, weight: np.ndarray) -> None:
-        filters, channels, kernel_size = weight.shape
-        # [F, K·C], columns ordered (k, c) like the patches. The signed weight is the only copy kept (a view
-        # of the caller's for dense layers): |W⁺| and |W⁻| are cut from it block by block when needed,
-        # stacked along f ([2F, …]) so that one max over the stacked filters covers both signs, paired
-        # with inverse z's stacked the same way ([2F, P]).
-        self.weight = weight[:, :, 0] if kernel_size == 1 else \
-            np.ascontiguousarray(weight.transpose(0, 2, 1)).reshape(filters, kernel_size * channels)
-        self.filters = filters
-        self.sensitivity = np.zeros(channels, dtype=np.float32)
-        # max_f |W[f, k, c]| for the screen, without a weight-sized temporary
-        self._largest_magnitude = np.maximum(self.weight.max(axis=0), -self.weight.min(axis=0))
-        # Layers of ordinary size keep [|W⁺|; |W⁻|] whole (one GEMM for z, plain gathers): only weights
-        # above STACKED_CACHE_BYTES, such as a huge dense layer, are cut block by block.
-        self._stacked = _stacked(self.weight) if self.weight.nbytes <= STACKED_CACHE_BYTES else None
-        self._seeded = False
-
-    def update(self, flat: np.ndarray) -> None:
-        """Fold the data points whose patches are flat[K·C, P], rows ordered (k, c), P spanning all
-        their positions."""
-        positions = flat.shape[1]
-        inverse_z = _inverse(self._z(flat))  # [2F, P]
-        largest_inverse = inverse_z.max(axis=0)  # [P]
-        if not self._seeded and SCREEN_MAX_FRACTION > 0:
-            self._seed(flat, inverse_z, largest_inverse)
-            self._seeded = True
-        dense = self._update_exactly if 2 * self.filters < BOUND_MIN_FILTERS else self._update_by_bounds
-        for first, last in self._screen_and_verify(flat, inverse_z, largest_inverse):
-            dense(flat, inverse_z, first, last)
-
-    def _z(self, flat: np.ndarray) -> np.ndarray:
-        """z⁺ and |z⁻| [2F, P] for every position by BLAS, [F, K·C] @ [K·C, P] per sign: nonnegative
-        factors, so no cancellation and no sign to strip. Filters go in blocks of about MAX_TIMES_BYTES
-        of weights, so |W±| never exist whole."""
-        if self._stacked is not None:
-            return self._stacked @ flat
-        z = np.empty((2 * self.filters, flat.shape[1]), dtype=np.float32)
-        step = max(1, MAX_TIMES_BYTES // (4 * self.weight.shape[1]))
-        for first in range(0, self.filters, step):
-            last = min(first + step, self.filters)
-            part = self.weight[first:last]
-            np.matmul(np.maximum(part, 0), flat, out=z[first:last])
-            np.matmul(np.maximum(-part, 0), flat, out=z[self.filters + first:self.filters + last])
-        return z
-
-    def _magnitudes(self, columns: slice | np.ndarray) -> np.ndarray:
-        """[|W⁺|; |W⁻|] [2F, n] of some weight columns (a slice, or an index array to gather)."""
-        if isinstance(columns, slice):
-            return self._stacked[:, columns] if self._stacked is not None else _stacked(self.weight[:, columns])
-        if self._stacked is not None:
-            return np.take(self._stacked, columns, axis=1)
-        return _stacked(np.take(self.weight, columns, axis=1))
-
-    def _seed(self, flat: np.ndarray, inverse_z: np.ndarray, largest_inverse: np.ndarray) -> None:
-        """Before a layer's first screen, raise its running max from zero to the exact g at each row's most
-        promising position (the largest a_unf · max_f inv_z): a few products per channel, and usually
-        close enough to the final max for the screen to rule out nearly everything."""
-        block = max(1, MAX_TIMES_BYTES // (4 * len(flat)))
-        best_value = np.zeros(len(flat), dtype=np.float32)
-        best_position = np.zeros(len(flat), dtype=np.intp)
-        for start in range(0, flat.shape[1], block):
-            with np.errstate(over="ignore"):  # an infinite bound is simply the most promising
-                bound = flat[:, start:start + block] * largest_inverse[start:start + block]
-            position = bound.argmax(axis=1)
-            value = bound[np.arange(len(flat)), position]
-            better = value > best_value
-            best_value[better] = value[better]
-            best_position[better] = position[better] + start
-        row = np.flatnonzero(best_value > 0)
-        self._verify(inverse_z, flat, row, best_position[row])
-
-    def _screen_and_verify(self, flat: np.ndarray, inverse_z: np.ndarray,
-                           largest_inverse: np.ndarray) -> list[tuple[int, int]]:
-        """Screen every position, block by block on threads, and evaluate the survivors exactly; return
-        the position ranges whose blocks left too many of their products (those need a dense path). The screen's bound a_unf · max_f |W| · max_f inv_z carries a 1e-4 margin, far above
-        the float32 rounding of either side, so no product above the running max is ever screened out."""
-        rows, positions = flat.shape
-        limit = SCREEN_MAX_FRACTION
-        if 2 * self.filters >= BOUND_MIN_FILTERS:
-            # An exact check costs ~2F gathers; the bound path ~2F BLAS multiply-adds (tens of times
-            # cheaper each) plus a few passes: measured break-even near 2% + 3/(2F) of the products.
-            limit = min(limit, 0.02 + 3 / (2 * self.filters))
-        if limit <= 0:
-            return [(0, positions)] if positions else []
-        # Several waves per batch: each wave's thresholds include what the waves before it found.
-        block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows),
-                                          -(-positions // (MAX_THREADS * SCREEN_WAVES))))
-        starts = range(0, positions, block)
-        row_threshold = None
-
-        def screen_block(start: int) -> tuple[np.ndarray, np.ndarray] | None:
-            stop = min(start + block, positions)
-            with np.errstate(over="ignore"):  # an infinite bound is simply a candidate
-                bound = flat[:, start:stop] * largest_inverse[start:stop]
-            row, position = _nonzero(bound > row_threshold)
-            if len(row) > limit * bound.size:
-                return None
-            return row, position + start
-
-        dense = []
-        for wave in range(0, len(starts), MAX_THREADS):  # a wave's candidates are all that is held at once
-            row_threshold = self._row_threshold()
-            found = []
-            for start, candidates in zip(starts[wave:wave + MAX_THREADS],
-                                         _parallel_map(screen_block, starts[wave:wave + MAX_THREADS])):
-                if candidates is not None:
-                    found.append(candidates)
-                elif dense and dense[-1][1] == start:
-                    dense[-1] = (dense[-1][0], min(start + block, positions))
-                else:
-                    dense.append((start, min(start + block, positions)))
-            if found:
-                self._verify(inverse_z, flat, np.concatenate([row for row, _ in found]),
-                             np.concatenate([position for _, position in found]))
-        return dense
-
-    def _row_threshold(self) -> np.ndarray:
-        """Per patch row (k, c), the value of a_unf · max_f inv_z above which a product of that row might
-        beat the running max of c: s_c / max_f |W[f, c, k]|, less a 1e-4 margin ([K·C, 1], float32)."""
-        running = np.tile(self.sensitivity, len(self._largest_magnitude) // len(self.sensitivity))
-        with np.errstate(divide="ignore"):
-            threshold = np.where(self._largest_magnitude > 0,
-                                 running.astype(np.float64) / (1 + 1e-4) / self._largest_magnitude, np.inf)
-        # A finite threshold beyond float32 stays finite, so an overflowing bound (inf) is still a candidate.
-        threshold = np.where(np.isinf(threshold), np.inf, np.minimum(threshold, FLOAT32_MAX))
-        return threshold.astype(np.float32)[:, None]
-
-    def _update_exactly(self, flat: np.ndarray, inverse_z: np.ndarray, first: int, last: int) -> None:
-        """Every product of positions [first, last), block by block: cheaper than bounding when there
-        are few filters."""
-        channels = len(self.sensitivity)
-        kernel_size = len(flat) // channels
-        block = max(1, MAX_TIMES_BYTES // (4 * channels * len(inverse_z)))
-        starts = range(first, last, block)
-
-        def score_block(start: int) -> np.ndarray:
-            stop = min(start + block, last)
-            inverse_block = inverse_z[:, start:stop]
-            products = np.empty((channels, len(inverse_z), stop - start), dtype=np.float32)
-            block_max = np.zeros(channels, dtype=np.float32)
-            for k in range(kernel_size):
-                rows = slice(k * channels, (k + 1) * channels)
-                # best[c, p] = max_f |W[f, c, k]| / |z[f, p]|, then times a_unf[c, k, p].
-                np.multiply(self._magnitudes(rows).T[:, :, None], inverse_block[None], out=products)
-                best = products.max(axis=1)
-                best *= flat[rows, start:stop]
-                np.maximum(block_max, best.max(axis=1), out=block_max)
-            return block_max
-
-        block_maxima = _parallel_map(score_block, starts)
-        if block_maxima:
-            np.maximum(self.sensitivity, np.max(block_maxima, axis=0), out=self.sensitivity)
-
-    def _update_by_bounds(self, flat: np.ndarray, inverse_z: np.ndarray, first: int, last: int) -> None:
-        """Bound, then verify. With x_f = |W[f, c, k]| · inv_z[f, p] ≥ 0, max_f x_f ≤ (Σ_f x_f^Q)^(1/Q) ≤
-        (2F)^(1/Q) · max_f x_f, and the middle term is a BLAS matrix product. It bounds every (c, k, p)
-        from above; a channel's max is at least its largest bound over (2F)^(1/Q); only the (c, k, p)
-        whose bound reaches that (or the running max) are evaluated exactly, with the same float32
-        products as before. Q-th powers are taken of values scaled to [0, 1] in float64 (exact unless a
-        term lies 1e-38 below its row's and column's maxima, far below float32 resolution).
-        """
-        channels = len(self.sensitivity)
-        rows, filters = len(flat), len(inverse_z)
-        column_max = inverse_z.max(axis=1)  # [2F]
-        # Weight rows are scaled and raised to the power in blocks, so temporaries stay near
-        # MAX_TIMES_BYTES even for a dense layer of a billion weights; one block is computed once.
-        rows_per_block = max(1, MAX_TIMES_BYTES // (8 * filters))
-        row_blocks = [(r, min(r + rows_per_block, rows)) for r in range(0, rows, rows_per_block)]
-
-        def weight_power(first_row: int, last_row: int) -> tuple[np.ndarray, np.ndarray]:
-            scaled = self._magnitudes(slice(first_row, last_row)).T.astype(np.float64) * column_max[None, :]
-            row_max = scaled.max(axis=1)  # [rows of the block]
-            np.divide(scaled, row_max[:, None], out=scaled, where=row_max[:, None] > 0)
-            scaled[row_max <= 0] = 0
-            return _power(scaled), row_max
-
-        # Kept for all position blocks unless the layer is huge (then recomputed per position block).
-        cached = [weight_power(*block_rows) for block_rows in row_blocks] if 8 * rows * filters <= BOUND_CACHE_BYTES else None
-        slack = filters ** (1.0 / BOUND_POWER) * (1 + 1e-4)
-        block = max(1, MAX_TIMES_BYTES // (8 * max(min(rows, rows_per_block), filters)))
-        for start in range(first, last, block):
-            stop = min(start + block, last)
-            scaled_z = np.zeros((filters, stop - start), dtype=np.float64)
-            np.divide(inverse_z[:, start:stop], column_max[:, None], out=scaled_z, where=column_max[:, None] > 0)
-            z_power = _power(scaled_z)
-            bound = np.empty((rows, stop - start), dtype=np.float32)  # a_unf · bound ≥ every g of (k, c, p)
-            for index, (first_row, last_row) in enumerate(row_blocks):
-                power, row_max = cached[index] if cached else weight_power(first_row, last_row)
-                part = bound[first_row:last_row]
-                part[...] = _root((power @ z_power).astype(np.float32))
-                part *= row_max[:, None]
-            bound *= flat[:, start:stop]
-            floor = np.maximum(bound.reshape(-1, channels, stop - start).max(axis=(0, 2)) / slack,
-                               self.sensitivity)  # [C]
-            # float32 roots carry ~1e-6 relative error: the margin only admits a few more candidates;
-            # a zero bound means a zero contribution, never a candidate.
-            threshold = np.maximum(floor / (1 + 1e-4), SMALLEST_POSITIVE).astype(np.float32)
-            row, position = _nonzero(bound >= np.tile(threshold, rows // channels)[:, None])
-            self._verify(inverse_z, flat, row, position + start)
-
-    def _verify(self, inverse_z: np.ndarray, flat: np.ndarray, row: np.ndarray, position: np.ndarray) -> None:
-        """The exact g of the candidates (row = k·C + c, p): max over the 2F stacked filters, times the
-        patch value; candidates are split across threads."""
-        channels = len(self.sensitivity)
-        step = max(1, VERIFY_BYTES // (4 * len(inverse_z)))  # [2F, step] products stay in cache
-        share = max(step, -(-len(row) // MAX_THREADS))
-
-        def verify_share(begin: int) -> np.ndarray:
-            best_by_channel = np.zeros(channels, dtype=np.float32)
-            for first in range(begin, min(begin + share, len(row)), step):
-                last = min(first + step, begin + share, len(row))
-                r, p = row[first:last], position[first:last]
-                products = self._magnitudes(r)
-                products *= np.take(inverse_z, p, axis=1)
-                best = products.max(axis=0)
-                best *= flat[r, p]
-                np.maximum.at(best_by_channel, r % channels, best)
-            return best_by_channel
-
-        for best_by_channel in _parallel_map(verify_share, range(0, len(row), share)):
-            np.maximum(self.sensitivity, best_by_channel, out=self.sensitivity)
-
-
-def _stacked(weight: np.ndarray) -> np.ndarray:
-    """[|W⁺|; |W⁻|] of a block of signed weights [F, n]: the 2F stacked filters, as a new [2F, n] array."""
-    stacked = np.empty((2 * len(weight), weight.shape[1]), dtype=np.float32)
-    np.maximum(weight, 0, out=stacked[:len(weight)])
-    np.maximum(np.negative(weight, out=stacked[len(weight):]), 0, out=stacked[len(weight):])
-    return stacked
-
-
-def _power(values: np.ndarray) -> np.ndarray:
-    """values ** BOUND_POWER by repeated squaring, in place (values is a float64 array of the caller's)."""
-    result = values
-    for _ in range(BOUND_SQUARINGS):
-        np.multiply(result, result, out=result)
-    return result
-
-
-def _root(values: np.ndarray) -> np.ndarray:
-    """values ** (1 / BOUND_POWER) by repeated square roots (in place, float32 is plenty for a bound)."""
-    for _ in range(BOUND_SQUARINGS):
-        np.sqrt(values, out=values)
-    return values
-
-
-def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """np.nonzero of a contiguous 2-D mask, several times faster when few entries are set: eight flags at
-    a time are read as one 64-bit word, and only the nonzero words are unpacked."""
-    columns = mask.shape[1]
-    flags = mask.reshape(-1)
-    tail = (-len(flags)) % 8
-    if tail:
-        flags = np.concatenate([flags, np.zeros(tail, dtype=np.bool_)])
-    words = np.flatnonzero(flags.view(np.uint64))
-    word, bit = np.nonzero(flags.reshape(-1, 8)[words])
-    return np.divmod(words[word] * 8 + bit, columns)
-
-
-def _inverse(z: np.ndarray) -> np.ndarray:
-    """1/z of nonnegative z, in place, with 0 where z ≤ eps (such denominators count as +infinity)."""
-    negligible = z <= Z_EPS
-    np.divide(1.0, z, out=z, where=~negligible)
-    z[negligible] = 0
-    return z

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from pfp_onnx import max_times
 from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, dense_sensitivity
 
 EPS = np.finfo(np.float32).eps
@@ -15,10 +16,8 @@ EPS = np.finfo(np.float32).eps
 @pytest.fixture(autouse=True, params=["cached", "blockwise"])
 def weight_magnitudes(request, monkeypatch):
     """Every test runs with |W±| kept whole (ordinary layers) and cut from W block by block (huge ones)."""
-    from pfp_onnx import sensitivity as module
-
     if request.param == "blockwise":
-        monkeypatch.setattr(module, "STACKED_CACHE_BYTES", 0)
+        monkeypatch.setattr(max_times, "STACKED_CACHE_BYTES", 0)
     return request.param
 
 
@@ -26,10 +25,8 @@ def weight_magnitudes(request, monkeypatch):
 def scoring_path(request, monkeypatch):
     """Every test runs on each kernel alone: all products, bound-then-verify (forced on for small layers),
     and screen-then-verify (kept however many candidates it leaves)."""
-    from pfp_onnx import sensitivity as module
-
-    monkeypatch.setattr(module, "SCREEN_MAX_FRACTION", 1.0 if request.param == "screen" else 0.0)
-    monkeypatch.setattr(module, "BOUND_MIN_FILTERS", 0 if request.param == "bounds" else 10**9)
+    monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 1.0 if request.param == "screen" else 0.0)
+    monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", 0 if request.param == "bounds" else 10**9)
     return request.param
 
 
@@ -261,8 +258,8 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     dense_activation = random_activation(rng, (9, 6))
     dense_whole = dense_sensitivity(dense_activation, weight[:, :, 0, 0])
     monkeypatch.setattr(sensitivity, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(sensitivity, "MAX_TIMES_BYTES", 200)
-    monkeypatch.setattr(sensitivity, "MAX_THREADS", 4)
+    monkeypatch.setattr(max_times, "MAX_TIMES_BYTES", 200)
+    monkeypatch.setattr(max_times, "MAX_THREADS", 4)
     np.testing.assert_array_equal(conv_sensitivity(activation, weight, **kwargs), whole)
     np.testing.assert_array_equal(dense_sensitivity(dense_activation, weight[:, :, 0, 0]), dense_whole)
 
@@ -281,8 +278,8 @@ def test_kernels_agree_bit_for_bit_over_streamed_batches(monkeypatch, screen_fra
     batches.append(rng.standard_normal((2, 8, 9, 9)).astype(np.float32))  # signed: a⁺ and a⁻
 
     def run(fraction, min_filters):
-        monkeypatch.setattr(sensitivity, "SCREEN_MAX_FRACTION", fraction)
-        monkeypatch.setattr(sensitivity, "BOUND_MIN_FILTERS", min_filters)
+        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", fraction)
+        monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", min_filters)
         scorer = sensitivity.ConvScorer(weight, strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
         for batch in batches:
             scorer.update(batch)
@@ -309,15 +306,15 @@ def test_many_screen_blocks_and_waves_match_one_block(monkeypatch, screen_fracti
             scorer.update(batch)
         return scorer.sensitivity
 
-    monkeypatch.setattr(sensitivity, "SCREEN_MAX_FRACTION", 0.0)
-    monkeypatch.setattr(sensitivity, "BOUND_MIN_FILTERS", 10**9)
+    monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 0.0)
+    monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", 10**9)
     expected = run()
-    monkeypatch.setattr(sensitivity, "SCREEN_MAX_FRACTION", screen_fraction)
-    monkeypatch.setattr(sensitivity, "BOUND_MIN_FILTERS", 0)
-    monkeypatch.setattr(sensitivity, "MAX_TIMES_BYTES", 4 * 45 * 7)  # 7 positions of 45 rows per block
-    monkeypatch.setattr(sensitivity, "MIN_SCREEN_BLOCK", 1)
-    monkeypatch.setattr(sensitivity, "VERIFY_BYTES", 4 * 40 * 3)  # 3 candidates per step
-    monkeypatch.setattr(sensitivity, "MAX_THREADS", 3)
+    monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", screen_fraction)
+    monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", 0)
+    monkeypatch.setattr(max_times, "MAX_TIMES_BYTES", 4 * 45 * 7)  # 7 positions of 45 rows per block
+    monkeypatch.setattr(max_times, "MIN_SCREEN_BLOCK", 1)
+    monkeypatch.setattr(max_times, "VERIFY_BYTES", 4 * 40 * 3)  # 3 candidates per step
+    monkeypatch.setattr(max_times, "MAX_THREADS", 3)
     np.testing.assert_array_equal(run(), expected)
 
 
@@ -332,8 +329,8 @@ def test_screen_keeps_products_whose_bound_overflows(monkeypatch):
     second = np.array([[0.0, 3.4e38]], dtype=np.float32)  # channel 1 alone: it scores 1
     results = []
     for fraction in (0.0, 1.0):
-        monkeypatch.setattr(sensitivity, "SCREEN_MAX_FRACTION", fraction)
-        monkeypatch.setattr(sensitivity, "BOUND_MIN_FILTERS", 10**9)
+        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", fraction)
+        monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", 10**9)
         scorer = sensitivity.DenseScorer(weight)
         scorer.update(first)
         assert 0.8 < scorer.sensitivity[1] < 0.9
@@ -345,12 +342,11 @@ def test_screen_keeps_products_whose_bound_overflows(monkeypatch):
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 9), (16, 64), (5, 0)])
 def test_word_wise_nonzero_equals_numpy(shape):
-    from pfp_onnx.sensitivity import _nonzero
 
     rng = np.random.default_rng(14)
     for density in (0.0, 0.01, 0.5, 1.0):
         mask = rng.random(shape) < density
-        for ours, numpys in zip(_nonzero(mask), np.nonzero(mask)):
+        for ours, numpys in zip(max_times._nonzero(mask), np.nonzero(mask)):
             np.testing.assert_array_equal(ours, numpys)
 
 
