@@ -99,7 +99,6 @@ class MaxTimesScorer:
     def update(self, flat: np.ndarray) -> None:
         """Fold the data points whose patches are flat[K·C, P], rows ordered (k, c), P spanning all
         their positions."""
-        positions = flat.shape[1]
         inverse_z = _inverse(self._z(flat))  # [2F, P]
         largest_inverse = inverse_z.max(axis=0)  # [P]
         if not self._seeded and SCREEN_MAX_FRACTION > 0:
@@ -140,8 +139,7 @@ class MaxTimesScorer:
         best_value = np.zeros(len(flat), dtype=np.float32)
         best_position = np.zeros(len(flat), dtype=np.intp)
         for start in range(0, flat.shape[1], block):
-            with np.errstate(over="ignore"):  # an infinite bound is simply the most promising
-                bound = flat[:, start:start + block] * largest_inverse[start:start + block]
+            bound = _screen_bound(flat, largest_inverse, start, start + block)
             position = bound.argmax(axis=1)
             value = bound[np.arange(len(flat)), position]
             better = value > best_value
@@ -153,8 +151,9 @@ class MaxTimesScorer:
     def _screen_and_verify(self, flat: np.ndarray, inverse_z: np.ndarray,
                            largest_inverse: np.ndarray) -> list[tuple[int, int]]:
         """Screen every position, block by block on threads, and evaluate the survivors exactly; return
-        the position ranges whose blocks left too many of their products (those need a dense path). The screen's bound a_unf · max_f |W| · max_f inv_z carries a 1e-4 margin, far above
-        the float32 rounding of either side, so no product above the running max is ever screened out."""
+        the position ranges whose blocks left too many of their products (those need a dense path). The
+        screen's bound a_unf · max_f |W| · max_f inv_z carries a 1e-4 margin, far above the float32
+        rounding of either side, so no product above the running max is ever screened out."""
         rows, positions = flat.shape
         limit = SCREEN_MAX_FRACTION
         if 2 * self.filters >= BOUND_MIN_FILTERS:
@@ -167,12 +166,9 @@ class MaxTimesScorer:
         block = max(MIN_SCREEN_BLOCK, min(MAX_TIMES_BYTES // (4 * rows),
                                           -(-positions // (MAX_THREADS * SCREEN_WAVES))))
         starts = range(0, positions, block)
-        row_threshold = None
 
-        def screen_block(start: int) -> tuple[np.ndarray, np.ndarray] | None:
-            stop = min(start + block, positions)
-            with np.errstate(over="ignore"):  # an infinite bound is simply a candidate
-                bound = flat[:, start:stop] * largest_inverse[start:stop]
+        def screen_block(start: int, row_threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+            bound = _screen_bound(flat, largest_inverse, start, start + block)
             row, position = _nonzero(bound > row_threshold)
             if len(row) > limit * bound.size:
                 return None
@@ -181,9 +177,10 @@ class MaxTimesScorer:
         dense = []
         for wave in range(0, len(starts), MAX_THREADS):  # a wave's candidates are all that is held at once
             row_threshold = self._row_threshold()
+            wave_starts = starts[wave:wave + MAX_THREADS]
             found = []
-            for start, candidates in zip(starts[wave:wave + MAX_THREADS],
-                                         _parallel_map(screen_block, starts[wave:wave + MAX_THREADS])):
+            for start, candidates in zip(wave_starts, _parallel_map(
+                    lambda start: screen_block(start, row_threshold), wave_starts)):
                 if candidates is not None:
                     found.append(candidates)
                 elif dense and dense[-1][1] == start:
@@ -256,7 +253,9 @@ class MaxTimesScorer:
             return _power(scaled), row_max
 
         # Kept for all position blocks unless the layer is huge (then recomputed per position block).
-        cached = [weight_power(*block_rows) for block_rows in row_blocks] if 8 * rows * filters <= BOUND_CACHE_BYTES else None
+        cached = None
+        if 8 * rows * filters <= BOUND_CACHE_BYTES:
+            cached = [weight_power(*block_rows) for block_rows in row_blocks]
         slack = filters ** (1.0 / BOUND_POWER) * (1 + 1e-4)
         block = max(1, MAX_TIMES_BYTES // (8 * max(min(rows, rows_per_block), filters)))
         for start in range(first, last, block):
@@ -300,6 +299,13 @@ class MaxTimesScorer:
 
         for best_by_channel in _parallel_map(verify_share, range(0, len(row), share)):
             np.maximum(self.sensitivity, best_by_channel, out=self.sensitivity)
+
+
+def _screen_bound(flat: np.ndarray, largest_inverse: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """The screen's bound a_unf · max_f inv_z of positions [start, stop) (times max_f |W| it bounds g);
+    an overflow to inf is simply the most promising value."""
+    with np.errstate(over="ignore"):
+        return flat[:, start:stop] * largest_inverse[start:stop]
 
 
 def _stacked(weight: np.ndarray) -> np.ndarray:
