@@ -187,9 +187,13 @@ class MaxTimesScorer:
                     dense[-1] = (dense[-1][0], min(start + block, positions))
                 else:
                     dense.append((start, min(start + block, positions)))
-            if found:
-                self._verify(inverse_z, flat, np.concatenate([row for row, _ in found]),
-                             np.concatenate([position for _, position in found]))
+            if not found:
+                # Every block of the wave gave up and nothing raised the thresholds, so the next waves
+                # would give up too: the rest of the batch goes to the dense path without a screen.
+                dense[-1] = (dense[-1][0], positions)
+                break
+            self._verify(inverse_z, flat, np.concatenate([row for row, _ in found]),
+                         np.concatenate([position for _, position in found]))
         return dense
 
     def _row_threshold(self) -> np.ndarray:

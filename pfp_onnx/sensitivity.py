@@ -230,11 +230,11 @@ def dense_sensitivity(activation: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 
 def _sign_split(points: np.ndarray) -> list[np.ndarray]:
-    """a⁺ and a⁻ as separate nonnegative data points; a⁻ is skipped when empty (it would score 0)."""
-    positive = np.maximum(points, 0)
-    if not (points < 0).any():
-        return [positive]
-    return [positive, np.maximum(-points, 0)]
+    """a⁺ and a⁻ as separate nonnegative data points; a⁻ is skipped when empty (it would score 0).
+    Activations after a ReLU are already a⁺ and are used as they are (one pass, no copy)."""
+    if not points.size or points.min() >= 0:
+        return [points]
+    return [np.maximum(points, 0), np.maximum(-points, 0)]
 
 
 def _unfold(

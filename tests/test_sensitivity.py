@@ -318,6 +318,47 @@ def test_many_screen_blocks_and_waves_match_one_block(monkeypatch, screen_fracti
     np.testing.assert_array_equal(run(), expected)
 
 
+def test_a_wave_that_gives_up_sends_the_rest_of_the_batch_to_the_dense_path(monkeypatch):
+    """When every block of a wave leaves too many products (and so finds nothing to raise the thresholds),
+    the later waves are not screened at all: their positions go straight to the dense path, and the
+    result is still every product's."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    rng = np.random.default_rng(14)
+    weight = rng.standard_normal((20, 5, 3, 3)).astype(np.float32)
+    batch = np.maximum(rng.standard_normal((2, 5, 8, 8)), 0).astype(np.float32)
+
+    def run():
+        scorer = sensitivity.ConvScorer(weight, strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+        scorer.update(batch)
+        return scorer.sensitivity
+
+    monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 0.0)
+    monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", 10**9)
+    expected = run()
+    monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 1e-9)  # any survivor abandons a block
+    monkeypatch.setattr(max_times, "MAX_TIMES_BYTES", 4 * 45 * 7)  # 7 positions of 45 rows per block
+    monkeypatch.setattr(max_times, "MIN_SCREEN_BLOCK", 1)
+    monkeypatch.setattr(max_times, "MAX_THREADS", 2)
+    screened, dense = [], []
+    screen_bound, screen_and_verify = max_times._screen_bound, max_times.MaxTimesScorer._screen_and_verify
+
+    def spied_screen_bound(flat, largest_inverse, start, stop):
+        screened.append((start, stop))
+        return screen_bound(flat, largest_inverse, start, stop)
+
+    def spied_screen_and_verify(self, *arguments):
+        screened.clear()  # the seed's passes before it do not count
+        dense.extend(screen_and_verify(self, *arguments))
+        return dense
+
+    monkeypatch.setattr(max_times, "_screen_bound", spied_screen_bound)
+    monkeypatch.setattr(max_times.MaxTimesScorer, "_screen_and_verify", spied_screen_and_verify)
+    np.testing.assert_array_equal(run(), expected)
+    assert screened == [(0, 7), (7, 14)]  # one wave of two blocks, of 128 positions
+    assert dense == [(0, 128)]
+
+
 def test_screen_keeps_products_whose_bound_overflows(monkeypatch):
     """A subnormal weight beside a huge activation: the running max over a tiny weight needs a threshold
     beyond float32, and the next point's bound a · max inv_z overflows to inf. The screen must still
