@@ -32,12 +32,17 @@ MAX_THREADS = min(8, os.cpu_count() or 1)
 # 2^4, so that powers and roots are four squarings and four square roots.
 BOUND_SQUARINGS = 4
 BOUND_POWER = 2**BOUND_SQUARINGS
+# Scaled factors below this are dropped from the p-norm bound, so that every term left is a normal float32
+# (BOUND_SMALLEST^(2·BOUND_POWER) > float32's smallest normal, 1.2e-38) and a dropped term is below it.
+BOUND_SMALLEST = 0.07
+# Relative slack of the float32 bounds: far above their rounding (at most ~2F·eps/BOUND_POWER ≈ 2e-5).
+BOUND_MARGIN = 1e-3
 # With fewer stacked filters (2F) than this, evaluating every product is cheaper than bounding.
 BOUND_MIN_FILTERS = 32
 # A screen leaving more than this fraction of a block's products for exact evaluation is abandoned for the
 # dense paths (gathering candidates one by one costs several times a dense product).
 SCREEN_MAX_FRACTION = 1 / 8
-# The bound path keeps its float64 weight powers ([K·C, 2F]) for a whole batch up to this size.
+# The bound path keeps its weight powers ([K·C, 2F]) for a whole batch up to this size.
 BOUND_CACHE_BYTES = 64 * 2**20
 # Weights up to this size also keep [|W⁺|; |W⁻|] whole (2× their size); larger ones are cut per block.
 STACKED_CACHE_BYTES = 32 * 2**20
@@ -104,9 +109,11 @@ class MaxTimesScorer:
         if not self._seeded and SCREEN_MAX_FRACTION > 0:
             self._seed(flat, inverse_z, largest_inverse)
             self._seeded = True
-        dense = self._update_exactly if 2 * self.filters < BOUND_MIN_FILTERS else self._update_by_bounds
         for first, last in self._screen_and_verify(flat, inverse_z, largest_inverse):
-            dense(flat, inverse_z, first, last)
+            if 2 * self.filters < BOUND_MIN_FILTERS:
+                self._update_exactly(flat, inverse_z, first, last)
+            else:
+                self._update_by_bounds(flat, inverse_z, largest_inverse, first, last)
 
     def _z(self, flat: np.ndarray) -> np.ndarray:
         """z⁺ and |z⁻| [2F, P] for every position by BLAS, [F, K·C] @ [K·C, P] per sign: nonnegative
@@ -233,53 +240,59 @@ class MaxTimesScorer:
         if block_maxima:
             np.maximum(self.sensitivity, np.max(block_maxima, axis=0), out=self.sensitivity)
 
-    def _update_by_bounds(self, flat: np.ndarray, inverse_z: np.ndarray, first: int, last: int) -> None:
-        """Bound, then verify. With x_f = |W[f, c, k]| · inv_z[f, p] ≥ 0, max_f x_f ≤ (Σ_f x_f^Q)^(1/Q) ≤
-        (2F)^(1/Q) · max_f x_f, and the middle term is a BLAS matrix product. It bounds every (c, k, p)
-        from above; a channel's max is at least its largest bound over (2F)^(1/Q); only the (c, k, p)
-        whose bound reaches that (or the running max) are evaluated exactly, with the same float32
-        products as before. Q-th powers are taken of values scaled to [0, 1] in float64 (exact unless a
-        term lies 1e-38 below its row's and column's maxima, far below float32 resolution).
+    def _update_by_bounds(self, flat: np.ndarray, inverse_z: np.ndarray, largest_inverse: np.ndarray,
+                          first: int, last: int) -> None:
+        """Bound, then verify. The screen's bound B = a_unf · max_f |W[f, c, k]| · max_f inv_z[f, p] is
+        factored out of every product, leaving x_f = |W[f, c, k]| / max_f |W| · inv_z[f, p] / max_f inv_z in
+        [0, 1], and R = (Σ_f x_f^Q)^(1/Q), a float32 BLAS product, lies between max_f x_f and (2F)^(1/Q) times
+        it. Factors below BOUND_SMALLEST are dropped (so every term is a normal float), which can only lower
+        R: B · max(R, BOUND_SMALLEST) bounds every g of (c, k, p) from above, and a channel's max is at least
+        its largest B · R over (2F)^(1/Q). Only the (c, k, p) whose upper bound reaches that (or the running
+        max) are evaluated exactly, with the same float32 products as every other path. A B that overflows
+        is no lower bound and always a candidate.
         """
         channels = len(self.sensitivity)
         rows, filters = len(flat), len(inverse_z)
-        column_max = inverse_z.max(axis=1)  # [2F]
         # Weight rows are scaled and raised to the power in blocks, so temporaries stay near
         # MAX_TIMES_BYTES even for a dense layer of a billion weights; one block is computed once.
-        rows_per_block = max(1, MAX_TIMES_BYTES // (8 * filters))
+        rows_per_block = max(1, MAX_TIMES_BYTES // (4 * filters))
         row_blocks = [(r, min(r + rows_per_block, rows)) for r in range(0, rows, rows_per_block)]
 
-        def weight_power(first_row: int, last_row: int) -> tuple[np.ndarray, np.ndarray]:
-            scaled = self._magnitudes(slice(first_row, last_row)).T.astype(np.float64) * column_max[None, :]
-            row_max = scaled.max(axis=1)  # [rows of the block]
-            np.divide(scaled, row_max[:, None], out=scaled, where=row_max[:, None] > 0)
-            scaled[row_max <= 0] = 0
-            return _power(scaled), row_max
+        def weight_power(first_row: int, last_row: int) -> np.ndarray:
+            largest = self._largest_magnitude[first_row:last_row, None]
+            scaled = np.zeros((last_row - first_row, filters), dtype=np.float32)
+            np.divide(self._magnitudes(slice(first_row, last_row)).T, largest, out=scaled, where=largest > 0)
+            return _power(scaled)
 
         # Kept for all position blocks unless the layer is huge (then recomputed per position block).
-        cached = None
-        if 8 * rows * filters <= BOUND_CACHE_BYTES:
-            cached = [weight_power(*block_rows) for block_rows in row_blocks]
-        slack = filters ** (1.0 / BOUND_POWER) * (1 + 1e-4)
-        block = max(1, MAX_TIMES_BYTES // (8 * max(min(rows, rows_per_block), filters)))
+        cached = [weight_power(*span) for span in row_blocks] if 4 * rows * filters <= BOUND_CACHE_BYTES else None
+        slack = filters ** (1.0 / BOUND_POWER) * (1 + BOUND_MARGIN)
+        block = max(1, MAX_TIMES_BYTES // (4 * max(min(rows, rows_per_block), filters)))
         for start in range(first, last, block):
             stop = min(start + block, last)
-            scaled_z = np.zeros((filters, stop - start), dtype=np.float64)
-            np.divide(inverse_z[:, start:stop], column_max[:, None], out=scaled_z, where=column_max[:, None] > 0)
+            largest = largest_inverse[None, start:stop]
+            scaled_z = np.zeros((filters, stop - start), dtype=np.float32)
+            np.divide(inverse_z[:, start:stop], largest, out=scaled_z, where=largest > 0)
             z_power = _power(scaled_z)
-            bound = np.empty((rows, stop - start), dtype=np.float32)  # a_unf · bound ≥ every g of (k, c, p)
+            root = np.empty((rows, stop - start), dtype=np.float32)
             for index, (first_row, last_row) in enumerate(row_blocks):
-                power, row_max = cached[index] if cached else weight_power(first_row, last_row)
-                part = bound[first_row:last_row]
-                part[...] = _root((power @ z_power).astype(np.float32))
-                part *= row_max[:, None]
-            bound *= flat[:, start:stop]
-            floor = np.maximum(bound.reshape(-1, channels, stop - start).max(axis=(0, 2)) / slack,
+                np.matmul(cached[index] if cached else weight_power(first_row, last_row), z_power,
+                          out=root[first_row:last_row])
+            _root(root)
+            screen = _screen_bound(flat, largest_inverse, start, stop)
+            with np.errstate(over="ignore", invalid="ignore"):  # inf · 0 (a dead row): NaN, never a candidate
+                screen *= self._largest_magnitude[:, None]
+            lower = np.zeros_like(root)
+            np.multiply(root, screen, out=lower, where=np.isfinite(screen))
+            floor = np.maximum(lower.reshape(-1, channels, stop - start).max(axis=(0, 2)) / slack,
                                self.sensitivity)  # [C]
-            # float32 roots carry ~1e-6 relative error: the margin only admits a few more candidates;
-            # a zero bound means a zero contribution, never a candidate.
-            threshold = np.maximum(floor / (1 + 1e-4), SMALLEST_POSITIVE).astype(np.float32)
-            row, position = _nonzero(bound >= np.tile(threshold, rows // channels)[:, None])
+            # A zero bound means a zero contribution, never a candidate.
+            threshold = np.maximum(floor / (1 + BOUND_MARGIN), SMALLEST_POSITIVE).astype(np.float32)
+            np.maximum(root, BOUND_SMALLEST, out=root)
+            with np.errstate(over="ignore", invalid="ignore"):  # the upper bound
+                root *= screen
+                root *= 1 + BOUND_MARGIN
+            row, position = _nonzero(root >= np.tile(threshold, rows // channels)[:, None])
             self._verify(inverse_z, flat, row, position + start)
 
     def _verify(self, inverse_z: np.ndarray, flat: np.ndarray, row: np.ndarray, position: np.ndarray) -> None:
@@ -321,15 +334,16 @@ def _stacked(weight: np.ndarray) -> np.ndarray:
 
 
 def _power(values: np.ndarray) -> np.ndarray:
-    """values ** BOUND_POWER by repeated squaring, in place (values is a float64 array of the caller's)."""
-    result = values
+    """values ** BOUND_POWER of float32 values in [0, 1], in place, by repeated squaring; values below
+    BOUND_SMALLEST become 0 (their powers would be subnormal or vanish, and are slow to multiply)."""
+    values[values < BOUND_SMALLEST] = 0
     for _ in range(BOUND_SQUARINGS):
-        np.multiply(result, result, out=result)
-    return result
+        np.multiply(values, values, out=values)
+    return values
 
 
 def _root(values: np.ndarray) -> np.ndarray:
-    """values ** (1 / BOUND_POWER) by repeated square roots (in place, float32 is plenty for a bound)."""
+    """values ** (1 / BOUND_POWER) by repeated square roots, in place."""
     for _ in range(BOUND_SQUARINGS):
         np.sqrt(values, out=values)
     return values

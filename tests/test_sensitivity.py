@@ -359,19 +359,51 @@ def test_a_wave_that_gives_up_sends_the_rest_of_the_batch_to_the_dense_path(monk
     assert dense == [(0, 128)]
 
 
-def test_screen_keeps_products_whose_bound_overflows(monkeypatch):
+def test_bounds_evaluate_products_whose_scaled_factors_are_dropped(monkeypatch):
+    """Every product of channel 0 is far below the screen's bound a · max_f |W| · max_f inv_z (its largest
+    weight sits on a filter with a large z, and the filter with the tiny z barely reads it), so all its
+    scaled factors fall under BOUND_SMALLEST and drop out of the p-norm: its upper bound must still admit
+    the product that holds its max."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    weight = np.array([[1.0, 0.5], [1e-3, 1e-3]], dtype=np.float32)
+    rows = np.ones((1, 2), dtype=np.float32)  # z⁺ = 1.5 and 0.002: max inv_z is 500
+    results = []
+    for screen_fraction, bound_min_filters in ((0.0, 10**9), (0.0, 0)):
+        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", screen_fraction)
+        monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", bound_min_filters)
+        results.append(sensitivity.dense_sensitivity(rows, weight))
+    np.testing.assert_array_equal(results[1], results[0])
+    np.testing.assert_allclose(results[1], [1 / 1.5, 0.5], rtol=1e-6)
+
+
+def test_bounds_ignore_an_overflowing_screen_as_a_lower_bound(monkeypatch):
+    """Row 0 gives channel 0 a screen bound of inf (a huge activation times the large inv_z of filter 1,
+    which does not read channel 0) and a p-norm of 0: inf · 0 must not poison channel 0's threshold, so
+    that row 1, where channel 0 scores 1, is still evaluated."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    weight = np.eye(2, dtype=np.float32)
+    rows = np.array([[3e38, 1e-3], [1.0, 0.0]], dtype=np.float32)
+    monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 0.0)  # no seed: the bounds alone decide
+    monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", 0)
+    np.testing.assert_array_equal(sensitivity.dense_sensitivity(rows, weight), [1.0, 1.0])
+
+
+@pytest.mark.parametrize("fraction, min_filters", [(1.0, 10**9), (0.0, 0)], ids=["screen", "bounds"])
+def test_bounds_keep_products_whose_bound_overflows(monkeypatch, fraction, min_filters):
     """A subnormal weight beside a huge activation: the running max over a tiny weight needs a threshold
-    beyond float32, and the next point's bound a · max inv_z overflows to inf. The screen must still
-    evaluate that point (its g is 1), as every-product scoring does."""
+    beyond float32, and the next point's bound a · max inv_z overflows to inf. The screen and the p-norm
+    bound must still evaluate that point (its g is 1), as every-product scoring does."""
     import pfp_onnx.sensitivity as sensitivity
 
     weight = np.array([[1.0, 1.4e-45]], dtype=np.float32)
     first = np.array([[1e-7, 3.4e38]], dtype=np.float32)  # z ≈ 5.8e-7: channel 1 scores ≈ 0.83
     second = np.array([[0.0, 3.4e38]], dtype=np.float32)  # channel 1 alone: it scores 1
     results = []
-    for fraction in (0.0, 1.0):
-        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", fraction)
-        monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", 10**9)
+    for screen_fraction, bound_min_filters in ((0.0, 10**9), (fraction, min_filters)):
+        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", screen_fraction)
+        monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", bound_min_filters)
         scorer = sensitivity.DenseScorer(weight)
         scorer.update(first)
         assert 0.8 < scorer.sensitivity[1] < 0.9
