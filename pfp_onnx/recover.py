@@ -29,7 +29,9 @@ Memory: FeatureStatistics with gram=True holds one (C·K + 1)² float64 matrix p
 features, e.g. a 3×3 conv reading 512 channels, is 170 MB); updating adds one F×F temporary and the
 float64 copy of the chunk of features; reconstruct() adds the kept sub-block and its factorisation. The
 caller decides which layers are worth it (e.g. skip above a size limit, or use (a) there). Features of a
-whole batch are K times the batch's activation; accumulate_features() unfolds it chunk by chunk.
+whole batch are K times the batch's activation; accumulate_features() unfolds it chunk by chunk, except
+for stride-1 convs whose border is small next to their output: their Gram comes from shifted products of
+the padded input (pfp_onnx.conv_gram), with nothing unfolded.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
+
+from pfp_onnx import conv_gram
 
 __all__ = [
     "ConvPatches",
@@ -108,6 +112,28 @@ class FeatureStatistics:
         if self._shifted_gram is not None:
             # fast: float32 BLAS (a symmetric rank-k update), summed into float64; centring keeps it accurate
             self._shifted_gram += centred.T @ centred
+
+    @property
+    def fast(self) -> bool:
+        return self._fast
+
+    @property
+    def shift(self) -> np.ndarray | None:
+        """The fixed shift the sums are kept about (None before the first data)."""
+        return self._shift
+
+    def add_shifted(self, count: int, shift: np.ndarray, shifted_sum: np.ndarray, shifted_gram: np.ndarray) -> None:
+        """Fold count rows' Σ(x − shift) and Σ(x − shift)(x − shift)ᵀ taken elsewhere (the conv Gram of
+        pfp_onnx.conv_gram); shift must be this statistics' shift once it has one."""
+        shift = np.asarray(shift, dtype=np.float64)
+        if self._shift is None:
+            self._shift = shift.copy()
+        elif not np.array_equal(shift, self._shift):
+            raise ValueError("moments taken about a different shift than these statistics keep")
+        self._count += count
+        self._shifted_sum += shifted_sum
+        if self._shifted_gram is not None:
+            self._shifted_gram += shifted_gram
 
     @property
     def mean(self) -> np.ndarray:
@@ -209,11 +235,42 @@ def accumulate_features(statistics: FeatureStatistics, activation: np.ndarray, *
         return
     if activation.shape[0] == 0:
         return
+    if _shifted_products(statistics, activation, conv, chunk_bytes):
+        return
     first = layer_features(activation[:1], conv=conv)  # one sample's patches tell the per-sample size
     statistics.update(first)
     per_chunk = max(1, chunk_bytes // max(1, 8 * first.size))
     for start in range(1, activation.shape[0], per_chunk):
         statistics.update(layer_features(activation[start:start + per_chunk], conv=conv))
+
+
+def _shifted_products(statistics: FeatureStatistics, activation: np.ndarray, conv: ConvPatches,
+                      chunk_bytes: int) -> bool:
+    """Fold a stride-1 conv's batch by shifted products of its padded input (pfp_onnx.conv_gram) where that
+    is cheaper than unfolding; False where it is not (or the statistics' shift differs between taps)."""
+    strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
+    spatial = activation.shape[2:]
+    if not (statistics.has_gram and statistics.fast and len(spatial) == len(kernel_shape)
+            and conv_gram.worth_it(spatial, strides=strides, pads=pads, dilations=dilations,
+                                   kernel_shape=kernel_shape)):
+        return False
+    kernel_size = int(np.prod(kernel_shape))
+    shift = statistics.shift
+    if shift is None:  # the first batch's channel means, the same for every tap, float32-representable
+        means = activation.mean(axis=(0, *range(2, activation.ndim)), dtype=np.float64)
+        shift = np.repeat(means.astype(np.float32), kernel_size).astype(np.float64)
+    per_channel = shift.reshape(-1, kernel_size)
+    if not (per_channel == per_channel[:, :1]).all():
+        return False
+    padded_sample = 4 * activation.shape[1] * int(np.prod([size + pads[axis] + pads[axis + len(spatial)]
+                                                           for axis, size in enumerate(spatial)]))
+    per_chunk = max(1, chunk_bytes // padded_sample)
+    for start in range(0, activation.shape[0], per_chunk):
+        count, shifted_sum, shifted_gram = conv_gram.patch_moments(
+            activation[start:start + per_chunk], per_channel[:, 0], pads=pads, dilations=dilations,
+            kernel_shape=kernel_shape)
+        statistics.add_shifted(count, shift, shifted_sum, shifted_gram)
+    return True
 
 
 def compensate_bias(weight: np.ndarray, bias: np.ndarray | None, mean: np.ndarray,

@@ -1,0 +1,130 @@
+"""Moments of a stride-1 conv's patch features without unfolding them (the lstsq recovery's Gram).
+
+The unfolded features of a K-tap conv are K shifted copies of its padded input, so their Gram
+Σ_p x[c, k, p] x[c', k', p] is a sum of products of the input with itself shifted by the taps' distance.
+With the padded input laid out as X [C, L] (L = samples × padded positions, flattened), tap k reads the
+window W_k of flat positions (o + k·dilation for every output position o), and tap k' reads W_k shifted by
+the flat offset off = off(k') − off(k) ≥ 0 (taps in row-major order). Then
+
+    G[(c, k), (c', k')] = Σ_{u ∈ W_k} X[c, u] · X[c', u + off]
+                        = X[:, :L−off] @ X[:, off:]ᵀ  −  the same sum over the flat positions u < L − off
+                          outside W_k (the padding rows and columns, and pairs that run into the next row
+                          or sample),
+
+one BLAS product per distinct offset (13 for a 3×3 kernel) shared by every tap pair at that offset, less a
+small product over the border for each pair. For a 3×3 conv on 56×56 inputs that is ~2.4× fewer
+multiply-adds than the symmetric product of the 9× larger unfolded features, and nothing is unfolded.
+Strided convs, and convs whose border is large next to their output, keep the unfolded path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = ["patch_moments", "worth_it"]
+
+
+def worth_it(spatial: Sequence[int], *, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
+             kernel_shape: Sequence[int]) -> bool:
+    """Whether shifted products cost fewer multiply-adds than the unfolded Gram (per channel pair and
+    sample): one full pass per distinct offset plus one border pass per tap pair, against K²/2 products
+    per output position."""
+    if any(stride != 1 for stride in strides):
+        return False
+    taps = int(np.prod(kernel_shape, dtype=np.int64))
+    if taps == 1:
+        return False  # a 1×1 conv's features are its input: nothing to unfold in the first place
+    padded, out = _padded_and_out(spatial, pads, dilations, kernel_shape)
+    if min(out) <= 0:
+        return False
+    positions, outputs = int(np.prod(padded)), int(np.prod(out))
+    offsets = int(np.prod([2 * k - 1 for k in kernel_shape])) // 2 + 1  # distinct tap distances ≥ 0
+    pairs = taps * (taps + 1) // 2
+    return offsets * positions + pairs * (positions - outputs) < taps * taps * outputs / 2
+
+
+def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[int], dilations: Sequence[int],
+                  kernel_shape: Sequence[int]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Count, Σ(x − s) [C·K] and Σ(x − s)(x − s)ᵀ [C·K, C·K] (float64) of the stride-1 conv's patch
+    features x (feature index c·K + k, zero padding giving zero features) of activation [N, C, *spatial],
+    about the per-channel shift s [C] (the same for all K taps of a channel). Products are float32 BLAS,
+    sums float64, as in FeatureStatistics' fast mode.
+
+    The canvas holds a − s inside and 0 in the padding (Y); a padding feature's centred value is −s, so
+    x − s = Y − s·pad, and the padding's share is added in float64 from small gathered sums — never as
+    large products that the border correction would have to cancel."""
+    activation = np.asarray(activation, dtype=np.float32)
+    samples, channels = activation.shape[:2]
+    spatial = activation.shape[2:]
+    padded, out = _padded_and_out(spatial, pads, dilations, kernel_shape)
+    shift32 = np.asarray(shift, dtype=np.float32)
+    shift = shift32.astype(np.float64)
+    # Positions-major [N, *padded, C] (gathering positions copies whole rows), plus zero rows past the
+    # end so that a border position shifted by any tap distance is still a row (a zero product).
+    tap_offsets = _tap_offsets(padded, dilations, kernel_shape)  # increasing (row-major taps)
+    length = samples * int(np.prod(padded))
+    rows = np.zeros((length + int(tap_offsets[-1]), channels), dtype=np.float32)
+    canvas = rows[:length].reshape(samples, *padded, channels)
+    interior = (slice(None), *(slice(pads[axis], pads[axis] + size) for axis, size in enumerate(spatial)))
+    np.subtract(np.moveaxis(activation, 1, -1), shift32, out=canvas[interior])
+    padding = np.ones((samples, *padded), dtype=bool)
+    padding[interior] = False
+    padding = padding.reshape(-1)
+
+    # Tap k reads the flat positions of the first tap's window (the outputs' block at each sample's
+    # origin) moved by tap_offsets[k].
+    first_window = np.arange(length, dtype=np.int64).reshape(samples, *padded)[
+        (slice(None), *(slice(0, size) for size in out))].reshape(-1)
+    windows = [first_window + offset for offset in tap_offsets]
+    in_padding = [padding[window] for window in windows]  # [N·P] per tap: the window reads the padding
+
+    def gathered_sum(positions: np.ndarray) -> np.ndarray:
+        return rows[positions].sum(axis=0, dtype=np.float64)
+
+    kernel_size = len(tap_offsets)
+    features = channels * kernel_size
+    total = rows.sum(axis=0, dtype=np.float64)
+    shifted_sum = np.empty(features, dtype=np.float64)
+    gram = np.empty((features, features), dtype=np.float64)
+    full_products: dict[int, np.ndarray] = {}
+    for k in range(kernel_size):
+        inside = np.zeros(length, dtype=bool)
+        inside[windows[k]] = True
+        border = np.flatnonzero(~inside)  # the flat positions outside tap k's window
+        border_rows = rows[border]
+        shifted_sum[k::kernel_size] = total - border_rows.sum(axis=0, dtype=np.float64) \
+            - shift * np.count_nonzero(in_padding[k])
+        # Every later tap's border products at once: [C, (K − k)·C].
+        partners = rows[border[:, None] + (tap_offsets[k:] - tap_offsets[k])[None, :]]
+        border_products = border_rows.T @ partners.reshape(len(border), -1)
+        for index, k2 in enumerate(range(k, kernel_size)):
+            offset = int(tap_offsets[k2] - tap_offsets[k])
+            if offset not in full_products:
+                full_products[offset] = (rows[:length - offset].T @ rows[offset:length]).astype(np.float64)
+            block = full_products[offset] - border_products[:, index * channels:(index + 1) * channels]
+            # Σ (Y − s·pad)(Y' − s'·pad') over the window: Y·Y' above, then the padding's terms.
+            block -= np.outer(gathered_sum(windows[k][in_padding[k2]]), shift)
+            block -= np.outer(shift, gathered_sum(windows[k2][in_padding[k]]))
+            block += np.count_nonzero(in_padding[k] & in_padding[k2]) * np.outer(shift, shift)
+            gram[k::kernel_size, k2::kernel_size] = block
+            gram[k2::kernel_size, k::kernel_size] = block.T
+    return samples * int(np.prod(out)), shifted_sum, gram
+
+
+def _tap_offsets(padded: Sequence[int], dilations: Sequence[int], kernel_shape: Sequence[int]) -> np.ndarray:
+    """Flat distance of each tap (row-major) from the first in a padded sample: increasing, since a step
+    along an axis spans more than the whole kernel along the later axes."""
+    rank = len(kernel_shape)
+    flat_strides = np.array([int(np.prod(padded[axis + 1:])) for axis in range(rank)], dtype=np.int64)
+    taps = np.stack(np.meshgrid(*[np.arange(k) for k in kernel_shape], indexing="ij"), axis=-1).reshape(-1, rank)
+    return taps @ (np.asarray(dilations, dtype=np.int64) * flat_strides)
+
+
+def _padded_and_out(spatial: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
+                    kernel_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Padded input and (stride-1) output sizes per spatial axis."""
+    rank = len(kernel_shape)
+    padded = tuple(int(size) + pads[axis] + pads[axis + rank] for axis, size in enumerate(spatial))
+    return padded, tuple(size - dilations[axis] * (kernel_shape[axis] - 1) for axis, size in enumerate(padded))

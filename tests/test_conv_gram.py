@@ -1,0 +1,148 @@
+"""The conv Gram from shifted products of the padded input, against float64 moments of unfolded patches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pfp_onnx import conv_gram, recover
+from pfp_onnx.recover import ConvPatches, FeatureStatistics, accumulate_features, layer_features
+
+# (activation shape, pads, dilations, kernel): every one stride 1, as the shifted products require.
+CASES = {
+    "3x3-same": ((3, 4, 9, 9), (1, 1, 1, 1), (1, 1), (3, 3)),
+    "3x3-valid": ((2, 3, 9, 11), (0, 0, 0, 0), (1, 1), (3, 3)),
+    "asymmetric-dilated": ((3, 2, 10, 8), (2, 0, 1, 3), (2, 1), (3, 2)),
+    "wide-padding": ((2, 2, 5, 6), (4, 3, 2, 5), (1, 2), (2, 3)),
+    "1d": ((2, 4, 12), (2, 1), (1,), (5,)),
+    "3d": ((1, 2, 6, 5, 7), (1, 0, 1, 1, 2, 0), (1, 1, 2), (3, 2, 2)),
+}
+
+
+def exact_moments(activation, pads, dilations, kernel_shape, shift):
+    """Count, Σ(x − s) and Σ(x − s)(x − s)ᵀ of the unfolded features in float64 (s repeated over taps)."""
+    rank = len(kernel_shape)
+    features = layer_features(activation.astype(np.float64),
+                              conv=ConvPatches((1,) * rank, pads, dilations, kernel_shape))
+    centred = features - np.repeat(shift.astype(np.float64), int(np.prod(kernel_shape)))
+    return len(features), centred.sum(axis=0), centred.T @ centred
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("offset", [0.0, 5.0])  # a large mean: the padding's centred value −s is large too
+def test_shifted_products_equal_the_moments_of_unfolded_patches(name, offset):
+    shape, pads, dilations, kernel_shape = CASES[name]
+    rng = np.random.default_rng(len(name))
+    activation = (np.maximum(rng.standard_normal(shape), 0) + offset).astype(np.float32)
+    shift = activation.mean(axis=(0, *range(2, activation.ndim))).astype(np.float32)
+    count, shifted_sum, gram = conv_gram.patch_moments(activation, shift, pads=pads, dilations=dilations,
+                                                       kernel_shape=kernel_shape)
+    expected_count, expected_sum, expected_gram = exact_moments(activation, pads, dilations, kernel_shape, shift)
+    assert count == expected_count
+    scale = np.abs(expected_gram).max()
+    np.testing.assert_allclose(gram, expected_gram, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(shifted_sum, expected_sum, rtol=0, atol=1e-5 * np.abs(expected_sum).max())
+    np.testing.assert_array_equal(gram, gram.T)
+
+
+def test_shift_need_not_be_the_mean():
+    shape, pads, dilations, kernel_shape = CASES["3x3-same"]
+    activation = np.random.default_rng(3).random(shape, dtype=np.float32)
+    shift = np.array([0.0, -2.0, 7.5, 0.25], dtype=np.float32)
+    count, shifted_sum, gram = conv_gram.patch_moments(activation, shift, pads=pads, dilations=dilations,
+                                                       kernel_shape=kernel_shape)
+    _, expected_sum, expected_gram = exact_moments(activation, pads, dilations, kernel_shape, shift)
+    np.testing.assert_allclose(gram, expected_gram, rtol=0, atol=1e-5 * np.abs(expected_gram).max())
+    np.testing.assert_allclose(shifted_sum, expected_sum, rtol=0, atol=1e-5 * np.abs(expected_sum).max())
+
+
+@pytest.mark.parametrize("spatial, strides, pads, kernel, expected", [
+    ((56, 56), (1, 1), (1, 1, 1, 1), (3, 3), True),
+    ((28, 28), (1, 1), (1, 1, 1, 1), (3, 3), True),
+    ((7, 7), (1, 1), (1, 1, 1, 1), (3, 3), False),  # the border is most of the image
+    ((56, 56), (2, 2), (1, 1, 1, 1), (3, 3), False),  # strided: taps do not read shifted copies
+    ((56, 56), (1, 1), (0, 0, 0, 0), (1, 1), False),  # 1×1: the features are the input already
+    ((2, 2), (1, 1), (0, 0, 0, 0), (3, 3), False),  # no output position
+])
+def test_worth_it(spatial, strides, pads, kernel, expected):
+    assert conv_gram.worth_it(spatial, strides=strides, pads=pads, dilations=(1, 1), kernel_shape=kernel) is expected
+
+
+def accumulated(batches, patches, *, shifted: bool, monkeypatch, chunk_bytes=recover.CHUNK_BYTES):
+    monkeypatch.setattr(conv_gram, "worth_it", lambda *args, **kwargs: shifted)
+    statistics = FeatureStatistics(batches[0].shape[1] * int(np.prod(patches.kernel_shape)), gram=True, fast=True)
+    for batch in batches:
+        accumulate_features(statistics, batch, conv=patches, chunk_bytes=chunk_bytes)
+    return statistics
+
+
+@pytest.mark.parametrize("chunk_bytes", [recover.CHUNK_BYTES, 1])  # 1: one sample per chunk
+def test_statistics_by_shifted_products_equal_unfolded_ones_over_streamed_batches(monkeypatch, chunk_bytes):
+    shape, pads, dilations, kernel_shape = CASES["asymmetric-dilated"]
+    patches = ConvPatches((1, 1), pads, dilations, kernel_shape)
+    rng = np.random.default_rng(7)
+    batches = [(np.maximum(rng.standard_normal(shape), 0) + 2).astype(np.float32) for _ in range(3)]
+    unfolded = accumulated(batches, patches, shifted=False, monkeypatch=monkeypatch)
+    shifted = accumulated(batches, patches, shifted=True, monkeypatch=monkeypatch, chunk_bytes=chunk_bytes)
+    assert shifted.count == unfolded.count
+    np.testing.assert_allclose(shifted.mean, unfolded.mean, rtol=1e-6)
+    scale = np.abs(unfolded.scatter).max()
+    np.testing.assert_allclose(shifted.scatter, unfolded.scatter, rtol=0, atol=1e-5 * scale)
+    # the shift is each channel's mean over the first batch, the same for all its taps
+    taps = int(np.prod(kernel_shape))
+    per_channel = shifted.shift.reshape(-1, taps)
+    assert (per_channel == per_channel[:, :1]).all()
+
+
+def test_statistics_begun_unfolded_stay_unfolded(monkeypatch):
+    """A statistics whose shift differs between the taps of a channel (begun by the unfolded path) cannot
+    take shifted products about it: the unfolded path carries on, and the moments stay right."""
+    shape, pads, dilations, kernel_shape = CASES["3x3-same"]
+    patches = ConvPatches((1, 1), pads, dilations, kernel_shape)
+    rng = np.random.default_rng(8)
+    batches = [np.maximum(rng.standard_normal(shape), 0).astype(np.float32) for _ in range(2)]
+    expected = accumulated(batches, patches, shifted=False, monkeypatch=monkeypatch)
+    statistics = accumulated(batches[:1], patches, shifted=False, monkeypatch=monkeypatch)
+    monkeypatch.setattr(conv_gram, "patch_moments", lambda *args, **kwargs: pytest.fail("shift differs by tap"))
+    monkeypatch.setattr(conv_gram, "worth_it", lambda *args, **kwargs: True)
+    accumulate_features(statistics, batches[1], conv=patches)
+    np.testing.assert_array_equal(statistics.scatter, expected.scatter)
+
+
+def test_moments_about_another_shift_are_refused():
+    statistics = FeatureStatistics(2, gram=True, fast=True)
+    statistics.add_shifted(1, np.zeros(2), np.zeros(2), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="different shift"):
+        statistics.add_shifted(1, np.ones(2), np.zeros(2), np.zeros((2, 2)))
+
+
+def test_compress_recovers_the_exact_weights_with_shifted_products(monkeypatch):
+    """The MNIST fixture's 3×3 convs at 28×28 and 14×14 take the shifted path (those at 7×7 do not): the
+    re-fitted weights and biases match a re-fit from float64 statistics of unfolded patches as closely as
+    the float32 unfolded path does (6e-4 of the largest weight on this fixture; shifted: 4e-4)."""
+    import pfp_onnx
+    from pfp_onnx import refit
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    model = str(fixtures / "mnist_resnet.onnx")
+    with np.load(fixtures / "mnist_calib.npz") as calibration:
+        data = {name: values[:96] for name, values in calibration.items()}
+    calls = []
+    patch_moments = conv_gram.patch_moments
+    monkeypatch.setattr(conv_gram, "patch_moments", lambda *args, **kwargs: (
+        calls.append(args[0].shape), patch_moments(*args, **kwargs))[1])
+    shifted = pfp_onnx.compress(model, data, budget=0.5, recovery="lstsq")
+    assert {shape[2] for shape in calls} == {28, 14}
+    monkeypatch.setattr(refit, "FeatureStatistics", lambda features, *, gram, fast: FeatureStatistics(
+        features, gram=gram, fast=False))  # float64 throughout, so never the shifted path
+    calls.clear()
+    exact = pfp_onnx.compress(model, data, budget=0.5, recovery="lstsq")
+    assert not calls
+    for group, selection in shifted.selections.items():
+        np.testing.assert_array_equal(selection.kept, exact.selections[group].kept)
+    assert shifted.replacements.keys() == exact.replacements.keys()
+    for key, values in shifted.replacements.items():
+        expected = exact.replacements[key]
+        np.testing.assert_allclose(values, expected, rtol=0, atol=1e-3 * np.abs(expected).max(), err_msg=str(key))
