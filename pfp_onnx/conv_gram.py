@@ -2,19 +2,21 @@
 
 The unfolded features of a K-tap conv are K shifted copies of its padded input, so their Gram
 Σ_p x[c, k, p] x[c', k', p] is a sum of products of the input with itself shifted by the taps' distance.
-With the padded input laid out as X [C, L] (L = samples × padded positions, flattened), tap k reads the
-window W_k of flat positions (o + k·dilation for every output position o), and tap k' reads W_k shifted by
-the flat offset off = off(k') − off(k) ≥ 0 (taps in row-major order). Then
+With the padded input laid out as rows Y [L, C] (L = samples × padded positions, flattened), tap k reads
+the window W_k of flat positions (o + k·dilation for every output position o), and tap k' reads W_k
+moved by the flat offset off = off(k') − off(k) ≥ 0 (taps in row-major order). Then
 
-    G[(c, k), (c', k')] = Σ_{u ∈ W_k} X[c, u] · X[c', u + off]
-                        = X[:, :L−off] @ X[:, off:]ᵀ  −  the same sum over the flat positions u < L − off
+    G[(c, k), (c', k')] = Σ_{u ∈ W_k} Y[u, c] · Y[u + off, c']
+                        = (Y[:L−off]ᵀ @ Y[off:])[c, c']  −  the same sum over the flat positions u < L − off
                           outside W_k (the padding rows and columns, and pairs that run into the next row
                           or sample),
 
 one BLAS product per distinct offset (13 for a 3×3 kernel) shared by every tap pair at that offset, less a
-small product over the border for each pair. For a 3×3 conv on 56×56 inputs that is ~2.4× fewer
-multiply-adds than the symmetric product of the 9× larger unfolded features, and nothing is unfolded.
-Strided convs, and convs whose border is large next to their output, keep the unfolded path.
+small product over the border per tap. For a 3×3 conv on 56×56 inputs that is ~2.4× fewer multiply-adds
+than the symmetric product of the 9× larger unfolded features, and nothing is unfolded. Features are
+centred by a per-channel shift; the padding (whose centred value is −shift) is added from sums over the
+few output positions that read it. Strided convs, convs whose border is large next to their output, and
+small Grams keep the unfolded path.
 """
 
 from __future__ import annotations
@@ -25,12 +27,18 @@ import numpy as np
 
 __all__ = ["patch_moments", "worth_it"]
 
+# Below this many multiply-adds, a chunk's unfolded Gram is cheap and the fixed costs of shifted products
+# (two dozen small BLAS calls and gathers per tap) outweigh their savings (measured: a batch of 32 at
+# 16×56×56 is 2-3× faster shifted, at 16×28×28 slower).
+MIN_GRAM_MACS = 2**30
 
-def worth_it(spatial: Sequence[int], *, strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
-             kernel_shape: Sequence[int]) -> bool:
-    """Whether shifted products cost fewer multiply-adds than the unfolded Gram (per channel pair and
-    sample): one full pass per distinct offset plus one border pass per tap pair, against K²/2 products
-    per output position."""
+
+def worth_it(activation_shape: Sequence[int], *, strides: Sequence[int], pads: Sequence[int],
+             dilations: Sequence[int], kernel_shape: Sequence[int]) -> bool:
+    """Whether shifted products of a chunk [N, C, *spatial] cost fewer multiply-adds than its unfolded
+    Gram (per channel pair and sample: one full pass per distinct offset plus one border pass per tap
+    pair, against K²/2 products per output position), and the Gram is large enough to matter."""
+    samples, channels, *spatial = activation_shape
     if any(stride != 1 for stride in strides):
         return False
     taps = int(np.prod(kernel_shape, dtype=np.int64))
@@ -42,7 +50,9 @@ def worth_it(spatial: Sequence[int], *, strides: Sequence[int], pads: Sequence[i
     positions, outputs = int(np.prod(padded)), int(np.prod(out))
     offsets = int(np.prod([2 * k - 1 for k in kernel_shape])) // 2 + 1  # distinct tap distances ≥ 0
     pairs = taps * (taps + 1) // 2
-    return offsets * positions + pairs * (positions - outputs) < taps * taps * outputs / 2
+    unfolded = taps * taps * outputs / 2
+    return (offsets * positions + pairs * (positions - outputs) < unfolded
+            and unfolded * channels * channels * samples >= MIN_GRAM_MACS)
 
 
 def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[int], dilations: Sequence[int],
@@ -78,38 +88,45 @@ def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[i
     first_window = np.arange(length, dtype=np.int64).reshape(samples, *padded)[
         (slice(None), *(slice(0, size) for size in out))].reshape(-1)
     windows = [first_window + offset for offset in tap_offsets]
-    in_padding = [padding[window] for window in windows]  # [N·P] per tap: the window reads the padding
-
-    def gathered_sum(positions: np.ndarray) -> np.ndarray:
-        return rows[positions].sum(axis=0, dtype=np.float64)
 
     kernel_size = len(tap_offsets)
-    features = channels * kernel_size
     total = rows.sum(axis=0, dtype=np.float64)
-    shifted_sum = np.empty(features, dtype=np.float64)
-    gram = np.empty((features, features), dtype=np.float64)
+    shifted_sum = np.empty((kernel_size, channels), dtype=np.float64)  # Σ Y over each tap's window
+    products = np.empty((kernel_size, kernel_size, channels, channels), dtype=np.float64)  # Σ Y·Y' likewise
     full_products: dict[int, np.ndarray] = {}
     for k in range(kernel_size):
         inside = np.zeros(length, dtype=bool)
         inside[windows[k]] = True
         border = np.flatnonzero(~inside)  # the flat positions outside tap k's window
         border_rows = rows[border]
-        shifted_sum[k::kernel_size] = total - border_rows.sum(axis=0, dtype=np.float64) \
-            - shift * np.count_nonzero(in_padding[k])
-        # Every later tap's border products at once: [C, (K − k)·C].
+        shifted_sum[k] = total - border_rows.sum(axis=0, dtype=np.float64)
+        # Every later tap's border products at once: [C, K − k, C].
         partners = rows[border[:, None] + (tap_offsets[k:] - tap_offsets[k])[None, :]]
-        border_products = border_rows.T @ partners.reshape(len(border), -1)
+        border_products = (border_rows.T @ partners.reshape(len(border), -1)).reshape(channels, -1, channels)
         for index, k2 in enumerate(range(k, kernel_size)):
             offset = int(tap_offsets[k2] - tap_offsets[k])
             if offset not in full_products:
                 full_products[offset] = (rows[:length - offset].T @ rows[offset:length]).astype(np.float64)
-            block = full_products[offset] - border_products[:, index * channels:(index + 1) * channels]
-            # Σ (Y − s·pad)(Y' − s'·pad') over the window: Y·Y' above, then the padding's terms.
-            block -= np.outer(gathered_sum(windows[k][in_padding[k2]]), shift)
-            block -= np.outer(shift, gathered_sum(windows[k2][in_padding[k]]))
-            block += np.count_nonzero(in_padding[k] & in_padding[k2]) * np.outer(shift, shift)
-            gram[k::kernel_size, k2::kernel_size] = block
-            gram[k2::kernel_size, k::kernel_size] = block.T
+            products[k, k2] = full_products[offset] - border_products[:, index]
+            products[k2, k] = products[k, k2].T
+
+    # The padding's share of Σ (Y − s·pad)(Y' − s'·pad'), for every tap pair at once, from the output
+    # positions where some tap reads padding: with I[e, j] = "tap j reads padding at e" and Y[e, k] what
+    # tap k reads there, the pair (k, j) loses Σ_e I[e, j] Y[e, k] ⊗ s and s ⊗ Σ_e I[e, k] Y[e, j], and gains
+    # Σ_e I[e, k] I[e, j] · s ⊗ s.
+    reads_padding = np.stack([padding[window] for window in windows], axis=1)  # [N·P, K]
+    edge = np.flatnonzero(reads_padding.any(axis=1))
+    indicator = reads_padding[edge].astype(np.float64)  # [E, K]
+    read = rows[np.stack(windows, axis=1)[edge]].reshape(len(edge), kernel_size * channels)  # [E, K·C]
+    padded_sums = (indicator.T @ read).reshape(kernel_size, kernel_size, channels)  # [j, k, c]: Σ_e I[e, j] Y[e, k]
+    counts = indicator.T @ indicator  # [K, K]
+    # (the two terms summed first, so that the (k, j) and (j, k) blocks stay exact transposes)
+    products -= padded_sums.transpose(1, 0, 2)[:, :, :, None] * shift + shift[:, None] * padded_sums[:, :, None, :]
+    products += counts[:, :, None, None] * np.outer(shift, shift)
+    shifted_sum -= np.diag(counts)[:, None] * shift
+    # [k, k2, c, c'] → feature order c·K + k
+    gram = products.transpose(2, 0, 3, 1).reshape(channels * kernel_size, channels * kernel_size)
+    shifted_sum = shifted_sum.T.reshape(-1)
     return samples * int(np.prod(out)), shifted_sum, gram
 
 

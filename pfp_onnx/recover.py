@@ -250,9 +250,12 @@ def _shifted_products(statistics: FeatureStatistics, activation: np.ndarray, con
     is cheaper than unfolding; False where it is not (or the statistics' shift differs between taps)."""
     strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
     spatial = activation.shape[2:]
+    padded_sample = 4 * activation.shape[1] * int(np.prod([size + pads[axis] + pads[axis + len(spatial)]
+                                                           for axis, size in enumerate(spatial)]))
+    per_chunk = min(activation.shape[0], max(1, chunk_bytes // padded_sample))
     if not (statistics.has_gram and statistics.fast and len(spatial) == len(kernel_shape)
-            and conv_gram.worth_it(spatial, strides=strides, pads=pads, dilations=dilations,
-                                   kernel_shape=kernel_shape)):
+            and conv_gram.worth_it((per_chunk, *activation.shape[1:]), strides=strides, pads=pads,
+                                   dilations=dilations, kernel_shape=kernel_shape)):
         return False
     kernel_size = int(np.prod(kernel_shape))
     shift = statistics.shift
@@ -262,9 +265,6 @@ def _shifted_products(statistics: FeatureStatistics, activation: np.ndarray, con
     per_channel = shift.reshape(-1, kernel_size)
     if not (per_channel == per_channel[:, :1]).all():
         return False
-    padded_sample = 4 * activation.shape[1] * int(np.prod([size + pads[axis] + pads[axis + len(spatial)]
-                                                           for axis, size in enumerate(spatial)]))
-    per_chunk = max(1, chunk_bytes // padded_sample)
     for start in range(0, activation.shape[0], per_chunk):
         count, shifted_sum, shifted_gram = conv_gram.patch_moments(
             activation[start:start + per_chunk], per_channel[:, 0], pads=pads, dilations=dilations,

@@ -58,16 +58,17 @@ def test_shift_need_not_be_the_mean():
     np.testing.assert_allclose(shifted_sum, expected_sum, rtol=0, atol=1e-5 * np.abs(expected_sum).max())
 
 
-@pytest.mark.parametrize("spatial, strides, pads, kernel, expected", [
-    ((56, 56), (1, 1), (1, 1, 1, 1), (3, 3), True),
-    ((28, 28), (1, 1), (1, 1, 1, 1), (3, 3), True),
-    ((7, 7), (1, 1), (1, 1, 1, 1), (3, 3), False),  # the border is most of the image
-    ((56, 56), (2, 2), (1, 1, 1, 1), (3, 3), False),  # strided: taps do not read shifted copies
-    ((56, 56), (1, 1), (0, 0, 0, 0), (1, 1), False),  # 1×1: the features are the input already
-    ((2, 2), (1, 1), (0, 0, 0, 0), (3, 3), False),  # no output position
+@pytest.mark.parametrize("shape, strides, pads, kernel, expected", [
+    ((32, 64, 56, 56), (1, 1), (1, 1, 1, 1), (3, 3), True),
+    ((32, 128, 28, 28), (1, 1), (1, 1, 1, 1), (3, 3), True),
+    ((32, 16, 28, 28), (1, 1), (1, 1, 1, 1), (3, 3), False),  # too little work for the fixed costs
+    ((32, 512, 7, 7), (1, 1), (1, 1, 1, 1), (3, 3), False),  # the border is most of the image
+    ((32, 64, 56, 56), (2, 2), (1, 1, 1, 1), (3, 3), False),  # strided: taps do not read shifted copies
+    ((32, 64, 56, 56), (1, 1), (0, 0, 0, 0), (1, 1), False),  # 1×1: the features are the input already
+    ((32, 64, 2, 2), (1, 1), (0, 0, 0, 0), (3, 3), False),  # no output position
 ])
-def test_worth_it(spatial, strides, pads, kernel, expected):
-    assert conv_gram.worth_it(spatial, strides=strides, pads=pads, dilations=(1, 1), kernel_shape=kernel) is expected
+def test_worth_it(shape, strides, pads, kernel, expected):
+    assert conv_gram.worth_it(shape, strides=strides, pads=pads, dilations=(1, 1), kernel_shape=kernel) is expected
 
 
 def accumulated(batches, patches, *, shifted: bool, monkeypatch, chunk_bytes=recover.CHUNK_BYTES):
@@ -129,6 +130,7 @@ def test_compress_recovers_the_exact_weights_with_shifted_products(monkeypatch):
     model = str(fixtures / "mnist_resnet.onnx")
     with np.load(fixtures / "mnist_calib.npz") as calibration:
         data = {name: values[:96] for name, values in calibration.items()}
+    monkeypatch.setattr(conv_gram, "MIN_GRAM_MACS", 0)  # the fixture's layers are small
     calls = []
     patch_moments = conv_gram.patch_moments
     monkeypatch.setattr(conv_gram, "patch_moments", lambda *args, **kwargs: (
