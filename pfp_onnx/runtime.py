@@ -89,6 +89,11 @@ def create_session(model: onnx.ModelProto, device: Device, *, outputs: Iterable[
     options = ort.SessionOptions()
     options.log_severity_level = 3
     outputs = list(outputs)
+    if outputs:
+        # A memory pattern planned on the first run puts a capture's many extra outputs in fresh blocks
+        # for the next runs too (ResNet-50: batches 2 and 3 took 2.3× the steady time, 3 s in all);
+        # without one, every batch after the first costs what a plain forward pass does.
+        options.enable_mem_pattern = False
     if model_bytes(model) <= SESSION_BYTES_LIMIT:
         return ort.InferenceSession((with_outputs(model, outputs) if outputs else model).SerializeToString(),
                                     options, providers=list(device.providers))

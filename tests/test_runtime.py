@@ -90,3 +90,19 @@ def test_large_model_sessions_go_through_external_data_untouched(monkeypatch):
     for expected, got in zip(small, large_session.run(None, feeds)):
         np.testing.assert_array_equal(got, expected)
     assert model.SerializeToString() == before
+
+
+@pytest.mark.parametrize("limit", [runtime.SESSION_BYTES_LIMIT, 0], ids=["in-memory", "external-data"])
+def test_capture_sessions_plan_no_memory_pattern(monkeypatch, limit):
+    """A session with extra outputs (capture's) runs without onnxruntime's memory pattern, which kept its
+    outputs in fresh blocks for several batches; a plain session keeps onnxruntime's default."""
+    import onnx
+
+    from test_cli import MODEL
+
+    model = onnx.load(str(MODEL))
+    device = runtime.choose_device("cpu")
+    monkeypatch.setattr(runtime, "SESSION_BYTES_LIMIT", limit)
+    capture = runtime.create_session(model, device, outputs=[model.graph.node[1].output[0]])
+    assert capture.get_session_options().enable_mem_pattern is False
+    assert runtime.create_session(model, device).get_session_options().enable_mem_pattern is True
