@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["patch_moments", "worth_it"]
+__all__ = ["padded_and_out", "patch_moments", "worth_it"]
 
 # Below this many multiply-adds, a chunk's unfolded Gram is cheap and the fixed costs of shifted products
 # (two dozen small BLAS calls and gathers per tap) outweigh their savings (measured: a batch of 32 at
@@ -44,7 +44,7 @@ def worth_it(activation_shape: Sequence[int], *, strides: Sequence[int], pads: S
     taps = int(np.prod(kernel_shape, dtype=np.int64))
     if taps == 1:
         return False  # a 1×1 conv's features are its input: nothing to unfold in the first place
-    padded, out = _padded_and_out(spatial, pads, dilations, kernel_shape)
+    padded, out = padded_and_out(spatial, pads, dilations, kernel_shape)
     if min(out) <= 0:
         return False
     positions, outputs = int(np.prod(padded)), int(np.prod(out))
@@ -68,7 +68,7 @@ def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[i
     activation = np.asarray(activation, dtype=np.float32)
     samples, channels = activation.shape[:2]
     spatial = activation.shape[2:]
-    padded, out = _padded_and_out(spatial, pads, dilations, kernel_shape)
+    padded, out = padded_and_out(spatial, pads, dilations, kernel_shape)
     shift32 = np.asarray(shift, dtype=np.float32)
     shift = shift32.astype(np.float64)
     # Positions-major [N, *padded, C] (gathering positions copies whole rows), plus zero rows past the
@@ -139,7 +139,7 @@ def _tap_offsets(padded: Sequence[int], dilations: Sequence[int], kernel_shape: 
     return taps @ (np.asarray(dilations, dtype=np.int64) * flat_strides)
 
 
-def _padded_and_out(spatial: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
+def padded_and_out(spatial: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
                     kernel_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Padded input and (stride-1) output sizes per spatial axis."""
     rank = len(kernel_shape)

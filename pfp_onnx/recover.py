@@ -250,8 +250,8 @@ def _shifted_products(statistics: FeatureStatistics, activation: np.ndarray, con
     is cheaper than unfolding; False where it is not (or the statistics' shift differs between taps)."""
     strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
     spatial = activation.shape[2:]
-    padded_sample = 4 * activation.shape[1] * int(np.prod([size + pads[axis] + pads[axis + len(spatial)]
-                                                           for axis, size in enumerate(spatial)]))
+    padded, _ = conv_gram.padded_and_out(spatial, pads, dilations, kernel_shape)
+    padded_sample = 4 * activation.shape[1] * int(np.prod(padded))
     per_chunk = min(activation.shape[0], max(1, chunk_bytes // padded_sample))
     if not (statistics.has_gram and statistics.fast and len(spatial) == len(kernel_shape)
             and conv_gram.worth_it((per_chunk, *activation.shape[1:]), strides=strides, pads=pads,
