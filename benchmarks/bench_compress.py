@@ -37,6 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import pfp_onnx
 from pfp_onnx.capture import ConsumerProbe, capture_sensitivities, consumer_probes
+from pfp_onnx.conv_parts import with_conv_parts
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.max_times import MaxTimesScorer
 from pfp_onnx.runtime import choose_device, create_session
@@ -250,19 +251,26 @@ def torch_sensitivities(model: onnx.ModelProto, analysis, data, batch_size: int,
     return {group_id: values.numpy() for group_id, values in scores.items()}
 
 
-def onnxruntime_capture_only(model: onnx.ModelProto, analysis, data, batch_size: int, device) -> None:
-    """The augmented forward pass both sensitivity implementations share, with no scoring."""
-    names = sorted({probe.layer.input for probe in consumer_probes(model, analysis)})
+def onnxruntime_capture_only(model: onnx.ModelProto, analysis, data, batch_size: int, device, *,
+                             parts: bool = False) -> None:
+    """The augmented forward pass, with no scoring: the one the PyTorch transcription reads (every scored
+    layer's input), or with parts=True pfp-onnx's own, whose Relu-fed convs also output z⁺ and |z⁻|."""
+    probes = consumer_probes(model, analysis)
+    names = sorted({probe.layer.input for probe in probes})
+    if parts:
+        model, pairs = with_conv_parts(model, [probe.layer for probe in probes])
+        names += [name for pair in pairs.values() for name in pair]
     session = create_session(model, device, outputs=names)
     for batch in batches(data, batch_size):
         session.run(names, {"input": batch["input"]})
 
 
 def z_only_seconds(model: onnx.ModelProto, analysis, data, batch_size: int, device) -> float:
-    """capture_sensitivities with each scorer computing only z⁺ and z⁻ of its batch: what any exact
-    BLAS-based implementation pays before the max-times part (its lower bound here)."""
+    """capture_sensitivities with each scorer computing only z⁺ and z⁻ of its batch (by BLAS, unless the
+    capture model already computed them): what exact PFP pays before the max-times part (its lower bound
+    here)."""
     original = MaxTimesScorer.update
-    MaxTimesScorer.update = lambda scorer, flat: scorer._z(flat)
+    MaxTimesScorer.update = lambda scorer, flat, parts=None: scorer._z(flat) if parts is None else None
     try:
         return seconds_of(lambda: capture_sensitivities(model, analysis, batches(data, batch_size), device))[0]
     finally:
@@ -351,12 +359,15 @@ def main() -> None:
     ours_seconds, ours = seconds_of(lambda: capture_sensitivities(model, analysis, batches(data, args.batch_size),
                                                                   device))
     floor_seconds = z_only_seconds(model, analysis, data, args.batch_size, device)
+    parts_seconds, _ = seconds_of(lambda: onnxruntime_capture_only(model, analysis, data, args.batch_size, device,
+                                                                   parts=True))
     print(f"\n[2] sensitivity stage on {points} points (augmented onnxruntime pass alone: {capture_seconds:.2f} s "
-          f"= {capture_seconds / forward:.1f} × forward)")
+          f"= {capture_seconds / forward:.1f} × forward; with the sign-part convs: {parts_seconds:.2f} s = "
+          f"{parts_seconds / forward:.1f} × forward)")
     print(f"  pfp-onnx capture_sensitivities {ours_seconds:8.2f} s = {ours_seconds / forward:5.1f} × forward")
     print(f"  the same with z± only          {floor_seconds:8.2f} s = {floor_seconds / forward:5.1f} × forward   "
-          "(augmented pass, unfolding and the z⁺/z⁻ products of every neuron, which exact PFP needs "
-          "for every point; no max-times work)")
+          "(augmented pass, which computes z⁺/z⁻ of the convs fed by a Relu, unfolding, and BLAS z⁺/z⁻ of "
+          "the other layers: what exact PFP needs for every point; no max-times work)")
     if torch is None or args.skip_torch:
         print("  PyTorch comparison skipped: " + ("--skip-torch" if torch else "torch is not installed here "
               "(pip install torch==2.13.0 in a separate venv and run this script there)"))

@@ -14,11 +14,12 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from pfp_onnx.conv_parts import CUDA_OPTIONS, with_conv_parts
 from pfp_onnx.data import model_feeds
 from pfp_onnx.groups import ChannelAnalysis, Layer
-from pfp_onnx.model import free_graph_weights, to_graph
+from pfp_onnx.model import free_graph_weights, model_bytes, to_graph
 from pfp_onnx.recover import FeatureStatistics, accumulate_features
-from pfp_onnx.runtime import Device, create_session
+from pfp_onnx.runtime import SESSION_BYTES_LIMIT, Device, create_session
 from pfp_onnx.refit import patches
 from pfp_onnx.sensitivity import ConvScorer, ConvTransposeScorer, DenseScorer
 
@@ -82,12 +83,22 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
     scores = {group.id: np.zeros(group.width, dtype=np.float32) for group in analysis.prunable_groups}
     layers = {layer.node: layer for layer in analysis.layers}
     names = sorted({probe.layer.input for probe in probes} | {layers[node].input for node in statistics})
+    parts: dict[str, tuple[str, str]] = {}
     if names:
-        session = create_session(model, device, outputs=names)
+        session_model = model
+        if probes and model_bytes(model) <= SESSION_BYTES_LIMIT:  # a copy of the model is made
+            session_model, parts = with_conv_parts(model, [probe.layer for probe in probes])
+        outputs = names + [name for pair in parts.values() for name in pair]
+        session = create_session(session_model, device, outputs=outputs, cuda_options=CUDA_OPTIONS)
+        del session_model
         for batch in batches:
-            activations = _run_bound(session, names, model_feeds(batch))
+            activations = _run_bound(session, outputs, model_feeds(batch))
             for probe in probes:
-                probe.scorer.update(activations[probe.layer.input])
+                if probe.layer.node in parts:
+                    plus, minus = parts[probe.layer.node]
+                    probe.scorer.update(activations[probe.layer.input], (activations[plus], activations[minus]))
+                else:
+                    probe.scorer.update(activations[probe.layer.input])
             for node, moments in statistics.items():
                 accumulate_features(moments, activations[layers[node].input], conv=patches(layers[node]))
             if progress is not None:

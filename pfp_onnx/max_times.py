@@ -2,8 +2,9 @@
 
 For one consuming layer with weight W [F, K·C] (columns ordered (k, c) like the patches) and blocks of
 nonnegative patches a_unf [K·C, P], it keeps s_c = max g[f, c, k, p] = max |W±[f, (k, c)]| · a_unf[(k, c), p]
-/ z±[f, p] (see pfp_onnx.sensitivity for the definition). z± come from BLAS; the max-times part, which BLAS
-cannot do, is mostly ruled out by bounds and evaluated exactly only where a bound says it might matter.
+/ z±[f, p] (see pfp_onnx.sensitivity for the definition). z± come from BLAS or from the capture model
+(pfp_onnx.conv_parts); the max-times part, which BLAS cannot do, is mostly ruled out by bounds and
+evaluated exactly only where a bound says it might matter.
 """
 
 from __future__ import annotations
@@ -101,10 +102,11 @@ class MaxTimesScorer:
         self._stacked = _stacked(self.weight) if self.weight.nbytes <= STACKED_CACHE_BYTES else None
         self._seeded = False
 
-    def update(self, flat: np.ndarray) -> None:
+    def update(self, flat: np.ndarray, parts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Fold the data points whose patches are flat[K·C, P], rows ordered (k, c), P spanning all
-        their positions."""
-        inverse_z = _inverse(self._z(flat))  # [2F, P]
+        their positions. parts, when given, are their z⁺ and |z⁻| computed elsewhere (pfp_onnx.conv_parts),
+        each [points, F, positions per point]; otherwise z± come from BLAS."""
+        inverse_z = _inverse(self._z(flat)) if parts is None else _inverse_of_parts(*parts)  # [2F, P]
         largest_inverse = inverse_z.max(axis=0)  # [P]
         if not self._seeded and SCREEN_MAX_FRACTION > 0:
             self._seed(flat, inverse_z, largest_inverse)
@@ -360,6 +362,16 @@ def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     words = np.flatnonzero(flags.view(np.uint64))
     word, bit = np.nonzero(flags.reshape(-1, 8)[words])
     return np.divmod(words[word] * 8 + bit, columns)
+
+
+def _inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
+    """_inverse of z⁺ and |z⁻| [N, F, P'] stacked as [2F, N·P'] (one pass; the transposes are read in place)."""
+    samples, filters, positions = plus.shape
+    inverse = np.zeros((2, filters, samples, positions), dtype=np.float32)
+    for part, out in zip((plus, minus), inverse):
+        by_filter = part.transpose(1, 0, 2)
+        np.divide(1.0, by_filter, out=out, where=by_filter > Z_EPS)
+    return inverse.reshape(2 * filters, -1)
 
 
 def _inverse(z: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ import functools
 import io
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import onnx
@@ -79,8 +79,10 @@ def choose_device(device: str = "auto") -> Device:
     return Device((CPU,), "running on CPU (CUDA is not available to onnxruntime)")
 
 
-def create_session(model: onnx.ModelProto, device: Device, *, outputs: Iterable[str] = ()) -> ort.InferenceSession:
-    """A session for an in-memory model that also outputs the named intermediate tensors.
+def create_session(model: onnx.ModelProto, device: Device, *, outputs: Iterable[str] = (),
+                   cuda_options: Mapping[str, str] | None = None) -> ort.InferenceSession:
+    """A session for an in-memory model that also outputs the named intermediate tensors; cuda_options
+    go to the CUDA provider when the device has it.
 
     Small models go over as bytes. Large ones are written to a temporary file whose weights go to an
     external-data file one tensor at a time, straight from the caller's proto: the weights are never held
@@ -88,6 +90,7 @@ def create_session(model: onnx.ModelProto, device: Device, *, outputs: Iterable[
     """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    providers = [(name, dict(cuda_options)) if name == CUDA and cuda_options else name for name in device.providers]
     outputs = list(outputs)
     if outputs:
         # A memory pattern planned on the first run puts a capture's many extra outputs in fresh blocks
@@ -96,7 +99,7 @@ def create_session(model: onnx.ModelProto, device: Device, *, outputs: Iterable[
         options.enable_mem_pattern = False
     if model_bytes(model) <= SESSION_BYTES_LIMIT:
         return ort.InferenceSession((with_outputs(model, outputs) if outputs else model).SerializeToString(),
-                                    options, providers=list(device.providers))
+                                    options, providers=providers)
     # Prepacking would keep a second, reordered copy of every large weight; for a few passes it is not
     # worth the memory.
     options.add_session_config_entry("session.disable_prepacking", "1")
@@ -104,4 +107,4 @@ def create_session(model: onnx.ModelProto, device: Device, *, outputs: Iterable[
         path = os.path.join(folder, "model.onnx")
         shell = externalized(model, path + ".data", "model.onnx.data")
         onnx.save(with_outputs(shell, outputs) if outputs else shell, path)
-        return ort.InferenceSession(path, options, providers=list(device.providers))
+        return ort.InferenceSession(path, options, providers=providers)

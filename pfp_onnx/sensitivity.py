@@ -11,11 +11,12 @@ points), a_unf its patches and z± = layer(a; W±) without bias; |z| ≤ float32
 Why it is fast: with inv_z[f, p] = 1/|z[f, p]| the quantity factorises as
     s_c = max_k max_p a_unf[c, k, p] · max_f |W[f, c, k]| · inv_z±[f, p],
 a "max-times" matrix product costing C·K·F·P per point (BLAS cannot do it), with z itself from one BLAS
-matmul. Almost none of it is evaluated: a running max is kept, and the bound a_unf · max_f |W| · max_f inv_z
-(one pass over the patches) shows that nearly every (c, k, p) cannot raise it; only the rest are evaluated
-exactly (see pfp_onnx.max_times). The points of a batch are concatenated along p (each keeps its own z).
-The *Scorer classes keep a running max over the batches they are fed; the *_sensitivity functions score a
-single batch.
+matmul — or, for convs fed by a Relu, from the capture model, which computes it anyway
+(pfp_onnx.conv_parts). Almost none of the max-times product is evaluated: a running max is kept, and the
+bound a_unf · max_f |W| · max_f inv_z (one pass over the patches) shows that nearly every (c, k, p)
+cannot raise it; only the rest are evaluated exactly (see pfp_onnx.max_times). The points of a batch are
+concatenated along p (each keeps its own z). The *Scorer classes keep a running max over the batches they
+are fed; the *_sensitivity functions score a single batch.
 """
 
 from __future__ import annotations
@@ -61,8 +62,9 @@ class ConvScorer:
     def sensitivity(self) -> np.ndarray:
         return self._scorer.sensitivity
 
-    def update(self, activation: np.ndarray) -> None:
-        """Fold one batch [N, C, *spatial]."""
+    def update(self, activation: np.ndarray, parts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Fold one batch [N, C, *spatial]. parts: its z⁺ and |z⁻| [N, F, *out] when the capture model
+        computed them (pfp_onnx.conv_parts); used when the batch is nonnegative, as it is there."""
         activation = np.asarray(activation, dtype=np.float32)
         if activation.ndim != self.spatial_rank + 2 or activation.shape[1] != self.channels:
             raise ValueError(
@@ -82,9 +84,18 @@ class ConvScorer:
         # Unfold a chunk of samples at a time; per position it holds C·K patch values and 2F inverse z's.
         bytes_per_sample = 4 * positions * max(self.channels * kernel_size, 2 * self.filters)
         samples_per_chunk = max(1, CHUNK_BYTES // bytes_per_sample)
+        expected = (len(activation), self.filters, *out_shape)
+        if parts is not None and any(tuple(np.shape(part)) != expected for part in parts):
+            raise ValueError(f"z parts {[np.shape(part) for part in parts]} do not fit the outputs {expected}")
         for start in range(0, padded.shape[0], samples_per_chunk):
-            for point in _sign_split(padded[start : start + samples_per_chunk]):
-                self._scorer.update(_unfold(point, self.kernel_shape, out_shape, self.strides, self.dilations))
+            points = _sign_split(padded[start : start + samples_per_chunk])
+            chunk_parts = None
+            if parts is not None and len(points) == 1:  # a nonnegative chunk is its own single point
+                chunk_parts = tuple(np.asarray(part[start : start + samples_per_chunk], dtype=np.float32)
+                                    .reshape(len(points[0]), self.filters, positions) for part in parts)
+            for point in points:
+                self._scorer.update(_unfold(point, self.kernel_shape, out_shape, self.strides, self.dilations),
+                                    chunk_parts)
 
 
 class ConvTransposeScorer:
