@@ -104,12 +104,15 @@ def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[i
     for k in range(kernel_size):
         inside = np.zeros(length, dtype=bool)
         inside[windows[k]] = True
-        border = np.flatnonzero(~inside)  # the flat positions outside tap k's window
+        # The flat positions outside tap k's window, except padding, whose rows are zeros: for a 3×3 conv
+        # with 'same' padding, one data row and column per sample at most (none for the centre tap).
+        border = np.flatnonzero(~(inside | padding))
         border_rows = rows[border]
         shifted_sum[k] = total - border_rows.sum(axis=0, dtype=np.float64)
         # Every later tap's border products at once: [C, K − k, C].
         partners = rows[border[:, None] + (tap_offsets[k:] - tap_offsets[k])[None, :]]
-        border_products = (border_rows.T @ partners.reshape(len(border), -1)).reshape(channels, -1, channels)
+        border_products = (border_rows.T @ partners.reshape(len(border), (kernel_size - k) * channels)).reshape(
+            channels, kernel_size - k, channels)
         for index, k2 in enumerate(range(k, kernel_size)):
             products[k, k2] = full_products[int(tap_offsets[k2] - tap_offsets[k])] - border_products[:, index]
             products[k2, k] = products[k, k2].T
