@@ -21,7 +21,7 @@ from pfp_onnx.model import free_graph_weights, model_bytes, to_graph
 from pfp_onnx.recover import FeatureStatistics, accumulate_features
 from pfp_onnx.runtime import SESSION_BYTES_LIMIT, Device, create_session
 from pfp_onnx.refit import patches
-from pfp_onnx.sensitivity import ConvScorer, ConvTransposeScorer, DenseScorer
+from pfp_onnx.sensitivity import ConvScorer, ConvTransposeScorer, DenseScorer, UnfoldBuffer
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[C
                  if isinstance(tensor, gs.Constant)}
     prunable = {group.id for group in analysis.prunable_groups}
     probes = []
+    buffer = UnfoldBuffer()  # one for every conv: they unfold one after the other
     for layer in analysis.layers:
         if not layer.sensitivity_probe or not prunable & set(layer.in_groups):
             continue
@@ -52,20 +53,22 @@ def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[C
             if group_id in prunable:
                 spans.append((group_id, start, width))
             start += width
-        probes.append(ConsumerProbe(layer, tuple(spans), _scorer(layer, constants[layer.weight].values)))
+        probes.append(ConsumerProbe(layer, tuple(spans), _scorer(layer, constants[layer.weight].values, buffer)))
     del constants
     free_graph_weights(model)  # the graph's other weight arrays go now that scorers hold theirs
     return probes
 
 
-def _scorer(layer: Layer, weight) -> ConvScorer | ConvTransposeScorer | DenseScorer:
+def _scorer(layer: Layer, weight, buffer: UnfoldBuffer) -> ConvScorer | ConvTransposeScorer | DenseScorer:
     weight = np.asarray(weight, dtype=np.float32)
     geometry = layer.conv
     if geometry is not None and geometry.transposed:
         return ConvTransposeScorer(weight, strides=geometry.strides, pads=geometry.pads,
-                                   dilations=geometry.dilations, output_padding=geometry.output_padding)
+                                   dilations=geometry.dilations, output_padding=geometry.output_padding,
+                                   buffer=buffer)
     if geometry is not None:
-        return ConvScorer(weight, strides=geometry.strides, pads=geometry.pads, dilations=geometry.dilations)
+        return ConvScorer(weight, strides=geometry.strides, pads=geometry.pads, dilations=geometry.dilations,
+                          buffer=buffer)
     return DenseScorer(weight.T if layer.weight_is_in_by_out else weight)
 
 

@@ -27,11 +27,26 @@ import numpy as np
 
 from pfp_onnx.max_times import MaxTimesScorer
 
-__all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "conv_sensitivity", "conv_transpose_sensitivity",
+__all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "UnfoldBuffer", "conv_sensitivity", "conv_transpose_sensitivity",
            "dense_sensitivity"]
 
 # Upper bound on the bytes of any large temporary (a chunk's unfolded patches or its inverse z's).
 CHUNK_BYTES = 64 * 2**20
+
+
+class UnfoldBuffer:
+    """Memory for unfolded patches, reused chunk after chunk and, when shared, layer after layer: malloc
+    maps a chunk of tens of MB afresh each time, and faulting its pages in cost 2-3× the copy itself."""
+
+    def __init__(self) -> None:
+        self._memory = np.empty(0, dtype=np.float32)
+
+    def take(self, shape: Sequence[int]) -> np.ndarray:
+        """A float32 array of `shape` over the buffer (valid until the next take)."""
+        size = int(np.prod(shape))
+        if self._memory.size < size:
+            self._memory = np.empty(size, dtype=np.float32)
+        return self._memory[:size].reshape(shape)
 
 
 class ConvScorer:
@@ -43,8 +58,9 @@ class ConvScorer:
     """
 
     def __init__(self, weight: np.ndarray, *, strides: Sequence[int], pads: Sequence[int],
-                 dilations: Sequence[int]) -> None:
+                 dilations: Sequence[int], buffer: UnfoldBuffer | None = None) -> None:
         weight = np.asarray(weight, dtype=np.float32)
+        self._buffer = buffer if buffer is not None else UnfoldBuffer()
         self.spatial_rank = weight.ndim - 2
         if self.spatial_rank < 0:
             raise ValueError(f"a conv weight is [F, C, *kernel], got {weight.shape}")
@@ -94,8 +110,8 @@ class ConvScorer:
                 chunk_parts = tuple(np.asarray(part[start : start + samples_per_chunk], dtype=np.float32)
                                     .reshape(len(points[0]), self.filters, positions) for part in parts)
             for point in points:
-                self._scorer.update(_unfold(point, self.kernel_shape, out_shape, self.strides, self.dilations),
-                                    chunk_parts)
+                self._scorer.update(_unfold(point, self.kernel_shape, out_shape, self.strides, self.dilations,
+                                            self._buffer), chunk_parts)
 
 
 class ConvTransposeScorer:
@@ -117,7 +133,8 @@ class ConvTransposeScorer:
     """
 
     def __init__(self, weight: np.ndarray, *, strides: Sequence[int], pads: Sequence[int],
-                 dilations: Sequence[int], output_padding: Sequence[int] | None = None) -> None:
+                 dilations: Sequence[int], output_padding: Sequence[int] | None = None,
+                 buffer: UnfoldBuffer | None = None) -> None:
         weight = np.asarray(weight, dtype=np.float32)
         rank = weight.ndim - 2
         if rank < 0:
@@ -133,7 +150,8 @@ class ConvTransposeScorer:
         self.output_padding = output_padding
         flipped = weight[(slice(None), slice(None), *([slice(None, None, -1)] * rank))]
         self._conv = ConvScorer(np.ascontiguousarray(np.swapaxes(flipped, 0, 1)),  # [C_out, C_in, *kernel]
-                                strides=[1] * rank, pads=[0] * (2 * rank), dilations=self.dilations)
+                                strides=[1] * rank, pads=[0] * (2 * rank), dilations=self.dilations,
+                                buffer=buffer)
 
     @property
     def sensitivity(self) -> np.ndarray:
@@ -254,9 +272,10 @@ def _unfold(
     out_shape: Sequence[int],
     strides: Sequence[int],
     dilations: Sequence[int],
+    buffer: UnfoldBuffer | None = None,
 ) -> np.ndarray:
     """im2col of padded [N, C, *spatial] into one contiguous [K·C, N·P] array, rows ordered (k, c) like
-    the stacked weights (one copy; the patches of all N samples side by side)."""
+    the stacked weights (one copy; the patches of all N samples side by side), over `buffer` if given."""
     samples, channels = padded.shape[:2]
     spatial_strides = padded.strides[2:]
     view = np.lib.stride_tricks.as_strided(
@@ -271,5 +290,9 @@ def _unfold(
     )
     rank = len(kernel_shape)
     # [N, C, *kernel, *out] -> [*kernel, C, N, *out]; one copy (threads do not speed it up)
-    order = (*range(2, 2 + rank), 1, 0, *range(2 + rank, 2 + 2 * rank))
-    return view.transpose(order).reshape(int(np.prod(kernel_shape)) * channels, -1)
+    transposed = view.transpose((*range(2, 2 + rank), 1, 0, *range(2 + rank, 2 + 2 * rank)))
+    if buffer is None:
+        return transposed.reshape(int(np.prod(kernel_shape)) * channels, -1)
+    flat = buffer.take(transposed.shape)
+    np.copyto(flat, transposed)
+    return flat.reshape(int(np.prod(kernel_shape)) * channels, -1)

@@ -611,3 +611,25 @@ def test_conv_transpose_scatter_matches_onnxruntime():
     )
     assert actual.shape == expected.shape
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_scorers_sharing_an_unfold_buffer_score_as_alone():
+    """Two convs fed in turn through one UnfoldBuffer (as a capture does) score what they score alone,
+    and the buffer's memory is taken once and reused."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    rng = np.random.default_rng(31)
+    weights = [rng.standard_normal((6, 4, 3, 3)).astype(np.float32), rng.standard_normal((5, 4, 1, 1)).astype(np.float32)]
+    batches = [np.maximum(rng.standard_normal((3, 4, 7, 7)), 0).astype(np.float32) for _ in range(3)]
+    geometry = dict(strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    buffer = sensitivity.UnfoldBuffer()
+    shared = [sensitivity.ConvScorer(weight, **geometry, buffer=buffer) for weight in weights]
+    alone = [sensitivity.ConvScorer(weight, **geometry) for weight in weights]
+    memory = None
+    for batch in batches:
+        for scorer in (*shared, *alone):
+            scorer.update(batch)
+        memory = memory if memory is not None else buffer._memory
+        assert buffer._memory is memory
+    for together, single in zip(shared, alone):
+        np.testing.assert_array_equal(together.sensitivity, single.sensitivity)
