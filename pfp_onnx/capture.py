@@ -78,6 +78,8 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
                           statistics: Mapping[str, FeatureStatistics] | None = None) -> dict[int, np.ndarray] | None:
     """Sensitivity s_c of every prunable group's channels: the max over its consumers and all points.
 
+    The session runs the model with every Relu-fed conv computed from its two sign parts, which are also
+    outputs (pfp_onnx.conv_parts): their scorers take z± from there instead of a BLAS pass of their own.
     In the same pass, `statistics` (consuming layer → FeatureStatistics) collect the input moments that
     training-free recovery needs. With sensitivity=False only those are collected and None is returned.
     """

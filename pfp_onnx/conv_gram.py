@@ -14,10 +14,9 @@ moved by the flat offset off = off(k') − off(k) ≥ 0 (taps in row-major order
 one BLAS product per distinct offset (13 for a 3×3 kernel; all of them at once, chunk by chunk of rows)
 shared by every tap pair at that offset, less a small product over the border per tap. For a 3×3 conv on
 56×56 inputs that is ~2.4× fewer multiply-adds than the symmetric product of the 9× larger unfolded
-features, and nothing is unfolded. Features are
-centred by a per-channel shift; the padding (whose centred value is −shift) is added from sums over the
-few output positions that read it. Strided convs, convs whose border is large next to their output, and
-small Grams keep the unfolded path.
+features, and nothing is unfolded. Features are centred by a per-channel shift; the padding (whose centred
+value is −shift) is added from sums over the few output positions that read it. Strided convs, convs whose
+border is large next to their output, and small Grams keep the unfolded path.
 """
 
 from __future__ import annotations

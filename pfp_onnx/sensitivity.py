@@ -27,8 +27,8 @@ import numpy as np
 
 from pfp_onnx.max_times import MaxTimesScorer
 
-__all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "UnfoldBuffer", "conv_sensitivity", "conv_transpose_sensitivity",
-           "dense_sensitivity"]
+__all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "UnfoldBuffer", "conv_sensitivity",
+           "conv_transpose_sensitivity", "dense_sensitivity"]
 
 # Upper bound on the bytes of any large temporary (a chunk's unfolded patches or its inverse z's).
 CHUNK_BYTES = 64 * 2**20
