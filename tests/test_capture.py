@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 
 from pfp_onnx import capture
+from pfp_onnx import conv_parts as capture_parts
 from pfp_onnx.capture import capture_sensitivities, consumer_probes
 from pfp_onnx.data import validate
 from pfp_onnx.groups import analyse_channel_groups
@@ -40,7 +41,9 @@ def test_matches_direct_computation(setting, conv_parts, monkeypatch):
     convs (pfp_onnx.conv_parts) z± and the activations are the same sums in another order, so equal up
     to float32 rounding (as different batch sizes are)."""
     model, data, analysis, device = setting
-    if not conv_parts:
+    if conv_parts:  # every Relu-fed conv of the small fixture, whatever its size
+        monkeypatch.setattr(capture_parts, "PARTS_MIN_FEATURES", 0)
+    else:
         monkeypatch.setattr(capture, "with_conv_parts", lambda model, layers: (model, {}))
     captured = capture_sensitivities(model, analysis, data.batches(16), device)
     probes = consumer_probes(model, analysis)

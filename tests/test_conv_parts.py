@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from architectures import ARCHITECTURES
-from pfp_onnx import capture, runtime
+from pfp_onnx import capture, conv_parts, runtime
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.conv_parts import CUDA_OPTIONS, with_conv_parts
 from pfp_onnx.data import validate
@@ -20,6 +20,12 @@ from pfp_onnx.runtime import CPU, CUDA, Device, choose_device
 from pfp_onnx.sensitivity import ConvScorer
 from test_cli import DATA, MODEL
 from zoo import _GraphBuilder, random_inputs
+
+
+@pytest.fixture(autouse=True)
+def every_conv_size(monkeypatch):
+    """The models here are small (8-32 channels): lift the size limit, which only weighs speed."""
+    monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 0)
 
 
 def _run(model: onnx.ModelProto, feeds: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -96,6 +102,16 @@ def test_only_provably_nonnegative_inputs_get_parts(source, eligible):
     assert bool(parts) is eligible
     if not eligible:
         assert parts_model is model
+
+
+def test_small_convs_keep_the_numpy_path(monkeypatch):
+    """Below PARTS_MIN_FEATURES input features (C·K) the parts cost more than they save."""
+    model = _single_conv_model("relu")  # 8 channels × 3×3 = 72 features
+    layers = analyse_channel_groups(model).layers
+    monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 73)
+    assert with_conv_parts(model, layers)[1] == {}
+    monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 72)
+    assert with_conv_parts(model, layers)[1]
 
 
 @pytest.mark.parametrize("variant", [{"group": 2}, {"constant_weight": True}])
