@@ -22,14 +22,13 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pfp_onnx.groups import Layer
+from pfp_onnx.max_times import STACKED_CACHE_BYTES
 from pfp_onnx.model import node_names
 
-__all__ = ["CUDA_OPTIONS", "PARTS_MAX_BYTES", "PARTS_MIN_FEATURES", "with_conv_parts"]
+__all__ = ["CUDA_OPTIONS", "PARTS_MIN_FEATURES", "with_conv_parts"]
 
 # cuDNN's implicit precomputed GEMM and no TF32: sums of float32 products, as on the CPU.
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": "0"}
-# Convs whose two part weights (together the size of the weight, twice over) exceed this keep the numpy path.
-PARTS_MAX_BYTES = 32 * 2**20
 # Convs with fewer input features (C·K) than this keep the numpy path: the parts save ~C·K multiply-adds
 # per output value but write, reorder and read two more output tensors (measured: a ResNet-50's 1×1
 # convs over 64-256 channels made its capture 17% slower; with this limit neutral, ResNet-18 -17%).
@@ -43,10 +42,10 @@ def with_conv_parts(model: onnx.ModelProto,
     """A copy of `model` in which each eligible conv of `layers` is computed from its two sign parts, and
     per such layer (by node name) the names of its z⁺ and |z⁻| tensors ([N, F, *out], no bias).
 
-    Eligible: a group-1 Conv with a float32 initializer weight (of at most PARTS_MAX_BYTES, over at least
-    PARTS_MIN_FEATURES input features) whose input is nonnegative by construction. The rest of the graph,
-    the model's outputs and everything else stay as they are; with no eligible layer the model itself is
-    returned."""
+    Eligible: a group-1 Conv with a float32 initializer weight (small enough for its scorer to keep |W±|
+    whole, over at least PARTS_MIN_FEATURES input features) whose input is nonnegative by construction.
+    The rest of the graph, the model's outputs and everything else stay as they are; with no eligible
+    layer the model itself is returned."""
     graph = model.graph
     initializers = {init.name: init for init in graph.initializer}
     producers = {output: node for node in graph.node for output in node.output}
@@ -109,7 +108,7 @@ def _eligible(node: onnx.NodeProto, layer: Layer, initializers: dict, producers:
     if weight.data_type != onnx.TensorProto.FLOAT or weight.HasField("data_location") and \
             weight.data_location == onnx.TensorProto.EXTERNAL:
         return False
-    if 4 * int(np.prod(weight.dims, dtype=np.int64)) * 2 > PARTS_MAX_BYTES:
+    if 4 * int(np.prod(weight.dims, dtype=np.int64)) > STACKED_CACHE_BYTES:  # the scorer's own limit
         return False
     if int(np.prod(weight.dims[1:], dtype=np.int64)) < PARTS_MIN_FEATURES:
         return False

@@ -75,7 +75,8 @@ class MaxTimesScorer:
     """Running max of g over patch blocks of nonnegative data points, for one weight [F, C, K] (the
     *Scorer classes of pfp_onnx.sensitivity feed it unfolded, sign-split batches).
 
-    Per block, z± come from one BLAS product; then the cheapest sufficient path runs:
+    Per block, z± come from one BLAS product (or, for convs of the capture model's sign parts, from
+    pfp_onnx.conv_parts); then the cheapest sufficient path runs:
     - screen, then verify: g ≤ a_unf · max_f |W[f, c, k]| · max_f inv_z[f, p] costs one pass over the
       patches and, once the running max is established, rules out nearly every (c, k, p) (97–99.9% on a
       trained ResNet after its first batch); the rest are evaluated exactly. Before its first screen, a

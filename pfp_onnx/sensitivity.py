@@ -272,10 +272,10 @@ def _unfold(
     out_shape: Sequence[int],
     strides: Sequence[int],
     dilations: Sequence[int],
-    buffer: UnfoldBuffer | None = None,
+    buffer: UnfoldBuffer,
 ) -> np.ndarray:
-    """im2col of padded [N, C, *spatial] into one contiguous [K·C, N·P] array, rows ordered (k, c) like
-    the stacked weights (one copy; the patches of all N samples side by side), over `buffer` if given."""
+    """im2col of padded [N, C, *spatial] into one contiguous [K·C, N·P] array over `buffer`, rows ordered
+    (k, c) like the stacked weights (one copy; the patches of all N samples side by side)."""
     samples, channels = padded.shape[:2]
     spatial_strides = padded.strides[2:]
     view = np.lib.stride_tricks.as_strided(
@@ -291,8 +291,6 @@ def _unfold(
     rank = len(kernel_shape)
     # [N, C, *kernel, *out] -> [*kernel, C, N, *out]; one copy (threads do not speed it up)
     transposed = view.transpose((*range(2, 2 + rank), 1, 0, *range(2 + rank, 2 + 2 * rank)))
-    if buffer is None:
-        return transposed.reshape(int(np.prod(kernel_shape)) * channels, -1)
     flat = buffer.take(transposed.shape)
     np.copyto(flat, transposed)
     return flat.reshape(int(np.prod(kernel_shape)) * channels, -1)
