@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["MaxTimesScorer"]
+__all__ = ["MaxTimesScorer", "inverse_of_parts"]
 
 T = TypeVar("T")
 
@@ -90,24 +90,30 @@ class MaxTimesScorer:
         filters, channels, kernel_size = weight.shape
         # [F, K·C], columns ordered (k, c) like the patches. The signed weight is the only copy kept (a view
         # of the caller's for dense layers): |W⁺| and |W⁻| are cut from it block by block when needed,
-        # stacked along f ([2F, …]) so that one max over the stacked filters covers both signs, paired
-        # with inverse z's stacked the same way ([2F, P]).
+        # stacked along f ([…, 2F], a row per patch row) so that one max over the stacked filters covers
+        # both signs, paired with inverse z's stacked the same way ([2F, P]).
         self.weight = weight[:, :, 0] if kernel_size == 1 else \
             np.ascontiguousarray(weight.transpose(0, 2, 1)).reshape(filters, kernel_size * channels)
         self.filters = filters
         self.sensitivity = np.zeros(channels, dtype=np.float32)
         # max_f |W[f, k, c]| for the screen, without a weight-sized temporary
         self._largest_magnitude = np.maximum(self.weight.max(axis=0), -self.weight.min(axis=0))
-        # Layers of ordinary size keep [|W⁺|; |W⁻|] whole (one GEMM for z, plain gathers): only weights
-        # above STACKED_CACHE_BYTES, such as a huge dense layer, are cut block by block.
+        # Layers of ordinary size keep [|W⁺|, |W⁻|] whole (one GEMM for z, gathers of contiguous rows): only
+        # weights above STACKED_CACHE_BYTES, such as a huge dense layer, are cut block by block.
         self._stacked = _stacked(self.weight) if self.weight.nbytes <= STACKED_CACHE_BYTES else None
         self._seeded = False
 
-    def update(self, flat: np.ndarray, parts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+    @property
+    def seeded(self) -> bool:
+        """Whether the running max has been seeded, so that row_threshold() can rule products out."""
+        return self._seeded
+
+    def update(self, flat: np.ndarray, inverse_z: np.ndarray | None = None) -> None:
         """Fold the data points whose patches are flat[K·C, P], rows ordered (k, c), P spanning all
-        their positions. parts, when given, are their z⁺ and |z⁻| computed elsewhere (pfp_onnx.conv_parts),
-        each [points, F, positions per point]; otherwise z± come from BLAS."""
-        inverse_z = _inverse(self._z(flat)) if parts is None else _inverse_of_parts(*parts)  # [2F, P]
+        their positions. inverse_z, when given, are their 1/z± [2F, P] from z± computed elsewhere
+        (inverse_of_parts of pfp_onnx.conv_parts' outputs); otherwise z± come from BLAS."""
+        if inverse_z is None:
+            inverse_z = _inverse(self._z(flat))  # [2F, P]
         largest_inverse = inverse_z.max(axis=0)  # [P]
         if not self._seeded and SCREEN_MAX_FRACTION > 0:
             self._seed(flat, inverse_z, largest_inverse)
@@ -123,7 +129,7 @@ class MaxTimesScorer:
         factors, so no cancellation and no sign to strip. Filters go in blocks of about MAX_TIMES_BYTES
         of weights, so |W±| never exist whole."""
         if self._stacked is not None:
-            return self._stacked @ flat
+            return self._stacked.T @ flat
         z = np.empty((2 * self.filters, flat.shape[1]), dtype=np.float32)
         step = max(1, MAX_TIMES_BYTES // (4 * self.weight.shape[1]))
         for first in range(0, self.filters, step):
@@ -133,13 +139,13 @@ class MaxTimesScorer:
             np.matmul(np.maximum(-part, 0), flat, out=z[self.filters + first:self.filters + last])
         return z
 
-    def _magnitudes(self, columns: slice | np.ndarray) -> np.ndarray:
-        """[|W⁺|; |W⁻|] [2F, n] of some weight columns (a slice, or an index array to gather)."""
-        if isinstance(columns, slice):
-            return self._stacked[:, columns] if self._stacked is not None else _stacked(self.weight[:, columns])
+    def _magnitudes(self, rows: slice | np.ndarray) -> np.ndarray:
+        """[|W⁺|, |W⁻|] [n, 2F] of some patch rows (weight columns; a slice, or an index array to gather)."""
+        if isinstance(rows, slice):
+            return self._stacked[rows] if self._stacked is not None else _stacked(self.weight[:, rows])
         if self._stacked is not None:
-            return np.take(self._stacked, columns, axis=1)
-        return _stacked(np.take(self.weight, columns, axis=1))
+            return np.take(self._stacked, rows, axis=0)
+        return _stacked(np.take(self.weight, rows, axis=1))
 
     def _seed(self, flat: np.ndarray, inverse_z: np.ndarray, largest_inverse: np.ndarray) -> None:
         """Before a layer's first screen, raise its running max from zero to the exact g at each row's most
@@ -156,7 +162,7 @@ class MaxTimesScorer:
             best_value[better] = value[better]
             best_position[better] = position[better] + start
         row = np.flatnonzero(best_value > 0)
-        self._verify(inverse_z, flat, row, best_position[row])
+        self._fold_at(inverse_z, flat, row, best_position[row])
 
     def _screen_and_verify(self, flat: np.ndarray, inverse_z: np.ndarray,
                            largest_inverse: np.ndarray) -> list[tuple[int, int]]:
@@ -186,7 +192,7 @@ class MaxTimesScorer:
 
         dense = []
         for wave in range(0, len(starts), MAX_THREADS):  # a wave's candidates are all that is held at once
-            row_threshold = self._row_threshold()
+            row_threshold = self.row_threshold()
             wave_starts = starts[wave:wave + MAX_THREADS]
             found = []
             for start, candidates in zip(wave_starts, _parallel_map(
@@ -202,11 +208,12 @@ class MaxTimesScorer:
                 # would give up too: the rest of the batch goes to the dense path without a screen.
                 dense[-1] = (dense[-1][0], positions)
                 break
-            self._verify(inverse_z, flat, np.concatenate([row for row, _ in found]),
-                         np.concatenate([position for _, position in found]))
+            row = np.concatenate([row for row, _ in found])
+            position = np.concatenate([position for _, position in found])
+            self._fold_at(inverse_z, flat, row, position)
         return dense
 
-    def _row_threshold(self) -> np.ndarray:
+    def row_threshold(self) -> np.ndarray:
         """Per patch row (k, c), the value of a_unf · max_f inv_z above which a product of that row might
         beat the running max of c: s_c / max_f |W[f, c, k]|, less a 1e-4 margin ([K·C, 1], float32)."""
         running = np.tile(self.sensitivity, len(self._largest_magnitude) // len(self.sensitivity))
@@ -233,7 +240,7 @@ class MaxTimesScorer:
             for k in range(kernel_size):
                 rows = slice(k * channels, (k + 1) * channels)
                 # best[c, p] = max_f |W[f, c, k]| / |z[f, p]|, then times a_unf[c, k, p].
-                np.multiply(self._magnitudes(rows).T[:, :, None], inverse_block[None], out=products)
+                np.multiply(self._magnitudes(rows)[:, :, None], inverse_block[None], out=products)
                 best = products.max(axis=1)
                 best *= flat[rows, start:stop]
                 np.maximum(block_max, best.max(axis=1), out=block_max)
@@ -264,7 +271,7 @@ class MaxTimesScorer:
         def weight_power(first_row: int, last_row: int) -> np.ndarray:
             largest = self._largest_magnitude[first_row:last_row, None]
             scaled = np.zeros((last_row - first_row, filters), dtype=np.float32)
-            np.divide(self._magnitudes(slice(first_row, last_row)).T, largest, out=scaled, where=largest > 0)
+            np.divide(self._magnitudes(slice(first_row, last_row)), largest, out=scaled, where=largest > 0)
             return _power(scaled)
 
         # Kept for all position blocks unless the layer is huge (then recomputed per position block).
@@ -296,24 +303,33 @@ class MaxTimesScorer:
                 root *= screen
                 root *= 1 + BOUND_MARGIN
             row, position = _nonzero(root >= np.tile(threshold, rows // channels)[:, None])
-            self._verify(inverse_z, flat, row, position + start)
+            position += start
+            self._fold_at(inverse_z, flat, row, position)
 
-    def _verify(self, inverse_z: np.ndarray, flat: np.ndarray, row: np.ndarray, position: np.ndarray) -> None:
-        """The exact g of the candidates (row = k·C + c, p): max over the 2F stacked filters, times the
-        patch value; candidates are split across threads."""
+    def _fold_at(self, inverse_z: np.ndarray, flat: np.ndarray, row: np.ndarray, position: np.ndarray) -> None:
+        """fold_candidates of patches flat at (row, position), with inverse_z [2F, P] read once per column."""
+        columns, index = np.unique(position, return_inverse=True)
+        self.fold_candidates(np.ascontiguousarray(np.take(inverse_z, columns, axis=1).T), row, index,
+                             flat[row, position])
+
+    def fold_candidates(self, inverse_rows: np.ndarray, row: np.ndarray, position: np.ndarray,
+                        value: np.ndarray) -> None:
+        """Fold the exact g of candidate products (patch row = k·C + c, position, patch value): the max
+        over the 2F stacked filters of |W±| times inverse_rows[position] (1/z± as [positions, 2F], such as
+        the transpose of inverse_z), times the patch value; candidates are split across threads."""
         channels = len(self.sensitivity)
-        step = max(1, VERIFY_BYTES // (4 * len(inverse_z)))  # [2F, step] products stay in cache
+        step = max(1, VERIFY_BYTES // (4 * inverse_rows.shape[1]))  # [step, 2F] products stay in cache
         share = max(step, -(-len(row) // MAX_THREADS))
 
         def verify_share(begin: int) -> np.ndarray:
             best_by_channel = np.zeros(channels, dtype=np.float32)
             for first in range(begin, min(begin + share, len(row)), step):
                 last = min(first + step, begin + share, len(row))
-                r, p = row[first:last], position[first:last]
+                r = row[first:last]
                 products = self._magnitudes(r)
-                products *= np.take(inverse_z, p, axis=1)
-                best = products.max(axis=0)
-                best *= flat[r, p]
+                products *= np.take(inverse_rows, position[first:last], axis=0)
+                best = products.max(axis=1)
+                best *= value[first:last]
                 np.maximum.at(best_by_channel, r % channels, best)
             return best_by_channel
 
@@ -329,10 +345,11 @@ def _screen_bound(flat: np.ndarray, largest_inverse: np.ndarray, start: int, sto
 
 
 def _stacked(weight: np.ndarray) -> np.ndarray:
-    """[|W⁺|; |W⁻|] of a block of signed weights [F, n]: the 2F stacked filters, as a new [2F, n] array."""
-    stacked = np.empty((2 * len(weight), weight.shape[1]), dtype=np.float32)
-    np.maximum(weight, 0, out=stacked[:len(weight)])
-    np.maximum(np.negative(weight, out=stacked[len(weight):]), 0, out=stacked[len(weight):])
+    """[|W⁺|, |W⁻|] of a block of signed weights [F, n]: the 2F stacked filters, as a new [n, 2F] array."""
+    filters = len(weight)
+    stacked = np.empty((weight.shape[1], 2 * filters), dtype=np.float32)
+    np.maximum(weight.T, 0, out=stacked[:, :filters])
+    np.maximum(np.negative(weight.T, out=stacked[:, filters:]), 0, out=stacked[:, filters:])
     return stacked
 
 
@@ -365,7 +382,7 @@ def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(words[word] * 8 + bit, columns)
 
 
-def _inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
+def inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
     """_inverse of z⁺ and |z⁻| [N, F, P'] stacked as [2F, N·P'] (one pass; the transposes are read in place)."""
     samples, filters, positions = plus.shape
     inverse = np.zeros((2, filters, samples, positions), dtype=np.float32)

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pfp_onnx.max_times import MaxTimesScorer
+from pfp_onnx.grid_screen import grid_candidates, inverse_at, largest_inverse_of_parts
+from pfp_onnx.max_times import MaxTimesScorer, inverse_of_parts
 
 __all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "UnfoldBuffer", "conv_sensitivity",
            "conv_transpose_sensitivity", "dense_sensitivity"]
@@ -88,9 +89,9 @@ class ConvScorer:
                 f"{self.spatial_rank} spatial axes (expected [N, C, *spatial])"
             )
         rank = self.spatial_rank
-        padded = np.pad(activation, [(0, 0), (0, 0)] + [(self.pads[d], self.pads[d + rank]) for d in range(rank)])
         out_shape = tuple(
-            (padded.shape[2 + d] - self.dilations[d] * (self.kernel_shape[d] - 1) - 1) // self.strides[d] + 1
+            (activation.shape[2 + d] + self.pads[d] + self.pads[d + rank]
+             - self.dilations[d] * (self.kernel_shape[d] - 1) - 1) // self.strides[d] + 1
             for d in range(rank)
         )
         if min(out_shape, default=1) <= 0:
@@ -103,15 +104,35 @@ class ConvScorer:
         expected = (len(activation), self.filters, *out_shape)
         if parts is not None and any(tuple(np.shape(part)) != expected for part in parts):
             raise ValueError(f"z parts {[np.shape(part) for part in parts]} do not fit the outputs {expected}")
-        for start in range(0, padded.shape[0], samples_per_chunk):
-            points = _sign_split(padded[start : start + samples_per_chunk])
-            chunk_parts = None
-            if parts is not None and len(points) == 1:  # a nonnegative chunk is its own single point
-                chunk_parts = tuple(np.asarray(part[start : start + samples_per_chunk], dtype=np.float32)
-                                    .reshape(len(points[0]), self.filters, positions) for part in parts)
-            for point in points:
-                self._scorer.update(_unfold(point, self.kernel_shape, out_shape, self.strides, self.dilations,
-                                            self._buffer), chunk_parts)
+        for start in range(0, len(activation), samples_per_chunk):
+            chunk = activation[start : start + samples_per_chunk]
+            if parts is not None and (not chunk.size or chunk.min() >= 0):  # nonnegative: one point
+                self._update_from_parts(chunk, *(
+                    np.asarray(part[start : start + samples_per_chunk], dtype=np.float32)
+                    .reshape(len(chunk), self.filters, positions) for part in parts), out_shape=out_shape)
+            else:
+                for point in _sign_split(chunk):
+                    self._scorer.update(self._unfold(point, out_shape))
+
+    def _update_from_parts(self, points: np.ndarray, plus: np.ndarray, minus: np.ndarray, *,
+                           out_shape: tuple[int, ...]) -> None:
+        """Nonnegative points whose z⁺ and |z⁻| [N, F, P] came from the capture model: once the running max
+        can screen, on the input grid without unfolding (pfp_onnx.grid_screen), else on unfolded patches."""
+        if self._scorer.seeded:
+            found = grid_candidates(points, largest_inverse_of_parts(plus, minus), self._scorer.row_threshold()[:, 0],
+                                    kernel_shape=self.kernel_shape, out_shape=out_shape, strides=self.strides,
+                                    pads=self.pads, dilations=self.dilations)
+            if found is not None:
+                row, position, value = found
+                columns, index = np.unique(position, return_inverse=True)
+                self._scorer.fold_candidates(inverse_at(plus, minus, columns), row, index, value)
+                return
+        self._scorer.update(self._unfold(points, out_shape), inverse_of_parts(plus, minus))
+
+    def _unfold(self, points: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
+        rank = self.spatial_rank
+        padded = np.pad(points, [(0, 0), (0, 0)] + [(self.pads[d], self.pads[d + rank]) for d in range(rank)])
+        return _unfold(padded, self.kernel_shape, out_shape, self.strides, self.dilations, self._buffer)
 
 
 class ConvTransposeScorer:
