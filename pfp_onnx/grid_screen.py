@@ -18,7 +18,7 @@ import numpy as np
 
 from pfp_onnx.max_times import MAX_THREADS, Z_EPS, _nonzero, _parallel_map
 
-__all__ = ["GRID_MAX_FRACTION", "grid_candidates", "inverse_at", "largest_inverse_of_parts"]
+__all__ = ["GRID_MAX_FRACTION", "grid_candidates", "grid_seed", "inverse_at", "largest_inverse_of_parts"]
 
 # More coarse survivors than this fraction of a chunk's input values and the chunk is unfolded instead:
 # expanding one survivor to its K taps costs a few gathers per tap, the unfolded screen ~2 passes per tap.
@@ -33,16 +33,11 @@ def grid_candidates(points: np.ndarray, largest_inverse: np.ndarray, threshold: 
     value), or None when too many survive the coarse test.
 
     largest_inverse is L [N·P], max_f inv_z per output position; threshold is T [K·C]."""
+    grid = _Grid(points.shape, kernel_shape, out_shape, strides, pads, dilations)
     samples, channels = points.shape[:2]
-    spatial = points.shape[2:]
-    rank = len(spatial)
-    begin = pads[:rank]
-    taps = list(np.ndindex(*kernel_shape))
-    covering = _covering_maximum(largest_inverse.reshape(samples, *out_shape), spatial, begin, pads[rank:], taps,
-                                 out_shape, strides, dilations)
-    lowest = threshold.reshape(len(taps), channels).min(axis=0)[:, None]  # [C, 1]
+    lowest = threshold.reshape(len(grid.taps), channels).min(axis=0)[:, None]  # [C, 1]
     values = points.reshape(samples, channels, -1)
-    covering = covering.reshape(samples, 1, -1)
+    covering = grid.covering(largest_inverse)
     per_block = max(1, -(-samples // MAX_THREADS))
     limit = GRID_MAX_FRACTION * values[0].size * per_block
 
@@ -50,36 +45,32 @@ def grid_candidates(points: np.ndarray, largest_inverse: np.ndarray, threshold: 
         block = values[first:first + per_block]
         with np.errstate(over="ignore"):  # an overflow to inf is the most promising value
             bound = block * covering[first:first + per_block]
-        point_channel, grid = _nonzero((bound > lowest).reshape(-1, bound.shape[-1]))
-        return None if len(grid) > limit else (point_channel + first * channels, grid)
+        point_channel, place = _nonzero((bound > lowest).reshape(-1, bound.shape[-1]))
+        return None if len(place) > limit else (point_channel + first * channels, place)
 
     found = _parallel_map(screen, range(0, samples, per_block))
     if any(item is None for item in found):
         return None
-    point_channel = np.concatenate([item[0] for item in found])
-    grid = np.concatenate([item[1] for item in found])
-    point, channel = np.divmod(point_channel, channels)
-    value = values[point, channel, grid]
-    coordinates = np.unravel_index(grid, spatial)
-    positions = int(np.prod(out_shape))
-    rows, columns, kept = [], [], []
-    for index, tap in enumerate(taps):
-        valid = np.ones(len(grid), dtype=bool)
-        output = []
-        for axis, offset in enumerate(tap):
-            shifted = coordinates[axis] + begin[axis] - offset * dilations[axis]  # in padded coordinates
-            along, remainder = np.divmod(shifted, strides[axis])
-            valid &= (shifted >= 0) & (remainder == 0) & (along < out_shape[axis])
-            output.append(along)
-        which = np.flatnonzero(valid)
-        column = point[which] * positions + np.ravel_multi_index([along[which] for along in output], out_shape)
-        row = index * channels + channel[which]
-        with np.errstate(over="ignore"):
-            passes = value[which] * largest_inverse[column] > threshold[row]
-        rows.append(row[passes])
-        columns.append(column[passes])
-        kept.append(value[which][passes])
-    return np.concatenate(rows), np.concatenate(columns), np.concatenate(kept)
+    point, channel = np.divmod(np.concatenate([item[0] for item in found]), channels)
+    place = np.concatenate([item[1] for item in found])
+    return grid.expand(point, channel, place, values[point, channel, place], largest_inverse, threshold)
+
+
+def grid_seed(points: np.ndarray, largest_inverse: np.ndarray, *, kernel_shape: Sequence[int],
+              out_shape: Sequence[int], strides: Sequence[int], pads: Sequence[int],
+              dilations: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per channel, every product of the input value with the largest a · M (as grid_candidates returns
+    them): a few exact products that give a layer thresholds before its first screen, as
+    MaxTimesScorer's own seed does on unfolded patches."""
+    grid = _Grid(points.shape, kernel_shape, out_shape, strides, pads, dilations)
+    samples, channels = points.shape[:2]
+    values = points.reshape(samples, channels, -1)
+    with np.errstate(over="ignore"):
+        bound = (values * grid.covering(largest_inverse)).transpose(1, 0, 2).reshape(channels, -1)
+    best = bound.argmax(axis=1)
+    channel = np.flatnonzero(bound[np.arange(channels), best] > 0)
+    point, place = np.divmod(best[channel], values.shape[2])
+    return grid.expand(point, channel, place, values[point, channel, place], largest_inverse)
 
 
 def largest_inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
@@ -107,15 +98,58 @@ def inverse_at(plus: np.ndarray, minus: np.ndarray, columns: np.ndarray) -> np.n
     return inverse
 
 
-def _covering_maximum(largest: np.ndarray, spatial: Sequence[int], begin: Sequence[int], end: Sequence[int],
-                      taps: list[tuple[int, ...]], out_shape: Sequence[int], strides: Sequence[int],
-                      dilations: Sequence[int]) -> np.ndarray:
-    """M [N, *spatial]: per input position q, the largest L over the outputs p whose patches read q
-    (0 where none does, such as cropped borders). Built on the padded grid, then cut to the input."""
-    padded = [n + b + e for n, b, e in zip(spatial, begin, end)]
-    covering = np.zeros((len(largest), *padded), dtype=np.float32)
-    for tap in taps:
-        window = covering[(slice(None), *(slice(k * d, k * d + s * (n - 1) + 1, s) for k, d, s, n
-                                          in zip(tap, dilations, strides, out_shape)))]
-        np.maximum(window, largest, out=window)
-    return np.ascontiguousarray(covering[(slice(None), *(slice(b, b + n) for b, n in zip(begin, spatial)))])
+class _Grid:
+    """Where a conv's input positions meet its taps and output positions (ONNX pads, any rank)."""
+
+    def __init__(self, shape: Sequence[int], kernel_shape: Sequence[int], out_shape: Sequence[int],
+                 strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int]) -> None:
+        self.samples, self.channels, *spatial = shape
+        self.spatial = tuple(spatial)
+        rank = len(spatial)
+        self.begin, self.end = tuple(pads[:rank]), tuple(pads[rank:])
+        self.taps = list(np.ndindex(*kernel_shape))
+        self.out_shape, self.strides, self.dilations = tuple(out_shape), tuple(strides), tuple(dilations)
+
+    def covering(self, largest_inverse: np.ndarray) -> np.ndarray:
+        """M [N, 1, Q]: per input position q, the largest L over the outputs p whose patches read q (0
+        where none does, such as cropped borders). Built on the padded grid, then cut to the input."""
+        padded = [n + b + e for n, b, e in zip(self.spatial, self.begin, self.end)]
+        covering = np.zeros((self.samples, *padded), dtype=np.float32)
+        largest = largest_inverse.reshape(self.samples, *self.out_shape)
+        for tap in self.taps:
+            window = covering[(slice(None), *(slice(k * d, k * d + s * (n - 1) + 1, s) for k, d, s, n
+                                              in zip(tap, self.dilations, self.strides, self.out_shape)))]
+            np.maximum(window, largest, out=window)
+        inside = covering[(slice(None), *(slice(b, b + n) for b, n in zip(self.begin, self.spatial)))]
+        return np.ascontiguousarray(inside).reshape(self.samples, 1, -1)
+
+    def expand(self, point: np.ndarray, channel: np.ndarray, place: np.ndarray, value: np.ndarray,
+               largest_inverse: np.ndarray, threshold: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The products (row k·C + c, position n·P + p, value) that input values (point, channel, flat
+        place) make through each tap reaching an output; with a threshold, those whose value · L passes
+        it (the screen's fine test, the same float32 product)."""
+        coordinates = np.unravel_index(place, self.spatial)
+        positions = int(np.prod(self.out_shape))
+        rows, columns, kept = [], [], []
+        for index, tap in enumerate(self.taps):
+            valid = np.ones(len(place), dtype=bool)
+            output = []
+            for axis, offset in enumerate(tap):
+                shifted = coordinates[axis] + self.begin[axis] - offset * self.dilations[axis]  # padded grid
+                along, remainder = np.divmod(shifted, self.strides[axis])
+                valid &= (shifted >= 0) & (remainder == 0) & (along < self.out_shape[axis])
+                output.append(along)
+            which = np.flatnonzero(valid)
+            column = point[which] * positions + np.ravel_multi_index([along[which] for along in output],
+                                                                     self.out_shape)
+            row = index * self.channels + channel[which]
+            tap_value = value[which]
+            if threshold is not None:
+                with np.errstate(over="ignore"):
+                    passes = tap_value * largest_inverse[column] > threshold[row]
+                row, column, tap_value = row[passes], column[passes], tap_value[passes]
+            rows.append(row)
+            columns.append(column)
+            kept.append(tap_value)
+        return np.concatenate(rows), np.concatenate(columns), np.concatenate(kept)

@@ -306,6 +306,12 @@ class MaxTimesScorer:
             position += start
             self._fold_at(inverse_z, flat, row, position)
 
+    def seed_from(self, inverse_rows: np.ndarray, row: np.ndarray, position: np.ndarray, value: np.ndarray) -> None:
+        """Seed the running max from products a caller chose (as fold_candidates takes them) instead of
+        from unfolded patches (see _seed)."""
+        self.fold_candidates(inverse_rows, row, position, value)
+        self._seeded = True
+
     def _fold_at(self, inverse_z: np.ndarray, flat: np.ndarray, row: np.ndarray, position: np.ndarray) -> None:
         """fold_candidates of patches flat at (row, position), with inverse_z [2F, P] read once per column."""
         columns, index = np.unique(position, return_inverse=True)

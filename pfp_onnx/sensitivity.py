@@ -25,7 +25,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pfp_onnx.grid_screen import grid_candidates, inverse_at, largest_inverse_of_parts
+from pfp_onnx import max_times
+from pfp_onnx.grid_screen import grid_candidates, grid_seed, inverse_at, largest_inverse_of_parts
 from pfp_onnx.max_times import MaxTimesScorer, inverse_of_parts
 
 __all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "UnfoldBuffer", "conv_sensitivity",
@@ -116,16 +117,18 @@ class ConvScorer:
 
     def _update_from_parts(self, points: np.ndarray, plus: np.ndarray, minus: np.ndarray, *,
                            out_shape: tuple[int, ...]) -> None:
-        """Nonnegative points whose z⁺ and |z⁻| [N, F, P] came from the capture model: once the running max
-        can screen, on the input grid without unfolding (pfp_onnx.grid_screen), else on unfolded patches."""
-        if self._scorer.seeded:
-            found = grid_candidates(points, largest_inverse_of_parts(plus, minus), self._scorer.row_threshold()[:, 0],
-                                    kernel_shape=self.kernel_shape, out_shape=out_shape, strides=self.strides,
-                                    pads=self.pads, dilations=self.dilations)
+        """Nonnegative points whose z⁺ and |z⁻| [N, F, P] came from the capture model: screened on the input
+        grid without unfolding (pfp_onnx.grid_screen), or on unfolded patches when that screen leaves too
+        much (or screening is off)."""
+        if max_times.SCREEN_MAX_FRACTION > 0:
+            geometry = dict(kernel_shape=self.kernel_shape, out_shape=out_shape, strides=self.strides,
+                            pads=self.pads, dilations=self.dilations)
+            largest = largest_inverse_of_parts(plus, minus)
+            if not self._scorer.seeded:
+                self._scorer.seed_from(*_compact(plus, minus, *grid_seed(points, largest, **geometry)))
+            found = grid_candidates(points, largest, self._scorer.row_threshold()[:, 0], **geometry)
             if found is not None:
-                row, position, value = found
-                columns, index = np.unique(position, return_inverse=True)
-                self._scorer.fold_candidates(inverse_at(plus, minus, columns), row, index, value)
+                self._scorer.fold_candidates(*_compact(plus, minus, *found))
                 return
         self._scorer.update(self._unfold(points, out_shape), inverse_of_parts(plus, minus))
 
@@ -277,6 +280,14 @@ def dense_sensitivity(activation: np.ndarray, weight: np.ndarray) -> np.ndarray:
     scorer = DenseScorer(weight)
     scorer.update(activation)
     return scorer.sensitivity
+
+
+def _compact(plus: np.ndarray, minus: np.ndarray, row: np.ndarray, position: np.ndarray,
+             value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MaxTimesScorer.fold_candidates' arguments for products at (row, position): the inverse z's of each
+    position they touch, read once, and the products' indices into them."""
+    columns, index = np.unique(position, return_inverse=True)
+    return inverse_at(plus, minus, columns), row, index, value
 
 
 def _sign_split(points: np.ndarray) -> list[np.ndarray]:

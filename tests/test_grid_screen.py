@@ -154,3 +154,58 @@ def test_scorer_on_the_grid_scores_as_on_unfolded_patches(name, monkeypatch):
     monkeypatch.setattr(grid_screen, "GRID_MAX_FRACTION", -1.0)  # never: every chunk is unfolded
     np.testing.assert_array_equal(on_grid, run())
     assert np.all(on_grid > 0)
+
+
+def _reads(geometry, spatial):
+    """Per (tap index, output position): the input position its patch value reads (None in padding)."""
+    kernel, strides, pads, dilations = (geometry[key] for key in ("kernel_shape", "strides", "pads", "dilations"))
+    rank = len(kernel)
+    reads = {}
+    for index, tap in enumerate(np.ndindex(*kernel)):
+        for p, out in enumerate(np.ndindex(*geometry["out_shape"])):
+            q = [o * s + k * d - b for o, s, k, d, b in zip(out, strides, tap, dilations, pads[:rank])]
+            inside = all(0 <= x < n for x, n in zip(q, spatial))
+            reads[index, p] = int(np.ravel_multi_index(q, spatial)) if inside else None
+    return reads
+
+
+@pytest.mark.parametrize("name", ["3x3", "3x3-stride2-uneven-pads", "1d", "3d"])
+def test_seed_takes_every_product_of_each_channels_most_promising_value(name):
+    """Per channel, the input value with the largest a · M (M: the largest L among the outputs reading it),
+    and every (tap, output) product that reads it, found by brute force over all taps and outputs."""
+    points, largest, geometry = _case(name, seed=2)
+    samples, channels, *spatial = points.shape
+    positions = int(np.prod(geometry["out_shape"]))
+    reads = _reads(geometry, spatial)
+    covering = np.zeros((samples, int(np.prod(spatial))), dtype=np.float32)
+    for (index, p), q in reads.items():
+        if q is not None:
+            covering[:, q] = np.maximum(covering[:, q], largest.reshape(samples, positions)[:, p])
+    values = points.reshape(samples, channels, -1)
+    expected = set()
+    for c in range(channels):
+        bound = values[:, c] * covering
+        n, q = np.unravel_index(np.argmax(bound), bound.shape)
+        if bound[n, q] > 0:
+            expected |= {(index * channels + c, n * positions + p, values[n, c, q])
+                         for (index, p), read in reads.items() if read == q}
+    row, position, value = grid_screen.grid_seed(points, largest, **geometry)
+    assert set(zip(row.tolist(), position.tolist(), value.tolist())) == {(r, p, float(v)) for r, p, v in expected}
+    assert len(row) == len(expected)
+
+
+def test_no_screening_means_no_grid(monkeypatch):
+    """SCREEN_MAX_FRACTION = 0 turns every screen off: parts are then scored on unfolded patches."""
+    from pfp_onnx import max_times
+
+    monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 0.0)
+    monkeypatch.setattr(sensitivity, "grid_candidates", lambda *arguments, **keywords: pytest.fail("screened"))
+    monkeypatch.setattr(sensitivity, "grid_seed", lambda *arguments, **keywords: pytest.fail("seeded"))
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    points = np.maximum(rng.standard_normal((2, 2, 5, 5)), 0).astype(np.float32)
+    parts = (np.ones((2, 3, 5, 5), np.float32), np.ones((2, 3, 5, 5), np.float32))
+    scorer = ConvScorer(weight, strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+    scorer.update(points, parts)
+    scorer.update(points, parts)
+    assert np.all(scorer.sensitivity > 0)
