@@ -41,6 +41,7 @@ from pfp_onnx.conv_parts import with_conv_parts
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.max_times import MaxTimesScorer
 from pfp_onnx.runtime import choose_device, create_session
+from pfp_onnx.sensitivity import ConvScorer
 
 try:
     import torch
@@ -266,15 +267,16 @@ def onnxruntime_capture_only(model: onnx.ModelProto, analysis, data, batch_size:
 
 
 def z_only_seconds(model: onnx.ModelProto, analysis, data, batch_size: int, device) -> float:
-    """capture_sensitivities with each scorer computing only z⁺ and z⁻ of its batch (by BLAS, unless the
-    capture model already computed them): what exact PFP pays before the max-times part (its lower bound
-    here)."""
-    original = MaxTimesScorer.update
-    MaxTimesScorer.update = lambda scorer, flat, parts=None: scorer._z(flat) if parts is None else None
+    """capture_sensitivities with each scorer computing only z⁺ and z⁻ of its batch (by BLAS on unfolded
+    patches, unless the capture model already computed them): what exact PFP pays before the max-times part
+    (its lower bound here)."""
+    update, from_parts = MaxTimesScorer.update, ConvScorer._update_from_parts
+    MaxTimesScorer.update = lambda scorer, flat, inverse_z=None: scorer._z(flat) if inverse_z is None else None
+    ConvScorer._update_from_parts = lambda scorer, *arguments, **keywords: None
     try:
         return seconds_of(lambda: capture_sensitivities(model, analysis, batches(data, batch_size), device))[0]
     finally:
-        MaxTimesScorer.update = original
+        MaxTimesScorer.update, ConvScorer._update_from_parts = update, from_parts
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,8 +368,8 @@ def main() -> None:
           f"{parts_seconds / forward:.1f} × forward)")
     print(f"  pfp-onnx capture_sensitivities {ours_seconds:8.2f} s = {ours_seconds / forward:5.1f} × forward")
     print(f"  the same with z± only          {floor_seconds:8.2f} s = {floor_seconds / forward:5.1f} × forward   "
-          "(augmented pass, which computes z⁺/z⁻ of the convs fed by a Relu, unfolding, and BLAS z⁺/z⁻ of "
-          "the other layers: what exact PFP needs for every point; no max-times work)")
+          "(augmented pass, which computes z⁺/z⁻ of the convs fed by a Relu, and unfolding and BLAS z⁺/z⁻ "
+          "for the other layers: what exact PFP needs for every point; no max-times work)")
     if torch is None or args.skip_torch:
         print("  PyTorch comparison skipped: " + ("--skip-torch" if torch else "torch is not installed here "
               "(pip install torch==2.13.0 in a separate venv and run this script there)"))

@@ -125,10 +125,10 @@ class ConvScorer:
                             pads=self.pads, dilations=self.dilations)
             largest = largest_inverse_of_parts(plus, minus)
             if not self._scorer.seeded:
-                self._scorer.seed_from(*_compact(plus, minus, *grid_seed(points, largest, **geometry)))
+                self._scorer.seed_from(*_compact(plus, minus, *grid_seed(points, largest, **geometry)), by_row=True)
             found = grid_candidates(points, largest, self._scorer.row_threshold()[:, 0], **geometry)
             if found is not None:
-                self._scorer.fold_candidates(*_compact(plus, minus, *found))
+                self._scorer.fold_candidates(*_compact(plus, minus, *found), by_row=True)
                 return
         self._scorer.update(self._unfold(points, out_shape), inverse_of_parts(plus, minus))
 
@@ -285,7 +285,7 @@ def dense_sensitivity(activation: np.ndarray, weight: np.ndarray) -> np.ndarray:
 def _compact(plus: np.ndarray, minus: np.ndarray, row: np.ndarray, position: np.ndarray,
              value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MaxTimesScorer.fold_candidates' arguments for products at (row, position): the inverse z's of each
-    position they touch, read once, and the products' indices into them."""
+    position they touch, read once (by row: [positions, 2F]), and the products' indices into them."""
     columns, index = np.unique(position, return_inverse=True)
     return inverse_at(plus, minus, columns), row, index, value
 
