@@ -28,30 +28,47 @@ class InputSpec:
     dims: tuple[int | None, ...]
 
 
-@dataclass(frozen=True)
 class CalibrationData:
-    inputs: dict[str, np.ndarray]  # every array has the points on axis 0
-    labels: np.ndarray | None
+    """Calibration points held in memory: arrays keyed by input name (points on axis 0) and optional labels.
+    A part of a split keeps the whole arrays and the indices of its points, gathered batch by batch, so
+    splitting copies nothing."""
+
+    def __init__(self, inputs: Mapping[str, np.ndarray], labels: np.ndarray | None,
+                 rows: np.ndarray | None = None) -> None:
+        self._arrays, self._labels, self._rows = dict(inputs), labels, rows
 
     @property
     def count(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        return len(self._rows) if self._rows is not None else len(next(iter(self._arrays.values())))
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """This data's points per input (gathered into new arrays for a part of a split)."""
+        return {name: self._pick(array, slice(None)) for name, array in self._arrays.items()}
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return None if self._labels is None else self._pick(self._labels, slice(None))
 
     def subset(self, indices: np.ndarray) -> CalibrationData:
-        return CalibrationData({name: array[indices] for name, array in self.inputs.items()},
-                               None if self.labels is None else self.labels[indices])
+        """The points at `indices` (of this data's points), without copying them."""
+        return CalibrationData(self._arrays, self._labels, indices if self._rows is None else self._rows[indices])
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """Model feeds of `batch_size` points, with their `labels` when the data has them."""
         for start in range(0, self.count, batch_size):
-            batch = {name: array[start:start + batch_size] for name, array in self.inputs.items()}
-            if self.labels is not None:
-                batch[LABELS] = self.labels[start:start + batch_size]
+            points = slice(start, start + batch_size)
+            batch = {name: self._pick(array, points) for name, array in self._arrays.items()}
+            if self._labels is not None:
+                batch[LABELS] = self._pick(self._labels, points)
             yield batch
+
+    def _pick(self, array: np.ndarray, points: slice) -> np.ndarray:
+        return array[points] if self._rows is None else array[self._rows[points]]
 
     def point_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shapes of a single point (batch 1): makes dynamic dims concrete for shape inference."""
-        return {name: (1,) + array.shape[1:] for name, array in self.inputs.items()}
+        return {name: (1,) + array.shape[1:] for name, array in self._arrays.items()}
 
 
 class StreamedData:

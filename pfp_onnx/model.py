@@ -25,6 +25,9 @@ PROTOBUF_LIMIT = 2**31 - 1
 # Models above this size are checked through their skeleton (see skeleton()); shape inference always uses it.
 SKELETON_MODEL_BYTES = 256 * 2**20
 SKELETON_TENSOR_BYTES = 2**20
+# Shape inference keeps only initializers up to this size (shape arithmetic reads a few integers; weights'
+# values never change a shape).
+INFERENCE_TENSOR_BYTES = 2**14
 # Tensors above this go to the data file when a model is written with external data (onnx's threshold).
 EXTERNAL_TENSOR_BYTES = 1024
 # Offsets in data files written here are multiples of this (a page on every platform onnxruntime maps).
@@ -113,15 +116,16 @@ def free_graph_weights(model: onnx.ModelProto) -> None:
         gc.collect()
 
 
-def skeleton(model: onnx.ModelProto, *, any_size: bool = False) -> onnx.ModelProto:
-    """The model itself when small (unless any_size); else a copy whose large initializers became graph
-    inputs.
+def skeleton(model: onnx.ModelProto, *, for_inference: bool = False) -> onnx.ModelProto:
+    """The model itself when small; else a copy whose large initializers became graph inputs. For shape
+    inference, whatever the model's size, every initializer above INFERENCE_TENSOR_BYTES becomes an input.
 
     Checking and shape inference need shapes, not weight bytes: the skeleton of a multi-GB model is a few
     kB, so no step ever copies or re-serialises the weights just to look at the graph.
     """
-    large = [init for init in model.graph.initializer if tensor_bytes(init) > SKELETON_TENSOR_BYTES]
-    if (model_bytes(model) <= SKELETON_MODEL_BYTES and not any_size) or not large:
+    limit = INFERENCE_TENSOR_BYTES if for_inference else SKELETON_TENSOR_BYTES
+    large = [init for init in model.graph.initializer if tensor_bytes(init) > limit]
+    if (model_bytes(model) <= SKELETON_MODEL_BYTES and not for_inference) or not large:
         return model
     large_names = {init.name for init in large}
     result = _without_initializers(model)
@@ -205,7 +209,7 @@ def with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int,
     model declares dynamic batch or spatial dimensions.
     """
     concrete = onnx.ModelProto()
-    concrete.CopyFrom(skeleton(model, any_size=True))
+    concrete.CopyFrom(skeleton(model, for_inference=True))
     for graph_input in concrete.graph.input:
         if graph_input.name not in input_shapes:
             continue
@@ -222,7 +226,8 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False) -> onnx.ModelP
     also fails on inconsistent shapes (how a rewrite proves itself)."""
     try:
         # Inference needs no weight bytes, whatever the model's size (an 87 MB capture model: 0.35 → 0.01 s).
-        return onnx.shape_inference.infer_shapes(skeleton(model, any_size=True), strict_mode=strict, data_prop=True)
+        return onnx.shape_inference.infer_shapes(skeleton(model, for_inference=True), strict_mode=strict,
+                                                 data_prop=True)
     except Exception as exc:
         if strict:
             raise

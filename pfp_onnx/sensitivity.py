@@ -14,9 +14,11 @@ a "max-times" matrix product costing C·K·F·P per point (BLAS cannot do it), w
 matmul — or, for convs fed by a Relu, from the capture model, which computes it anyway
 (pfp_onnx.conv_parts). Almost none of the max-times product is evaluated: a running max is kept, and the
 bound a_unf · max_f |W| · max_f inv_z (one pass over the patches) shows that nearly every (c, k, p)
-cannot raise it; only the rest are evaluated exactly (see pfp_onnx.max_times). The points of a batch are
-concatenated along p (each keeps its own z). The *Scorer classes keep a running max over the batches they
-are fed; the *_sensitivity functions score a single batch.
+cannot raise it; only the rest are evaluated exactly (see pfp_onnx.max_times). Convs whose parts come from
+the capture model are screened on their input values instead, never unfolding their patches
+(pfp_onnx.grid_screen). The points of a batch are concatenated along p (each keeps its own z). The
+*Scorer classes keep a running max over the batches they are fed; the *_sensitivity functions score a
+single batch.
 """
 
 from __future__ import annotations

@@ -110,3 +110,21 @@ def test_streamed_batches_are_validated():
         pfp_onnx.compress(str(MODEL), bad, budget=0.5)
     with pytest.raises(DataError, match="yielded no points"):
         pfp_onnx.compress(str(MODEL), lambda: iter(()), budget=0.5)
+
+
+def test_split_copies_no_points(model):
+    """The parts keep indices into the data, not copies of its points; their batches gather the points."""
+    import tracemalloc
+
+    data = validate(dict(np.load(DATA)), model)
+    tracemalloc.start()
+    first, held = split(data, 0.2, seed=3)
+    allocated, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert allocated < data.inputs["input"].nbytes / 20
+    batches = list(held.batches(32))
+    assert [len(batch["input"]) for batch in batches] == [32, 32, 32, 4]
+    np.testing.assert_array_equal(np.concatenate([batch["input"] for batch in batches]), held.inputs["input"])
+    np.testing.assert_array_equal(np.concatenate([batch["labels"] for batch in batches]), held.labels)
+    inner = held.subset(np.array([3, 1]))
+    np.testing.assert_array_equal(inner.inputs["input"], held.inputs["input"][[3, 1]])
