@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pfp_onnx.max_times import MAX_THREADS, Z_EPS, _nonzero, _parallel_map
+from pfp_onnx.max_times import MAX_THREADS, Z_EPS, nonzero_2d, parallel_map
 
 __all__ = ["GRID_MAX_FRACTION", "grid_candidates", "grid_seed", "inverse_at", "largest_inverse_of_parts"]
 
@@ -45,10 +45,10 @@ def grid_candidates(points: np.ndarray, largest_inverse: np.ndarray, threshold: 
         block = values[first:first + per_block]
         with np.errstate(over="ignore"):  # an overflow to inf is the most promising value
             bound = block * covering[first:first + per_block]
-        point_channel, place = _nonzero((bound > lowest).reshape(-1, bound.shape[-1]))
+        point_channel, place = nonzero_2d((bound > lowest).reshape(-1, bound.shape[-1]))
         return None if len(place) > limit else (point_channel + first * channels, place)
 
-    found = _parallel_map(screen, range(0, samples, per_block))
+    found = parallel_map(screen, range(0, samples, per_block))
     if any(item is None for item in found):
         return None
     point, channel = np.divmod(np.concatenate([item[0] for item in found]), channels)
@@ -84,7 +84,7 @@ def largest_inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
             np.minimum(smallest[sample], np.where(part > Z_EPS, part, np.float32(np.inf)).min(axis=0),
                        out=smallest[sample])
 
-    _parallel_map(reduce, range(samples))
+    parallel_map(reduce, range(samples))
     return np.divide(1.0, smallest, out=smallest).reshape(-1)  # 1/inf = 0: no filter counts
 
 

@@ -17,7 +17,7 @@ from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["MaxTimesScorer", "inverse_of_parts"]
+__all__ = ["MaxTimesScorer", "inverse_of_parts", "nonzero_2d", "parallel_map"]
 
 T = TypeVar("T")
 
@@ -56,7 +56,7 @@ SMALLEST_POSITIVE = float(np.nextafter(np.float32(0), np.float32(1)))
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _parallel_map(function: Callable[[int], T], items: Sequence[int]) -> list[T]:
+def parallel_map(function: Callable[[int], T], items: Sequence[int]) -> list[T]:
     """function over items, on the pool's threads when there are several (numpy releases the GIL inside
     its loops, so blocks of one array run in parallel). Never called from a pool thread."""
     if len(items) <= 1 or MAX_THREADS <= 1:
@@ -187,7 +187,7 @@ class MaxTimesScorer:
 
         def screen_block(start: int, row_threshold: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
             bound = _screen_bound(flat, largest_inverse, start, start + block)
-            row, position = _nonzero(bound > row_threshold)
+            row, position = nonzero_2d(bound > row_threshold)
             if len(row) > limit * bound.size:
                 return None
             return row, position + start
@@ -197,7 +197,7 @@ class MaxTimesScorer:
             row_threshold = self.row_threshold()
             wave_starts = starts[wave:wave + MAX_THREADS]
             found = []
-            for start, candidates in zip(wave_starts, _parallel_map(
+            for start, candidates in zip(wave_starts, parallel_map(
                     lambda start: screen_block(start, row_threshold), wave_starts)):
                 if candidates is not None:
                     found.append(candidates)
@@ -248,7 +248,7 @@ class MaxTimesScorer:
                 np.maximum(block_max, best.max(axis=1), out=block_max)
             return block_max
 
-        block_maxima = _parallel_map(score_block, starts)
+        block_maxima = parallel_map(score_block, starts)
         if block_maxima:
             np.maximum(self.sensitivity, np.max(block_maxima, axis=0), out=self.sensitivity)
 
@@ -304,7 +304,7 @@ class MaxTimesScorer:
             with np.errstate(over="ignore", invalid="ignore"):  # the upper bound
                 root *= screen
                 root *= 1 + BOUND_MARGIN
-            row, position = _nonzero(root >= np.tile(threshold, rows // channels)[:, None])
+            row, position = nonzero_2d(root >= np.tile(threshold, rows // channels)[:, None])
             position += start
             self.fold_candidates(inverse_z, row, position, flat[row, position])
 
@@ -343,7 +343,7 @@ class MaxTimesScorer:
                 np.maximum.at(best_by_channel, r % channels, best)
             return best_by_channel
 
-        for best_by_channel in _parallel_map(verify_share, range(0, len(row), share)):
+        for best_by_channel in parallel_map(verify_share, range(0, len(row), share)):
             np.maximum(self.sensitivity, best_by_channel, out=self.sensitivity)
 
 
@@ -379,7 +379,7 @@ def _root(values: np.ndarray) -> np.ndarray:
     return values
 
 
-def _nonzero(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """np.nonzero of a contiguous 2-D mask, several times faster when few entries are set: eight flags at
     a time are read as one 64-bit word, and only the nonzero words are unpacked."""
     columns = mask.shape[1]

@@ -419,7 +419,7 @@ def test_word_wise_nonzero_equals_numpy(shape):
     rng = np.random.default_rng(14)
     for density in (0.0, 0.01, 0.5, 1.0):
         mask = rng.random(shape) < density
-        for ours, numpys in zip(max_times._nonzero(mask), np.nonzero(mask)):
+        for ours, numpys in zip(max_times.nonzero_2d(mask), np.nonzero(mask)):
             np.testing.assert_array_equal(ours, numpys)
 
 
