@@ -122,9 +122,11 @@ class FeatureStatistics:
         """The fixed shift the sums are kept about (None before the first data)."""
         return self._shift
 
-    def add_shifted(self, count: int, shift: np.ndarray, shifted_sum: np.ndarray, shifted_gram: np.ndarray) -> None:
+    def add_shifted(self, count: int, shift: np.ndarray, shifted_sum: np.ndarray,
+                    shifted_gram: np.ndarray | None) -> None:
         """Fold count rows' Σ(x − shift) and Σ(x − shift)(x − shift)ᵀ taken elsewhere (the conv Gram of
-        pfp_onnx.conv_gram); shift must be this statistics' shift once it has one."""
+        pfp_onnx.conv_gram; None for statistics without a Gram); shift must be this statistics' shift once
+        it has one."""
         shift = np.asarray(shift, dtype=np.float64)
         if self._shift is None:
             self._shift = shift.copy()
@@ -235,6 +237,9 @@ def accumulate_features(statistics: FeatureStatistics, activation: np.ndarray, *
         return
     if activation.shape[0] == 0:
         return
+    if not statistics.has_gram:
+        _window_sums(statistics, activation, conv)
+        return
     if _shifted_products(statistics, activation, conv, chunk_bytes):
         return
     first = layer_features(activation[:1], conv=conv)  # one sample's patches tell the per-sample size
@@ -242,6 +247,28 @@ def accumulate_features(statistics: FeatureStatistics, activation: np.ndarray, *
     per_chunk = max(1, chunk_bytes // max(1, 8 * first.size))
     for start in range(1, activation.shape[0], per_chunk):
         statistics.update(layer_features(activation[start:start + per_chunk], conv=conv))
+
+
+def _window_sums(statistics: FeatureStatistics, activation: np.ndarray, conv: ConvPatches) -> None:
+    """Fold a conv's batch into count-and-sum statistics without unfolding: feature (c, k) summed over
+    every patch is the sum of the input window that tap k reads, one strided view per tap (padding reads
+    zeros, which add nothing)."""
+    strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
+    rank = len(kernel_shape)
+    padded = np.pad(activation, [(0, 0), (0, 0)] + [(pads[d], pads[d + rank]) for d in range(rank)])
+    out_shape = tuple((padded.shape[2 + d] - dilations[d] * (kernel_shape[d] - 1) - 1) // strides[d] + 1
+                      for d in range(rank))
+    if min(out_shape, default=1) <= 0:
+        return
+    taps = list(np.ndindex(*kernel_shape))
+    sums = np.empty((activation.shape[1], len(taps)), dtype=np.float64)  # features ordered c·K + k
+    for index, tap in enumerate(taps):
+        window = padded[(slice(None), slice(None), *(slice(k * d, k * d + s * (n - 1) + 1, s) for k, d, s, n
+                                                     in zip(tap, dilations, strides, out_shape)))]
+        sums[:, index] = window.sum(axis=(0, *range(2, 2 + rank)), dtype=np.float64)
+    count = activation.shape[0] * int(np.prod(out_shape))
+    shift = statistics.shift if statistics.shift is not None else np.zeros(sums.size)
+    statistics.add_shifted(count, shift, sums.reshape(-1) - count * shift, None)
 
 
 def _shifted_products(statistics: FeatureStatistics, activation: np.ndarray, conv: ConvPatches,

@@ -360,3 +360,18 @@ def test_bad_feature_indices_are_refused(indices, message):
         reconstruct(np.ones((2, 6)), None, statistics, indices)
     with pytest.raises(ValueError, match=message):
         compensate_bias(np.ones((2, 6)), None, statistics.mean, indices)
+
+
+@pytest.mark.parametrize("name", sorted(GEOMETRIES))
+def test_mean_only_conv_statistics_are_the_unfolded_means(name):
+    """Without a Gram, a conv's feature means come from one strided window sum per tap (never unfolded):
+    the same count and means as the loop-unfolded patches, over several batches."""
+    patches, spatial = GEOMETRIES[name]
+    rng = np.random.default_rng(6)
+    batches = [(rng.normal(size=(3, 3, *spatial)) * 2 + 5).astype(np.float32) for _ in range(2)]
+    statistics = FeatureStatistics(3 * int(np.prod(patches.kernel_shape)), gram=False)
+    for batch in batches:
+        accumulate_features(statistics, batch, conv=patches)
+    features = np.concatenate([loop_unfold(batch, patches) for batch in batches]).astype(np.float64)
+    assert statistics.count == len(features)
+    np.testing.assert_allclose(statistics.mean, features.mean(axis=0), rtol=1e-12)
