@@ -145,6 +145,37 @@ def test_capture_with_parts_matches_the_numpy_path(monkeypatch):
         np.testing.assert_allclose(with_parts[group.id], without[group.id], rtol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["resnet_basic", "resnet_bottleneck", "mobilenet_v2", "vgg", "densenet",
+                                  "unet_fpn"])
+def test_whole_capture_on_the_grid_matches_the_numpy_path(name, monkeypatch):
+    """Every Relu-fed conv of a real architecture on its parts, screened on the input grid over several
+    batches, scores what the numpy path scores from unfolded patches and BLAS z± (up to float32 rounding:
+    the parts are summed in another order); the grid path is really taken."""
+    from pfp_onnx import grid_screen, sensitivity
+
+    model = ARCHITECTURES[name]()
+    analysis = analyse_channel_groups(model)
+    feeds = random_inputs(model, 12, seed=4)
+    batches = [{key: value[start:start + 4] for key, value in feeds.items()} for start in range(0, 12, 4)]
+    device = choose_device("cpu")
+    taken = []
+    found = grid_screen.grid_candidates
+
+    def spied(*arguments, **keywords):
+        result = found(*arguments, **keywords)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(sensitivity, "grid_candidates", spied)
+    monkeypatch.setattr(grid_screen, "GRID_MAX_FRACTION", 1.0)
+    on_grid = capture_sensitivities(model, analysis, iter(batches), device)
+    assert any(taken)
+    monkeypatch.setattr(capture, "with_conv_parts", lambda model, layers: (model, {}))
+    without = capture_sensitivities(model, analysis, iter(batches), device)
+    for group in analysis.prunable_groups:
+        np.testing.assert_allclose(on_grid[group.id], without[group.id], rtol=1e-5, atol=1e-7)
+
+
 def test_scorer_uses_parts_only_for_nonnegative_batches():
     rng = np.random.default_rng(2)
     weight = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
