@@ -19,6 +19,7 @@ from pfp_onnx.recover import ConvPatches, layer_features
 from pfp_onnx.runtime import CPU, CUDA, Device, choose_device
 from pfp_onnx.sensitivity import ConvScorer
 from test_cli import DATA, MODEL
+from test_grid_screen import grid_path_taken
 from zoo import _GraphBuilder, random_inputs
 
 
@@ -151,23 +152,12 @@ def test_whole_capture_on_the_grid_matches_the_numpy_path(name, monkeypatch):
     """Every Relu-fed conv of a real architecture on its parts, screened on the input grid over several
     batches, scores what the numpy path scores from unfolded patches and BLAS z± (up to float32 rounding:
     the parts are summed in another order); the grid path is really taken."""
-    from pfp_onnx import grid_screen, sensitivity
-
     model = ARCHITECTURES[name]()
     analysis = analyse_channel_groups(model)
     feeds = random_inputs(model, 12, seed=4)
     batches = [{key: value[start:start + 4] for key, value in feeds.items()} for start in range(0, 12, 4)]
     device = choose_device("cpu")
-    taken = []
-    found = grid_screen.grid_candidates
-
-    def spied(*arguments, **keywords):
-        result = found(*arguments, **keywords)
-        taken.append(result is not None)
-        return result
-
-    monkeypatch.setattr(sensitivity, "grid_candidates", spied)
-    monkeypatch.setattr(grid_screen, "GRID_MAX_FRACTION", 1.0)
+    taken = grid_path_taken(monkeypatch)
     on_grid = capture_sensitivities(model, analysis, iter(batches), device)
     assert any(taken)
     monkeypatch.setattr(capture, "with_conv_parts", lambda model, layers: (model, {}))

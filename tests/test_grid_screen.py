@@ -23,6 +23,21 @@ GEOMETRIES = {
 }
 
 
+def grid_path_taken(monkeypatch) -> list[bool]:
+    """Keep every chunk on the grid (no give-up) and record, per grid screen, whether it answered."""
+    taken = []
+    found = grid_screen.grid_candidates
+
+    def spied(*arguments, **keywords):
+        result = found(*arguments, **keywords)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(sensitivity, "grid_candidates", spied)
+    monkeypatch.setattr(grid_screen, "GRID_MAX_FRACTION", 1.0)
+    return taken
+
+
 def _out_shape(spatial, kernel, strides, pads, dilations):
     rank = len(spatial)
     return tuple((n + pads[d] + pads[d + rank] - dilations[d] * (kernel[d] - 1) - 1) // strides[d] + 1
@@ -139,16 +154,7 @@ def test_scorer_on_the_grid_scores_as_on_unfolded_patches(name, monkeypatch):
             scorer.update(points, parts)
         return scorer.sensitivity
 
-    taken = []
-    found = grid_screen.grid_candidates
-
-    def spied(*arguments, **keywords):
-        result = found(*arguments, **keywords)
-        taken.append(result is not None)
-        return result
-
-    monkeypatch.setattr(sensitivity, "grid_candidates", spied)
-    monkeypatch.setattr(grid_screen, "GRID_MAX_FRACTION", 1.0)
+    taken = grid_path_taken(monkeypatch)
     on_grid = run()
     assert any(taken)
     monkeypatch.setattr(grid_screen, "GRID_MAX_FRACTION", -1.0)  # never: every chunk is unfolded
