@@ -308,11 +308,10 @@ class MaxTimesScorer:
             position += start
             self.fold_candidates(inverse_z, row, position, flat[row, position])
 
-    def seed_from(self, inverse: np.ndarray, row: np.ndarray, position: np.ndarray, value: np.ndarray, *,
-                  by_row: bool = False) -> None:
-        """Seed the running max from products a caller chose (as fold_candidates takes them) instead of
-        from unfolded patches (see _seed)."""
-        self.fold_candidates(inverse, row, position, value, by_row=by_row)
+    def seed_from(self, inverse_rows: np.ndarray, row: np.ndarray, position: np.ndarray, value: np.ndarray) -> None:
+        """Seed the running max from products a caller chose (as fold_candidates takes them by row) instead
+        of from unfolded patches (see _seed)."""
+        self.fold_candidates(inverse_rows, row, position, value, by_row=True)
         self._seeded = True
 
     def fold_candidates(self, inverse: np.ndarray, row: np.ndarray, position: np.ndarray, value: np.ndarray, *,

@@ -201,10 +201,7 @@ def layer_features(activation: np.ndarray, *, conv: ConvPatches | None) -> np.nd
         )
     samples, channels = activation.shape[:2]
     kernel_size = int(np.prod(kernel_shape, dtype=np.int64))
-    padded = np.pad(activation, [(0, 0), (0, 0)] + [(pads[d], pads[d + rank]) for d in range(rank)])
-    out_shape = tuple(
-        (padded.shape[2 + d] - dilations[d] * (kernel_shape[d] - 1) - 1) // strides[d] + 1 for d in range(rank)
-    )
+    padded, out_shape = _padded(activation, conv)
     if min(out_shape, default=1) <= 0:
         return np.zeros((0, channels * kernel_size), dtype=activation.dtype)
     spatial_strides = padded.strides[2:]
@@ -222,6 +219,15 @@ def layer_features(activation: np.ndarray, *, conv: ConvPatches | None) -> np.nd
         writeable=False,
     )
     return view.reshape(channels * kernel_size, -1).T
+
+
+def _padded(activation: np.ndarray, conv: ConvPatches) -> tuple[np.ndarray, tuple[int, ...]]:
+    """The zero-padded input [N, C, *padded] of a conv and its output size per spatial axis."""
+    strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
+    rank = len(kernel_shape)
+    padded = np.pad(activation, [(0, 0), (0, 0)] + [(pads[d], pads[d + rank]) for d in range(rank)])
+    return padded, tuple((padded.shape[2 + d] - dilations[d] * (kernel_shape[d] - 1) - 1) // strides[d] + 1
+                         for d in range(rank))
 
 
 def accumulate_features(statistics: FeatureStatistics, activation: np.ndarray, *, conv: ConvPatches | None,
@@ -253,11 +259,9 @@ def _window_sums(statistics: FeatureStatistics, activation: np.ndarray, conv: Co
     """Fold a conv's batch into count-and-sum statistics without unfolding: feature (c, k) summed over
     every patch is the sum of the input window that tap k reads, one strided view per tap (padding reads
     zeros, which add nothing)."""
-    strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
+    strides, _, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
     rank = len(kernel_shape)
-    padded = np.pad(activation, [(0, 0), (0, 0)] + [(pads[d], pads[d + rank]) for d in range(rank)])
-    out_shape = tuple((padded.shape[2 + d] - dilations[d] * (kernel_shape[d] - 1) - 1) // strides[d] + 1
-                      for d in range(rank))
+    padded, out_shape = _padded(activation, conv)
     if min(out_shape, default=1) <= 0:
         return
     taps = list(np.ndindex(*kernel_shape))

@@ -127,7 +127,7 @@ class ConvScorer:
                             pads=self.pads, dilations=self.dilations)
             largest = largest_inverse_of_parts(plus, minus)
             if not self._scorer.seeded:
-                self._scorer.seed_from(*_compact(plus, minus, *grid_seed(points, largest, **geometry)), by_row=True)
+                self._scorer.seed_from(*_compact(plus, minus, *grid_seed(points, largest, **geometry)))
             found = grid_candidates(points, largest, self._scorer.row_threshold()[:, 0], **geometry)
             if found is not None:
                 self._scorer.fold_candidates(*_compact(plus, minus, *found), by_row=True)
