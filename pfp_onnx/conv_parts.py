@@ -29,9 +29,11 @@ __all__ = ["CUDA_OPTIONS", "PARTS_MIN_FEATURES", "with_conv_parts"]
 
 # cuDNN's implicit precomputed GEMM and no TF32: sums of float32 products, as on the CPU.
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "DEFAULT", "use_tf32": "0"}
-# Convs with fewer input features (C·K) than this keep the numpy path: the parts save ~C·K multiply-adds
-# per output value but write, reorder and read two more output tensors (measured: a ResNet-50's 1×1
-# convs over 64-256 channels made its capture 17% slower; with this limit neutral, ResNet-18 -17%).
+# 1×1 convs over fewer input channels than this keep the numpy path: their patches are their input (no
+# unfolding to save), and the parts write, reorder and read two more output tensors (measured: a
+# ResNet-50's 1×1 convs over 64-256 channels made its capture 17% slower). Every larger kernel gets parts
+# whatever its width: unfolding a 16- or 32-channel 3×3 conv's input cost more than its parts (ResNet-56
+# capture 35% faster, MNIST ResNet-20 8%).
 PARTS_MIN_FEATURES = 512
 NONNEGATIVE_OPS = ("Relu",)
 PASS_THROUGH_OPS = ("MaxPool",)  # nonnegative when their input is
@@ -43,7 +45,7 @@ def with_conv_parts(model: onnx.ModelProto,
     per such layer (by node name) the names of its z⁺ and |z⁻| tensors ([N, F, *out], no bias).
 
     Eligible: a group-1 Conv with a float32 initializer weight (small enough for its scorer to keep |W±|
-    whole, over at least PARTS_MIN_FEATURES input features) whose input is nonnegative by construction.
+    whole; a 1×1 conv over at least PARTS_MIN_FEATURES channels) whose input is nonnegative by construction.
     The rest of the graph, the model's outputs and everything else stay as they are; with no eligible
     layer the model itself is returned."""
     graph = model.graph
@@ -110,7 +112,7 @@ def _eligible(node: onnx.NodeProto, layer: Layer, initializers: dict, producers:
         return False
     if 4 * int(np.prod(weight.dims, dtype=np.int64)) > STACKED_CACHE_BYTES:  # the scorer's own limit
         return False
-    if int(np.prod(weight.dims[1:], dtype=np.int64)) < PARTS_MIN_FEATURES:
+    if int(np.prod(weight.dims[2:], dtype=np.int64)) == 1 and weight.dims[1] < PARTS_MIN_FEATURES:
         return False
     return _nonnegative(node.input[0], producers, initializers)
 

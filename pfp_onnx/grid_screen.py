@@ -12,6 +12,7 @@ and tested finely, with the same float32 product as the screen on unfolded patch
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,6 +26,8 @@ __all__ = ["GRID_MAX_FRACTION", "grid_candidates", "grid_seed", "inverse_at", "l
 # Measured: 1/8 let every chunk of MNIST's and ResNet-56's 64-channel convs through (3–6% survive; 1/32
 # sent all of MNIST's and 80% of ResNet-56's to the unfolded path), and their scoring took 25–45% less.
 GRID_MAX_FRACTION = 1 / 8
+# Temporaries of one block of largest_inverse_of_parts.
+LARGEST_INVERSE_BYTES = 4 * 2**20
 
 
 def grid_candidates(points: np.ndarray, largest_inverse: np.ndarray, threshold: np.ndarray, *,
@@ -78,15 +81,18 @@ def grid_seed(points: np.ndarray, largest_inverse: np.ndarray, *, kernel_shape: 
 def largest_inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
     """L [N·P'] = max over both parts' filters of inverse_of_parts(plus, minus), without forming it: the
     reciprocal of the smallest z above eps (division rounds monotonically, so it is the same float)."""
-    samples, _, positions = plus.shape
+    samples, filters, positions = plus.shape
     smallest = np.full((samples, positions), np.inf, dtype=np.float32)
+    # Blocks of whole samples, a few MB of temporaries each (per sample, small layers paid for the calls).
+    per_block = max(1, min(-(-samples // MAX_THREADS), LARGEST_INVERSE_BYTES // (4 * filters * positions)))
 
-    def reduce(sample: int) -> None:
-        for part in (plus[sample], minus[sample]):
-            np.minimum(smallest[sample], np.where(part > Z_EPS, part, np.float32(np.inf)).min(axis=0),
-                       out=smallest[sample])
+    def reduce(first: int) -> None:
+        block = slice(first, first + per_block)
+        for part in (plus[block], minus[block]):
+            np.minimum(smallest[block], np.where(part > Z_EPS, part, np.float32(np.inf)).min(axis=1),
+                       out=smallest[block])
 
-    parallel_map(reduce, range(samples))
+    parallel_map(reduce, range(0, samples, per_block))
     return np.divide(1.0, smallest, out=smallest).reshape(-1)  # 1/inf = 0: no filter counts
 
 
@@ -130,28 +136,37 @@ class _Grid:
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The products (row k·C + c, position n·P + p, value) that input values (point, channel, flat
         place) make through each tap reaching an output; with a threshold, those whose value · L passes
-        it (the screen's fine test, the same float32 product)."""
-        coordinates = np.unravel_index(place, self.spatial)
+        it (the screen's fine test, the same float32 product). All taps at once, [survivors, K]: one
+        call per tap cost more than the arithmetic for the many survivors of small layers."""
+        output = _tap_outputs(self.spatial, tuple(self.taps), self.out_shape, self.strides,
+                              self.begin, self.dilations)[place]  # [S, K], −1: the tap reaches no output
+        reaches = output >= 0
         positions = int(np.prod(self.out_shape))
-        rows, columns, kept = [], [], []
-        for index, tap in enumerate(self.taps):
-            valid = np.ones(len(place), dtype=bool)
-            output = []
-            for axis, offset in enumerate(tap):
-                shifted = coordinates[axis] + self.begin[axis] - offset * self.dilations[axis]  # padded grid
-                along, remainder = np.divmod(shifted, self.strides[axis])
-                valid &= (shifted >= 0) & (remainder == 0) & (along < self.out_shape[axis])
-                output.append(along)
-            which = np.flatnonzero(valid)
-            column = point[which] * positions + np.ravel_multi_index([along[which] for along in output],
-                                                                     self.out_shape)
-            row = index * self.channels + channel[which]
-            tap_value = value[which]
-            if threshold is not None:
-                with np.errstate(over="ignore"):
-                    passes = tap_value * largest_inverse[column] > threshold[row]
-                row, column, tap_value = row[passes], column[passes], tap_value[passes]
-            rows.append(row)
-            columns.append(column)
-            kept.append(tap_value)
-        return np.concatenate(rows), np.concatenate(columns), np.concatenate(kept)
+        if threshold is not None:
+            column = point[:, None] * positions + np.where(reaches, output, 0)
+            with np.errstate(over="ignore"):
+                reaches &= (value[:, None] * largest_inverse[column]
+                            > threshold.reshape(len(self.taps), self.channels).T[channel])
+        survivor, tap = np.nonzero(reaches)
+        return (tap * self.channels + channel[survivor], point[survivor] * positions + output[survivor, tap],
+                value[survivor])
+
+
+@functools.lru_cache(maxsize=64)
+def _tap_outputs(spatial: tuple[int, ...], taps: tuple[tuple[int, ...], ...], out_shape: tuple[int, ...],
+                 strides: tuple[int, ...], begin: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
+    """[Q, K]: the flat output position that input position q reaches through tap k, or −1 (a layer's
+    geometry repeats batch after batch, so it is built once)."""
+    coordinates = np.indices(spatial).reshape(len(spatial), -1)
+    table = np.empty((coordinates.shape[1], len(taps)), dtype=np.intp)
+    for index, tap in enumerate(taps):
+        valid = np.ones(coordinates.shape[1], dtype=bool)
+        output = []
+        for axis, offset in enumerate(tap):
+            shifted = coordinates[axis] + begin[axis] - offset * dilations[axis]  # on the padded grid
+            along, remainder = np.divmod(shifted, strides[axis])
+            valid &= (shifted >= 0) & (remainder == 0) & (along < out_shape[axis])
+            output.append(np.where(valid, along, 0))
+        table[:, index] = np.where(valid, np.ravel_multi_index(output, out_shape), -1)
+    table.flags.writeable = False
+    return table

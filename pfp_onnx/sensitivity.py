@@ -288,8 +288,12 @@ def _compact(plus: np.ndarray, minus: np.ndarray, row: np.ndarray, position: np.
              value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MaxTimesScorer.fold_candidates' arguments for products at (row, position): the inverse z's of each
     position they touch, read once (by row: [positions, 2F]), and the products' indices into them."""
-    columns, index = np.unique(position, return_inverse=True)
-    return inverse_at(plus, minus, columns), row, index, value
+    touched = np.zeros(plus.shape[0] * plus.shape[2], dtype=bool)  # a mark per position: no sort
+    touched[position] = True
+    columns = np.flatnonzero(touched)
+    index = np.empty(len(touched), dtype=np.intp)
+    index[columns] = np.arange(len(columns))
+    return inverse_at(plus, minus, columns), row, index[position], value
 
 
 def _sign_split(points: np.ndarray) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from zoo import _GraphBuilder, random_inputs
 
 @pytest.fixture(autouse=True)
 def every_conv_size(monkeypatch):
-    """The models here are small (8-32 channels): lift the size limit, which only weighs speed."""
+    """The models here are small (8-32 channels): lift the 1×1 convs' width limit, which only weighs speed."""
     monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 0)
 
 
@@ -72,7 +72,8 @@ def test_network_outputs_unchanged_and_parts_exact(name):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
-def _single_conv_model(source: str, *, group: int = 1, constant_weight: bool = False, bias: bool = True):
+def _single_conv_model(source: str, *, group: int = 1, constant_weight: bool = False, bias: bool = True,
+                       kernel: int = 3):
     """input → <source> → Conv(8 → 8) → output, the conv's input made by `source`."""
     b = _GraphBuilder("single", seed=3, constant_nodes=constant_weight)
     x = b.input("x", ["N", 8, 6, 6])
@@ -87,7 +88,7 @@ def _single_conv_model(source: str, *, group: int = 1, constant_weight: bool = F
         "maxpool_of_input": lambda: b.node("MaxPool", [x], "pool", kernel_shape=[2, 2]),
     }
     h = sources[source]()
-    h = b.conv("conv", h, 8 // group, 8, 3, pads=[1, 1, 1, 1], group=group, bias=bias)
+    h = b.conv("conv", h, 8 // group, 8, kernel, pads=[kernel // 2] * 4, group=group, bias=bias)
     b.output(h, ["N", 8, "H", "W"])
     return b.build()
 
@@ -105,14 +106,17 @@ def test_only_provably_nonnegative_inputs_get_parts(source, eligible):
         assert parts_model is model
 
 
-def test_small_convs_keep_the_numpy_path(monkeypatch):
-    """Below PARTS_MIN_FEATURES input features (C·K) the parts cost more than they save."""
-    model = _single_conv_model("relu")  # 8 channels × 3×3 = 72 features
-    layers = analyse_channel_groups(model).layers
-    monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 73)
-    assert with_conv_parts(model, layers)[1] == {}
-    monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 72)
-    assert with_conv_parts(model, layers)[1]
+def test_narrow_pointwise_convs_keep_the_numpy_path(monkeypatch):
+    """A 1×1 conv over fewer than PARTS_MIN_FEATURES channels has nothing to unfold, so its parts would
+    only cost; a larger kernel gets parts however narrow it is (8 channels × 3×3 here)."""
+    monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 9)
+    pointwise = _single_conv_model("relu", kernel=1)
+    assert with_conv_parts(pointwise, analyse_channel_groups(pointwise).layers)[1] == {}
+    monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 8)
+    assert with_conv_parts(pointwise, analyse_channel_groups(pointwise).layers)[1]
+    monkeypatch.setattr(conv_parts, "PARTS_MIN_FEATURES", 512)
+    narrow = _single_conv_model("relu")
+    assert with_conv_parts(narrow, analyse_channel_groups(narrow).layers)[1]
 
 
 @pytest.mark.parametrize("variant", [{"group": 2}, {"constant_weight": True}])
