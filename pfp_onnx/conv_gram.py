@@ -146,10 +146,21 @@ def _shifted_products(rows: np.ndarray, length: int, offsets: Sequence[int]) -> 
     shifted = np.empty((min(step, length), count * channels), dtype=np.float32)
     part = np.empty((channels, count * channels), dtype=np.float32)
     total = np.zeros((channels, count * channels), dtype=np.float64)
+    # Consecutive offsets (a kernel row's taps) are copied as one overlapping window of the rows: the row
+    # u of offsets o, o + 1, … side by side is rows[u + o], rows[u + o + 1], …, contiguous in memory.
+    runs, first = [], 0
+    for index in range(1, count + 1):
+        if index == count or offsets[index] != offsets[index - 1] + 1:
+            runs.append((first, index))
+            first = index
+    flat = rows.reshape(-1)
     for start in range(0, length, step):
         stop = min(start + step, length)
-        for index, offset in enumerate(offsets):
-            shifted[:stop - start, index * channels:(index + 1) * channels] = rows[start + offset:stop + offset]
+        for first, last in runs:
+            begin = (start + offsets[first]) * channels
+            window = np.lib.stride_tricks.as_strided(flat[begin:], shape=(stop - start, (last - first) * channels),
+                                                     strides=(rows.strides[0], rows.strides[1]), writeable=False)
+            shifted[:stop - start, first * channels:last * channels] = window
         np.matmul(rows[start:stop].T, shifted[:stop - start], out=part)
         total += part
     return total.reshape(channels, count, channels).transpose(1, 0, 2)
