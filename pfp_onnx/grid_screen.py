@@ -80,20 +80,36 @@ def grid_seed(points: np.ndarray, largest_inverse: np.ndarray, *, kernel_shape: 
 
 def largest_inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
     """L [N·P'] = max over both parts' filters of inverse_of_parts(plus, minus), without forming it: the
-    reciprocal of the smallest z above eps (division rounds monotonically, so it is the same float)."""
+    reciprocal of the smallest z above eps (division rounds monotonically, so it is the same float).
+
+    The smallest z above eps is found on the parts' bits: a float32 ≥ 0 orders like its bits as an
+    unsigned integer, and subtracting the bits of the next float above eps (wrapping) moves every z ≤ eps,
+    −0, NaN and negative value above every z > eps, inf included: one integer pass and one min, several
+    times faster than masking the floats."""
     samples, filters, positions = plus.shape
-    smallest = np.full((samples, positions), np.inf, dtype=np.float32)
+    smallest = np.empty((samples, positions), dtype=np.uint32)
     # Blocks of whole samples, a few MB of temporaries each (per sample, small layers paid for the calls).
     per_block = max(1, min(-(-samples // MAX_THREADS), LARGEST_INVERSE_BYTES // (4 * filters * positions)))
 
     def reduce(first: int) -> None:
         block = slice(first, first + per_block)
-        for part in (plus[block], minus[block]):
-            np.minimum(smallest[block], np.where(part > Z_EPS, part, np.float32(np.inf)).min(axis=1),
-                       out=smallest[block])
+        np.minimum((_bits(plus[block]) - _ABOVE_EPS).min(axis=1), (_bits(minus[block]) - _ABOVE_EPS).min(axis=1),
+                   out=smallest[block])
 
     parallel_map(reduce, range(0, samples, per_block))
-    return np.divide(1.0, smallest, out=smallest).reshape(-1)  # 1/inf = 0: no filter counts
+    some_above = smallest <= _INF - _ABOVE_EPS  # else no filter's z is above eps: L = 0
+    smallest += _ABOVE_EPS
+    inverse = np.zeros(smallest.shape, dtype=np.float32)
+    np.divide(1.0, smallest.view(np.float32), out=inverse, where=some_above)
+    return inverse.reshape(-1)
+
+
+def _bits(values: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+
+
+_ABOVE_EPS = np.uint32(np.nextafter(np.float32(Z_EPS), np.float32(1)).view(np.uint32))
+_INF = np.uint32(np.float32(np.inf).view(np.uint32))
 
 
 def inverse_at(plus: np.ndarray, minus: np.ndarray, columns: np.ndarray) -> np.ndarray:

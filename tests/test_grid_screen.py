@@ -124,6 +124,22 @@ def test_largest_inverse_is_the_max_of_the_inverse():
     assert largest[0] == 0 and largest[1] > 1e6
 
 
+def test_largest_inverse_on_the_bits_handles_every_special_value():
+    """L is read off the parts' bits: values at and around eps, zeros of both signs, subnormals, inf and
+    NaN (none of which a sum of nonnegative products should give, bar 0 and an overflow) must still give
+    what the float definition gives."""
+    eps = np.float32(Z_EPS)
+    special = np.array([0.0, -0.0, eps, np.nextafter(eps, np.float32(1)), np.nextafter(eps, np.float32(0)),
+                        1e-44, 1e-30, 1.0, 3e38, np.inf, np.nan, -1.0, -np.inf], dtype=np.float32)
+    rng = np.random.default_rng(7)
+    plus, minus = (rng.choice(special, size=(3, 4, 200)).astype(np.float32) for _ in range(2))
+    plus[0, :, 0] = minus[0, :, 0] = 0  # nothing above eps anywhere: L = 0
+    with np.errstate(invalid="ignore"):
+        expected = inverse_of_parts(plus, minus).max(axis=0)
+    np.testing.assert_array_equal(largest_inverse_of_parts(plus, minus), expected)
+    assert expected[0] == 0 and np.any(expected > 0)
+
+
 def test_inverse_at_reads_the_inverse_at_columns():
     plus, minus = _parts(6)
     columns = np.array([0, 1, 7, 13, 39])
