@@ -402,8 +402,15 @@ def inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
 
 
 def _inverse(z: np.ndarray) -> np.ndarray:
-    """1/z of nonnegative z, in place, with 0 where z ≤ eps (such denominators count as +infinity)."""
-    negligible = z <= Z_EPS
-    np.divide(1.0, z, out=z, where=~negligible)
-    z[negligible] = 0
+    """1/z of nonnegative z, in place, with 0 where z ≤ eps (such denominators count as +infinity).
+
+    Divided first, sorted out after: eps is 2⁻²³, so 1/z ≥ 2²³ exactly when z ≤ eps (1/z of the next float
+    above eps rounds to 2²³ − 1), and −0 or a negative z gives a value ≤ 0 (twice as fast as masking the
+    division)."""
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        np.divide(1.0, z, out=z)
+    z[~((z < INVERSE_LIMIT) & (z > 0))] = 0
     return z
+
+
+INVERSE_LIMIT = np.float32(1 / Z_EPS)  # 2²³

@@ -633,3 +633,17 @@ def test_scorers_sharing_an_unfold_buffer_score_as_alone():
         assert buffer._memory is memory
     for together, single in zip(shared, alone):
         np.testing.assert_array_equal(together.sensitivity, single.sensitivity)
+
+
+def test_inverse_is_zero_exactly_where_z_is_negligible():
+    """1/z is divided first and sorted out after: every z ≤ eps (zeros of both signs, eps itself,
+    subnormals) and every non-finite result must end as 0, every z above eps as the plain float32 1/z."""
+    eps = np.float32(max_times.Z_EPS)
+    above = np.nextafter(eps, np.float32(1))
+    z = np.array([0.0, -0.0, eps, np.nextafter(eps, np.float32(0)), 1e-44, 1e-30, above, 1.0, 3e38, np.inf, -1.0],
+                 dtype=np.float32)
+    with np.errstate(divide="ignore", over="ignore"):
+        plain = np.float32(1) / z
+    expected = np.where(z > eps, plain, np.float32(0))
+    np.testing.assert_array_equal(max_times._inverse(z.copy()), expected)
+    assert max_times._inverse(np.array([above]))[0] == np.float32(1) / above > 0
