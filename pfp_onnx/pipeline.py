@@ -38,6 +38,8 @@ SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
 Progress = Callable[[str, int, "int | None"], None]  # (stage, points done, points total if known)
 ModelSource = "str | os.PathLike | onnx.ModelProto"
 DataSource = "str | os.PathLike | Mapping[str, np.ndarray] | Callable[[], Iterable[Mapping[str, np.ndarray]]]"
+# Widths that onnxruntime's NCHWc CPU kernels and tensor cores handle at full speed are multiples of this.
+FAST_WIDTH_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         groups=_group_rows(analysis, scores, selections),
         totals=_totals(prepared.original, pruned, analysis, selections),
         verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()})
-    return CompressResult(pruned, report, analysis, selections, prepared.notes, changes or {}, proto)
+    notes = prepared.notes + _width_notes(analysis, selections, prepared.round_to, mode)
+    return CompressResult(pruned, report, analysis, selections, notes, changes or {}, proto)
 
 
 def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
@@ -285,6 +288,25 @@ def _recommended_points(analysis: ChannelAnalysis) -> int:
     counts = [layer.out_units * (layer.positions or 1) for layer in analysis.layers]
     eta, eta_max = sum(counts), max(counts)
     return math.ceil(3 * math.log(8 * eta_max * eta / SENSITIVITY_DELTA))
+
+
+def _width_notes(analysis: ChannelAnalysis, selections: Mapping[int, Selection], round_to: int,
+                 mode: str) -> tuple[str, ...]:
+    """A hint when pruned widths are not multiples of FAST_WIDTH_MULTIPLE: such models can run slower than
+    the original (ResNet-18 at budget 0.5 on onnxruntime's CPU provider: 0.78× its speed, 1.22× rounded;
+    benchmarks/results/baseline.txt), and nothing else in the output says so."""
+    if round_to % FAST_WIDTH_MULTIPLE == 0:
+        return ()
+    widths = [len(selections[group.id].kept) for group in analysis.prunable_groups
+              if group.id in selections and len(selections[group.id].kept) < group.width]
+    odd = [width for width in widths if width % FAST_WIDTH_MULTIPLE]
+    if not odd:
+        return ()
+    fix = "--round-to 8" if mode == "deterministic" else "--mode deterministic --round-to 8"
+    return (f"{len(odd)} of the {len(widths)} pruned widths are not multiples of {FAST_WIDTH_MULTIPLE} "
+            f"({', '.join(map(str, odd[:4]))}{', …' if len(odd) > 4 else ''}): onnxruntime's CPU kernels and GPU "
+            f"tensor cores run such widths slowly, and the pruned model may run slower than the original; {fix} "
+            f"keeps every width a multiple of {FAST_WIDTH_MULTIPLE} within the budget",)
 
 
 def _group_rows(analysis: ChannelAnalysis, sensitivity: Mapping[int, np.ndarray],

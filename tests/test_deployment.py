@@ -93,6 +93,28 @@ def test_round_to_keeps_widths_multiples_within_budget(compress_cli):
     assert totals["layer_weights_after"] <= BUDGET * totals["layer_weights_before"]
 
 
+@pytest.mark.parametrize("options, hint", [
+    ({}, "--round-to 8 keeps"),
+    ({"mode": "randomized"}, "--mode deterministic --round-to 8 keeps"),
+    ({"round_to": 8}, None),
+    ({"round_to": 16}, None),
+])
+def test_odd_pruned_widths_bring_a_hint(options, hint):
+    """Widths that are not multiples of 8 run slowly on onnxruntime's CPU kernels and on tensor cores (often
+    slower than the unpruned model): the result says so, with the option that avoids it, and only then."""
+    arrays = calibration_arrays()
+    result = pfp_onnx.compress(str(MODEL), {"input": arrays["input"]}, budget=BUDGET, holdout=0.25,
+                               recovery="none", **options)
+    widths = [row.channels_after for row in result.report.groups if row.channels_after < row.channels_before]
+    odd = [width for width in widths if width % 8]
+    notes = [note for note in result.notes if "multiples of 8" in note]
+    if hint is None:
+        assert not odd and not notes
+    else:
+        assert odd, "the fixture at this budget must leave some odd width"
+        assert len(notes) == 1 and hint in notes[0] and notes[0].startswith(f"{len(odd)} of the {len(widths)} ")
+
+
 def test_round_to_with_randomized_mode_is_refused(compress_cli):
     done, output, report = compress_cli("round8_randomized", "--round-to", 8, "--mode", "randomized")
     assert done.returncode == 2, done.stdout + done.stderr
