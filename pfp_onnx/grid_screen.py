@@ -28,6 +28,9 @@ __all__ = ["GRID_MAX_FRACTION", "grid_candidates", "grid_seed", "inverse_at", "l
 GRID_MAX_FRACTION = 1 / 8
 # Temporaries of one block of largest_inverse_of_parts.
 LARGEST_INVERSE_BYTES = 4 * 2**20
+# Inputs with up to this many (position, tap) pairs keep a table of where each tap takes each position
+# (4 bytes an entry); larger ones (3-D volumes) work it out for each chunk's survivors.
+TAP_TABLE_ENTRIES = 2**21
 
 
 def grid_candidates(points: np.ndarray, largest_inverse: np.ndarray, threshold: np.ndarray, *,
@@ -154,8 +157,11 @@ class _Grid:
         place) make through each tap reaching an output; with a threshold, those whose value · L passes
         it (the screen's fine test, the same float32 product). All taps at once, [survivors, K]: one
         call per tap cost more than the arithmetic for the many survivors of small layers."""
-        output = _tap_outputs(self.spatial, tuple(self.taps), self.out_shape, self.strides,
-                              self.begin, self.dilations)[place]  # [S, K], −1: the tap reaches no output
+        geometry = (tuple(self.taps), self.out_shape, self.strides, self.begin, self.dilations)
+        if int(np.prod(self.spatial)) * len(self.taps) <= TAP_TABLE_ENTRIES:
+            output = _tap_table(self.spatial, *geometry)[place]  # [S, K], −1: the tap reaches no output
+        else:  # a huge input (3-D volumes): only the survivors' places
+            output = _tap_outputs(np.unravel_index(place, self.spatial), *geometry)
         reaches = output >= 0
         positions = int(np.prod(self.out_shape))
         if threshold is not None:
@@ -168,15 +174,21 @@ class _Grid:
                 value[survivor])
 
 
-@functools.lru_cache(maxsize=64)
-def _tap_outputs(spatial: tuple[int, ...], taps: tuple[tuple[int, ...], ...], out_shape: tuple[int, ...],
+@functools.lru_cache(maxsize=16)
+def _tap_table(spatial: tuple[int, ...], *geometry) -> np.ndarray:
+    """_tap_outputs of every input position (a layer's geometry repeats batch after batch: built once)."""
+    table = _tap_outputs(np.indices(spatial).reshape(len(spatial), -1), *geometry)
+    table.flags.writeable = False
+    return table
+
+
+def _tap_outputs(coordinates: Sequence[np.ndarray], taps: tuple[tuple[int, ...], ...], out_shape: tuple[int, ...],
                  strides: tuple[int, ...], begin: tuple[int, ...], dilations: tuple[int, ...]) -> np.ndarray:
-    """[Q, K]: the flat output position that input position q reaches through tap k, or −1 (a layer's
-    geometry repeats batch after batch, so it is built once)."""
-    coordinates = np.indices(spatial).reshape(len(spatial), -1)
-    table = np.empty((coordinates.shape[1], len(taps)), dtype=np.intp)
+    """[Q, K]: the flat output position that the input position at `coordinates` (one array per axis)
+    reaches through tap k, or −1."""
+    table = np.empty((len(coordinates[0]), len(taps)), dtype=np.int32)
     for index, tap in enumerate(taps):
-        valid = np.ones(coordinates.shape[1], dtype=bool)
+        valid = np.ones(len(coordinates[0]), dtype=bool)
         output = []
         for axis, offset in enumerate(tap):
             shifted = coordinates[axis] + begin[axis] - offset * dilations[axis]  # on the padded grid
@@ -184,5 +196,4 @@ def _tap_outputs(spatial: tuple[int, ...], taps: tuple[tuple[int, ...], ...], ou
             valid &= (shifted >= 0) & (remainder == 0) & (along < out_shape[axis])
             output.append(np.where(valid, along, 0))
         table[:, index] = np.where(valid, np.ravel_multi_index(output, out_shape), -1)
-    table.flags.writeable = False
     return table

@@ -63,11 +63,14 @@ def _case(name, seed, channels=5, samples=3):
 
 @pytest.mark.parametrize("name", GEOMETRIES)
 @pytest.mark.parametrize("share", [0.0, 0.01, 0.2])
-def test_candidates_are_those_of_the_unfolded_screen(name, share, monkeypatch):
+@pytest.mark.parametrize("table", [True, False])
+def test_candidates_are_those_of_the_unfolded_screen(name, share, table, monkeypatch):
     """Every (row, position) whose a_unf · L passes T on the unfolded patches, and no other, with its patch
     value; thresholds differ per row (and some rows can never pass), so the coarse test's minimum over
-    taps is exercised."""
+    taps is exercised. Taps reach outputs through a cached table, or (huge inputs) per survivor."""
     monkeypatch.setattr(grid_screen, "GRID_MAX_FRACTION", 1.0)
+    if not table:
+        monkeypatch.setattr(grid_screen, "TAP_TABLE_ENTRIES", 0)
     points, largest, geometry = _case(name, seed=len(name))
     flat = _unfolded(points, geometry["kernel_shape"], geometry["strides"], geometry["pads"],
                      geometry["dilations"], geometry["out_shape"])
