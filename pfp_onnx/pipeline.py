@@ -206,14 +206,14 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
                               epsilon=epsilon)
         seconds["verify"] = time.perf_counter() - stage_start
     seconds["total"] = sum(seconds.values())
+    notes = prepared.notes + _width_notes(analysis, selections, prepared.round_to, mode)
     report = CompressReport(
         model=prepared.name, budget=budget, method=method.label, mode=mode, seed=seed, epsilon=epsilon,
         device=prepared.device.note, sensitivity_points=prepared.sensitivity_part.count,
         recommended_sensitivity_points=prepared.recommended_points,
         groups=_group_rows(analysis, scores, selections),
         totals=_totals(prepared.original, pruned, analysis, selections),
-        verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()})
-    notes = prepared.notes + _width_notes(analysis, selections, prepared.round_to, mode)
+        verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()}, notes=notes)
     return CompressResult(pruned, report, analysis, selections, notes, changes or {}, proto)
 
 

@@ -46,6 +46,7 @@ class CompressReport:
     totals: Totals
     verification: Verification | None
     seconds: dict[str, float]
+    notes: tuple[str, ...] = ()  # what compress printed as "note:" lines (device, points, widths)
 
     def to_dict(self) -> dict:
         return asdict(self)

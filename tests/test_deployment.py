@@ -83,6 +83,7 @@ def run_model(path: Path) -> np.ndarray:
 # ---- widths -----------------------------------------------------------------------------------------
 def test_round_to_keeps_widths_multiples_within_budget(compress_cli):
     _, report = succeeded(compress_cli("round8", "--round-to", 8))
+    assert not any("multiples of 8" in note for note in report["notes"]), report["notes"]
     pruned_groups = 0
     for row in report["groups"]:
         after, before = row["channels_after"], row["channels_before"]
@@ -108,6 +109,7 @@ def test_odd_pruned_widths_bring_a_hint(options, hint):
     widths = [row.channels_after for row in result.report.groups if row.channels_after < row.channels_before]
     odd = [width for width in widths if width % 8]
     notes = [note for note in result.notes if "multiples of 8" in note]
+    assert result.report.notes == result.notes and list(result.report.to_dict()["notes"]) == list(result.notes)
     if hint is None:
         assert not odd and not notes
     else:
