@@ -32,7 +32,11 @@ def exact_moments(activation, pads, dilations, kernel_shape, shift):
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("offset", [0.0, 5.0])  # a large mean: the padding's centred value −s is large too
-def test_shifted_products_equal_the_moments_of_unfolded_patches(name, offset):
+@pytest.mark.parametrize("chunked", [False, True])  # True: chunks of 7 rows, the last one shorter
+def test_shifted_products_equal_the_moments_of_unfolded_patches(name, offset, chunked, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(conv_gram, "SHIFTED_CHUNK_BYTES", 1)
+        monkeypatch.setattr(conv_gram, "MIN_SHIFTED_ROWS", 7)
     shape, pads, dilations, kernel_shape = CASES[name]
     rng = np.random.default_rng(len(name))
     activation = (np.maximum(rng.standard_normal(shape), 0) + offset).astype(np.float32)
