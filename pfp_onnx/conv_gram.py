@@ -25,7 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["padded_and_out", "patch_moments", "worth_it"]
+from pfp_onnx.conv_geometry import padded_and_out
+
+__all__ = ["patch_moments", "worth_it"]
 
 # Below this many multiply-adds, a chunk's unfolded Gram is cheap and the fixed costs of shifted products
 # (two dozen small BLAS calls and gathers per tap) outweigh their savings (measured: a batch of 32 at
@@ -173,11 +175,3 @@ def _tap_offsets(padded: Sequence[int], dilations: Sequence[int], kernel_shape: 
     flat_strides = np.array([int(np.prod(padded[axis + 1:])) for axis in range(rank)], dtype=np.int64)
     taps = np.stack(np.meshgrid(*[np.arange(k) for k in kernel_shape], indexing="ij"), axis=-1).reshape(-1, rank)
     return taps @ (np.asarray(dilations, dtype=np.int64) * flat_strides)
-
-
-def padded_and_out(spatial: Sequence[int], pads: Sequence[int], dilations: Sequence[int],
-                    kernel_shape: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Padded input and (stride-1) output sizes per spatial axis."""
-    rank = len(kernel_shape)
-    padded = tuple(int(size) + pads[axis] + pads[axis + rank] for axis, size in enumerate(spatial))
-    return padded, tuple(size - dilations[axis] * (kernel_shape[axis] - 1) for axis, size in enumerate(padded))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pfp_onnx.conv_geometry import tap_window
 from pfp_onnx.max_times import MAX_THREADS, Z_EPS, nonzero_2d, parallel_map
 
 __all__ = ["GRID_MAX_FRACTION", "grid_candidates", "grid_seed", "inverse_at", "largest_inverse_of_parts"]
@@ -144,8 +145,7 @@ class _Grid:
         covering = np.zeros((self.samples, *padded), dtype=np.float32)
         largest = largest_inverse.reshape(self.samples, *self.out_shape)
         for tap in self.taps:
-            window = covering[(slice(None), *(slice(k * d, k * d + s * (n - 1) + 1, s) for k, d, s, n
-                                              in zip(tap, self.dilations, self.strides, self.out_shape)))]
+            window = covering[(slice(None), *tap_window(tap, self.dilations, self.strides, self.out_shape))]
             np.maximum(window, largest, out=window)
         inside = covering[(slice(None), *(slice(b, b + n) for b, n in zip(self.begin, self.spatial)))]
         return np.ascontiguousarray(inside).reshape(self.samples, 1, -1)

@@ -302,7 +302,9 @@ def _width_notes(analysis: ChannelAnalysis, selections: Mapping[int, Selection],
     odd = [width for width in widths if width % FAST_WIDTH_MULTIPLE]
     if not odd:
         return ()
-    fix = "--round-to 8" if mode == "deterministic" else "--mode deterministic --round-to 8"
+    fix = f"--round-to {FAST_WIDTH_MULTIPLE}"
+    if mode != "deterministic":
+        fix = f"--mode deterministic {fix}"
     return (f"{len(odd)} of the {len(widths)} pruned widths are not multiples of {FAST_WIDTH_MULTIPLE} "
             f"({', '.join(map(str, odd[:4]))}{', …' if len(odd) > 4 else ''}): onnxruntime's CPU kernels and GPU "
             f"tensor cores run such widths slowly, and the pruned model may run slower than the original; {fix} "

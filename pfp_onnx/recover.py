@@ -42,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from pfp_onnx import conv_gram
+from pfp_onnx.conv_geometry import padded_and_out, tap_window, zero_padded
 
 __all__ = [
     "ConvPatches",
@@ -201,7 +202,8 @@ def layer_features(activation: np.ndarray, *, conv: ConvPatches | None) -> np.nd
         )
     samples, channels = activation.shape[:2]
     kernel_size = int(np.prod(kernel_shape, dtype=np.int64))
-    padded, out_shape = _padded(activation, conv)
+    padded = zero_padded(activation, pads)
+    _, out_shape = padded_and_out(activation.shape[2:], pads, dilations, kernel_shape, strides)
     if min(out_shape, default=1) <= 0:
         return np.zeros((0, channels * kernel_size), dtype=activation.dtype)
     spatial_strides = padded.strides[2:]
@@ -219,15 +221,6 @@ def layer_features(activation: np.ndarray, *, conv: ConvPatches | None) -> np.nd
         writeable=False,
     )
     return view.reshape(channels * kernel_size, -1).T
-
-
-def _padded(activation: np.ndarray, conv: ConvPatches) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The zero-padded input [N, C, *padded] of a conv and its output size per spatial axis."""
-    strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
-    rank = len(kernel_shape)
-    padded = np.pad(activation, [(0, 0), (0, 0)] + [(pads[d], pads[d + rank]) for d in range(rank)])
-    return padded, tuple((padded.shape[2 + d] - dilations[d] * (kernel_shape[d] - 1) - 1) // strides[d] + 1
-                         for d in range(rank))
 
 
 def accumulate_features(statistics: FeatureStatistics, activation: np.ndarray, *, conv: ConvPatches | None,
@@ -259,16 +252,16 @@ def _window_sums(statistics: FeatureStatistics, activation: np.ndarray, conv: Co
     """Fold a conv's batch into count-and-sum statistics without unfolding: feature (c, k) summed over
     every patch is the sum of the input window that tap k reads, one strided view per tap (padding reads
     zeros, which add nothing)."""
-    strides, _, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
+    strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
     rank = len(kernel_shape)
-    padded, out_shape = _padded(activation, conv)
+    _, out_shape = padded_and_out(activation.shape[2:], pads, dilations, kernel_shape, strides)
     if min(out_shape, default=1) <= 0:
         return
+    padded = zero_padded(activation, pads)
     taps = list(np.ndindex(*kernel_shape))
     sums = np.empty((activation.shape[1], len(taps)), dtype=np.float64)  # features ordered c·K + k
     for index, tap in enumerate(taps):
-        window = padded[(slice(None), slice(None), *(slice(k * d, k * d + s * (n - 1) + 1, s) for k, d, s, n
-                                                     in zip(tap, dilations, strides, out_shape)))]
+        window = padded[(slice(None), slice(None), *tap_window(tap, dilations, strides, out_shape))]
         sums[:, index] = window.sum(axis=(0, *range(2, 2 + rank)), dtype=np.float64)
     count = activation.shape[0] * int(np.prod(out_shape))
     shift = statistics.shift if statistics.shift is not None else np.zeros(sums.size)
@@ -281,7 +274,7 @@ def _shifted_products(statistics: FeatureStatistics, activation: np.ndarray, con
     is cheaper than unfolding; False where it is not (or the statistics' shift differs between taps)."""
     strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
     spatial = activation.shape[2:]
-    padded, _ = conv_gram.padded_and_out(spatial, pads, dilations, kernel_shape)
+    padded, _ = padded_and_out(spatial, pads, dilations, kernel_shape)
     padded_sample = 4 * activation.shape[1] * int(np.prod(padded))
     per_chunk = min(activation.shape[0], max(1, chunk_bytes // padded_sample))
     if not (statistics.has_gram and statistics.fast and len(spatial) == len(kernel_shape)

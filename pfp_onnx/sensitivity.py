@@ -28,6 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pfp_onnx import max_times
+from pfp_onnx.conv_geometry import padded_and_out, zero_padded
 from pfp_onnx.grid_screen import grid_candidates, grid_seed, inverse_at, largest_inverse_of_parts
 from pfp_onnx.max_times import MaxTimesScorer, inverse_of_parts
 
@@ -91,12 +92,8 @@ class ConvScorer:
                 f"activation {activation.shape} does not fit a conv weight with C={self.channels} and "
                 f"{self.spatial_rank} spatial axes (expected [N, C, *spatial])"
             )
-        rank = self.spatial_rank
-        out_shape = tuple(
-            (activation.shape[2 + d] + self.pads[d] + self.pads[d + rank]
-             - self.dilations[d] * (self.kernel_shape[d] - 1) - 1) // self.strides[d] + 1
-            for d in range(rank)
-        )
+        _, out_shape = padded_and_out(activation.shape[2:], self.pads, self.dilations, self.kernel_shape,
+                                      self.strides)
         if min(out_shape, default=1) <= 0:
             return
         positions = int(np.prod(out_shape))
@@ -135,9 +132,8 @@ class ConvScorer:
         self._scorer.update(self._unfold(points, out_shape), inverse_of_parts(plus, minus))
 
     def _unfold(self, points: np.ndarray, out_shape: tuple[int, ...]) -> np.ndarray:
-        rank = self.spatial_rank
-        padded = np.pad(points, [(0, 0), (0, 0)] + [(self.pads[d], self.pads[d + rank]) for d in range(rank)])
-        return _unfold(padded, self.kernel_shape, out_shape, self.strides, self.dilations, self._buffer)
+        return _unfold(zero_padded(points, self.pads), self.kernel_shape, out_shape, self.strides, self.dilations,
+                       self._buffer)
 
 
 class ConvTransposeScorer:
