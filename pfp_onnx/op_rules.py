@@ -454,10 +454,10 @@ def transpose(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
 @_reads_channels(0, 1)
 def squeeze(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     axes = _int_list(tracer, node, 1, "axes")
-    shape = tracer.shape(node.inputs[0])
-    if axes == [] and shape is not None and None not in shape:
-        axes = [a for a, size in enumerate(shape) if size == 1]
-    if not axes:
+    if axes == []:  # every axis that is 1 when it runs: a channel axis pruned to width 1 would go too
+        tracer.freeze(incoming, f"Squeeze '{node.name}' has no axes, so a pruned width of 1 would be squeezed")
+        return
+    if axes is None:
         tracer.freeze(incoming, f"Squeeze '{node.name}' has unknown axes")
         return
     axes = {a % incoming.rank for a in axes}

@@ -57,9 +57,15 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mappi
     for (node_name, input_index, axis), pieces in cuts.items():
         node = nodes[node_name]
         _replace_input(node, input_index, _cut(np.asarray(node.inputs[input_index].values), axis, pieces))
+    counts: dict[str, list[tuple[SizeFix, int, int]]] = {}
     for fix in analysis.size_fixes:
         value = fix.block * sum(kept_count(analysis, selections, group) for group in fix.groups)
-        _write_count(nodes[fix.node], fix, value, graph.opset)
+        full = fix.block * sum(analysis.group(group).width for group in fix.groups)
+        counts.setdefault(fix.node, []).append((fix, value, full))
+    for node_name, fixes in counts.items():
+        if any(value != full for _, value, full in fixes):  # a node whose counts all stay is left as it was
+            for fix, value, _ in fixes:
+                _write_count(nodes[node_name], fix, value, graph.opset)
     input_names = {tensor.name for tensor in graph.inputs}
     output_names = {tensor.name for tensor in graph.outputs}
     for tensor in graph.tensors().values():

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
+import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from pfp_onnx.groups import ChannelAnalysis, ChannelGroup, SizeFix, WeightSlice, analyse_channel_groups
+from pfp_onnx.model import with_outputs
+from pfp_onnx.recover import ConvPatches, layer_features
 from zoo import ZOO, extra_outputs, input_shapes, outer_scope_subgraph
 
 
@@ -275,3 +280,98 @@ def test_instance_normalization_carries_channels_and_is_cut_with_them():
     assert group.prunable and group.consumers == ("conv2",)
     assert {(s.node, s.input_index, s.axis) for s in group.slices if s.role == "param"} == {
         ("conv1", 2, 0), ("in1", 1, 0), ("in1", 2, 0)}
+
+
+# ---- shape operators -------------------------------------------------------------------------------------
+def test_shape_ops_carry_channels_through_pad_reductions_squeeze_and_unsqueeze():
+    analysis = analyse("shape_ops")
+    assert [group.producers for group in analysis.prunable_groups] == [
+        ("conv_a",), ("conv_b",), ("conv_c",), ("conv_f",), ("conv_f",), ("conv_d", "conv_e"), ("dense",)]
+    assert group_of(analysis, "conv_a").tensors == ("conv_a", "relu_a", "pad")
+    assert group_of(analysis, "conv_b").tensors == ("conv_b", "relu_b", "sum_w", "squeeze")
+    assert group_of(analysis, "conv_c").tensors == ("conv_c", "softmax", "unsqueeze")
+    # ReduceMax without keepdims and a Transpose move the channels to the last axis, where MatMul reads them
+    coupled = group_of(analysis, "conv_d")
+    assert coupled.tensors == ("conv_d", "conv_e", "add", "max_h", "relu_max", "to_last")
+    assert layer(analysis, "dense").in_groups == (coupled.id,)
+    assert layer(analysis, "conv_c").kernel == 3  # the 1-D conv between Squeeze and Unsqueeze
+    # Split into equal parts with no sizes: each part is a group of its own, and both sizes are counts
+    first, second = [group for group in analysis.groups if group.producers == ("conv_f",)]
+    assert (first.consumers, second.consumers) == (("conv_d",), ("conv_e",))
+    assert analysis.size_fixes == (SizeFix("split", 1, 0, (first.id,)), SizeFix("split", 1, 1, (second.id,)))
+
+
+def test_legacy_attribute_axes_and_split_sizes():
+    analysis = analyse("legacy_axes")
+    part_a, part_b = [group for group in analysis.groups if group.producers == ("conv_b",)]
+    carried = ("conv_b", "relu_b", "sum_w", "squeeze", "unsqueeze")
+    assert (part_a.tensors, part_b.tensors) == (carried + ("part_a",), carried + ("part_b",))
+    assert (part_a.width, part_b.width) == (2, 6)
+    assert (part_a.consumers, part_b.consumers) == (("conv_c",), ("conv_d",))
+    assert group_of(analysis, "conv_a").tensors == ("conv_a", "relu_a", "pad")  # reflect padding, spatial
+    assert [fix.node for fix in analysis.size_fixes] == ["split", "split"]
+    assert all(group.prunable for group in analysis.groups if group.producers != ("logits",))
+
+
+@pytest.mark.parametrize("producer, reason", [
+    ("conv_pad", "Pad 'pad_channels' pads the channel axis"),
+    ("conv_sum", "ReduceSum 'sum_channels' reduces over the channels"),
+    ("conv_step", "Slice 'slice_step' takes channels with a step"),
+    ("conv_sq", "Squeeze 'squeeze_all' has no axes"),
+])
+def test_shape_ops_that_cannot_be_rewritten_freeze(producer, reason):
+    group = group_of(analyse("frozen_shape_ops"), producer)
+    assert not group.prunable
+    assert any(reason in text for text in group.frozen), group.frozen
+
+
+def test_frozen_shape_ops_leave_the_plain_pair_prunable():
+    analysis = analyse("frozen_shape_ops")
+    assert [group.producers for group in analysis.prunable_groups] == [("conv_ok",)]
+
+
+def test_resize_to_fixed_sizes_rewrites_the_channel_entry():
+    analysis = analyse("resize_sizes")
+    group = group_of(analysis, "conv_a")
+    assert group.prunable and group.consumers == ("conv_b",)
+    assert analysis.size_fixes == (SizeFix("resize", 3, 1, (group.id,)),)
+
+
+
+# ---- conv geometry -------------------------------------------------------------------------------------
+def _single_conv(auto_pad: str, kernel: int, stride: int, dilation: int, size: int):
+    """conv (auto_pad) → Relu → conv2 (1×1), so that conv is a consumer of nothing and a producer of a
+    prunable group; its output y is also a graph output for the comparison."""
+    rng = np.random.default_rng(kernel * 100 + stride * 10 + dilation)
+    weight = rng.standard_normal((4, 3, kernel, kernel)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", auto_pad=auto_pad, strides=[stride] * 2,
+                              dilations=[dilation] * 2),
+             helper.make_node("Relu", ["y"], ["r"], name="relu"),
+             helper.make_node("Conv", ["r", "w2"], ["out"], name="conv2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, size, size])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(weight, "w"),
+                               numpy_helper.from_array(rng.standard_normal((2, 4, 1, 1)).astype(np.float32), "w2")])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    return model, weight, rng.standard_normal((2, 3, size, size)).astype(np.float32)
+
+
+GEOMETRIES = [(auto_pad, 3, 1, 1, 7) for auto_pad in ("SAME_UPPER", "SAME_LOWER", "VALID")] + [
+    (auto_pad, kernel, stride, 1, size) for auto_pad in ("SAME_UPPER", "SAME_LOWER")
+    for kernel, stride, size in ((2, 1, 6), (3, 2, 7), (4, 3, 8), (2, 2, 5))] + [
+    ("VALID", 3, 2, 2, 9), ("VALID", 2, 3, 1, 8)]  # onnxruntime runs dilation only without SAME padding
+
+
+@pytest.mark.parametrize("auto_pad, kernel, stride, dilation, size", GEOMETRIES)
+def test_auto_pad_geometry_reproduces_onnxruntime(auto_pad, kernel, stride, dilation, size):
+    """The pads the analysis derives from auto_pad are the ones onnxruntime uses: unfolding the input with
+    them and multiplying by the filters gives the conv's own output (the scorers, the sign-part capture
+    and the recovery all read the geometry to know what each output sees)."""
+    model, weight, x = _single_conv(auto_pad, kernel, stride, dilation, size)
+    geometry = layer(analyse_channel_groups(model, {"x": x.shape}), "conv").conv
+    session = ort.InferenceSession(with_outputs(model, ["y"]).SerializeToString(), providers=["CPUExecutionProvider"])
+    (want,) = session.run(["y"], {"x": x})
+    features = layer_features(x, conv=ConvPatches(geometry.strides, geometry.pads, geometry.dilations,
+                                                  geometry.kernel_shape))
+    got = (features @ weight.reshape(4, -1).T).reshape(2, *want.shape[2:], 4).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

@@ -143,7 +143,11 @@ def prune_and_check(model: onnx.ModelProto, analysis: ChannelAnalysis, selection
         assert_same_outputs(run(pruned, feed), run(oracle, feed))
 
     original_sizes, pruned_sizes = constant_input_sizes(model), constant_input_sizes(pruned)
+    split_nodes = {node.name for node in model.graph.node if node.op_type == "Split"}
     for key, size in pruned_sizes.items():
+        if key not in original_sizes:  # the one input a rewrite may add: equal Split parts written out
+            assert key[0] in split_nodes and key[1] == 1, f"rewrite added constant input {key}"
+            continue
         assert size <= original_sizes[key], f"constant input {key} grew from {original_sizes[key]} to {size}"
     removed = any(len(selection.kept) < analysis.group(group_id).width
                   for group_id, selection in selections.items())
@@ -176,7 +180,8 @@ def test_keeping_every_channel_changes_nothing(name):
     assert constant_input_sizes(pruned) == constant_input_sizes(model)
 
 
-@pytest.mark.parametrize("name", ["chain", "residual", "reshape_variants", "mlp3d"])
+@pytest.mark.parametrize("name", ["chain", "residual", "reshape_variants", "mlp3d", "shape_ops", "legacy_axes",
+                                  "resize_sizes", "frozen_shape_ops"])
 def test_single_channel_everywhere(name):
     """The harshest cut: every prunable group down to its last channel, with a non-trivial scale."""
     model = ZOO[name]()
@@ -310,3 +315,50 @@ def assert_graph_output_shapes_survive(model: onnx.ModelProto) -> None:
     pruned = rewrite(model, analysis, selections)
     feed = random_inputs(model, 1, 0)
     assert [out.shape for out in run(pruned, feed)] == [out.shape for out in run(model, feed)]
+
+
+# ---- counts of channels that shape operators carry -------------------------------------------------------
+def _node(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    (found,) = [node for node in model.graph.node if node.name == name]
+    return found
+
+
+def _keep_first(analysis: ChannelAnalysis, counts: dict[str, int]) -> dict[int, Selection]:
+    """Keep the first n channels of the group(s) of each named producer (one group per Split part)."""
+    selections = {}
+    for producer, count in counts.items():
+        for group in analysis.groups:
+            if producer in group.producers:
+                selections[group.id] = Selection(np.arange(min(count, group.width)), np.ones(min(count, group.width),
+                                                                                          np.float32))
+    return selections
+
+
+def test_split_sizes_are_written_out_when_implicit_and_rewritten_when_attributes():
+    implicit = ZOO["shape_ops"]()
+    analysis = analyse_channel_groups(implicit, input_shapes(implicit))
+    pruned = prune_and_check(implicit, analysis, _keep_first(analysis, {"conv_f": 2}), [random_inputs(implicit, 2, 0)])
+    sizes = constant_values(pruned)[_node(pruned, "split").input[1]]
+    np.testing.assert_array_equal(sizes, [2, 2])
+
+    legacy = ZOO["legacy_axes"]()
+    analysis = analyse_channel_groups(legacy, input_shapes(legacy))
+    pruned = prune_and_check(legacy, analysis, _keep_first(analysis, {"conv_b": 1}), [random_inputs(legacy, 2, 0)])
+    (split,) = [attr for attr in _node(pruned, "split").attribute if attr.name == "split"]
+    assert list(split.ints) == [1, 1]
+    assert pruned.opset_import[0].version == 11
+
+
+def test_resize_sizes_follow_the_pruned_width():
+    model = ZOO["resize_sizes"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    pruned = prune_and_check(model, analysis, _keep_first(analysis, {"conv_a": 4}), [random_inputs(model, 2, 0)])
+    np.testing.assert_array_equal(constant_values(pruned)[_node(pruned, "resize").input[3]], [2, 4, 8, 8])
+
+
+def test_keeping_every_channel_leaves_counts_as_they_were():
+    """A node whose channel counts all stay is not touched: implicit Split sizes stay implicit."""
+    model = ZOO["shape_ops"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    pruned = rewrite(model, analysis, _keep_first(analysis, {"conv_a": 3}))
+    assert list(_node(pruned, "split").input) == list(_node(model, "split").input)

@@ -90,9 +90,9 @@ class _GraphBuilder:
     def output(self, name: str, shape) -> None:
         self.outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
 
-    def build(self) -> onnx.ModelProto:
+    def build(self, opset: int = 17) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)],
+        model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", opset)],
                                   producer_name="pfp-onnx tests")
         onnx.checker.check_model(model, full_check=True)
         return model
@@ -381,6 +381,113 @@ def instance_norm() -> onnx.ModelProto:
     return b.build()
 
 
+def shape_ops() -> onnx.ModelProto:
+    """The shape-changing operators that carry channels: Pad (spatial), reductions, Squeeze/Unsqueeze, a
+    1-D conv between them, Softmax and Split (equal parts, sizes implicit) off and on the channel axis.
+
+    conv_a → Relu → Pad (H, W) → conv_b (no pads) → Relu → ReduceSum(W, keepdims) [N,6,8,1]
+    → Squeeze(3) [N,6,8] → conv_c (1-D) → Softmax(axis 2) → Unsqueeze(2) [N,5,1,8]
+    → Split(axis 1, two equal parts, no sizes) → conv_d, conv_e (1×1) → Add
+    → ReduceMax(H, keepdims 0) [N,4,8] → Transpose [N,8,4] → MatMul (dense on the moved channel axis)
+    → ReduceMean(axis 1, keepdims 0) → logits.
+    """
+    b = _GraphBuilder("shape_ops", seed=13)
+    x = b.input("x", ["N", 3, 8, 8])
+    h = b.node("Relu", [b.conv("conv_a", x, 3, 8, pads=[1] * 4)], "relu_a")
+    h = b.node("Pad", [h, b.constant("pad.pads", [0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64),
+                       b.constant("pad.value", 0.25)], "pad")                            # [N,8,10,10]
+    h = b.node("Relu", [b.conv("conv_b", h, 8, 6)], "relu_b")                            # [N,6,8,8]
+    h = b.node("ReduceSum", [h, b.constant("sum.axes", [3], dtype=np.int64)], "sum_w")   # [N,6,8,1]
+    h = b.node("Squeeze", [h, b.constant("squeeze.axes", [-1], dtype=np.int64)], "squeeze")  # [N,6,8]
+    weight = b.weight("conv_c.weight", (5, 6, 3))
+    h = b.node("Conv", [h, weight, b.bias("conv_c.bias", (5,))], "conv_c", kernel_shape=[3], pads=[1, 1])
+    h = b.node("Softmax", [h], "softmax", axis=2)                                        # [N,5,8]
+    h = b.node("Unsqueeze", [h, b.constant("unsqueeze.axes", [2], dtype=np.int64)], "unsqueeze")  # [N,5,1,8]
+    h = b.conv("conv_f", h, 5, 6, kernel=1)
+    b.nodes.append(helper.make_node("Split", [h], ["half_a", "half_b"], name="split", axis=1))
+    h = b.node("Add", [b.conv("conv_d", "half_a", 3, 4, kernel=1), b.conv("conv_e", "half_b", 3, 4, kernel=1)],
+               "add")
+    h = b.node("ReduceMax", [h], "max_h", axes=[2], keepdims=0)                          # [N,4,8]
+    h = b.node("Transpose", [b.node("Relu", [h], "relu_max")], "to_last", perm=[0, 2, 1])  # [N,8,4]
+    h = b.node("Relu", [b.matmul("dense", h, 4, 7)], "relu_dense")                       # [N,8,7]
+    h = b.node("ReduceMean", [h], "mean_t", axes=[1], keepdims=0)                        # [N,7]
+    b.gemm("logits", h, 7, 3)
+    b.output("logits", ["N", 3])
+    return b.build()
+
+
+def legacy_axes() -> onnx.ModelProto:
+    """The same operators at opset 11, where Squeeze, Unsqueeze, the reductions and Split take their axes
+    and sizes as attributes (and Split's sizes, written out, must be rewritten there).
+
+    conv_a → Relu → Pad (H, W; pads input) → conv_b → ReduceSum(W, attribute) → Squeeze(attribute)
+    → Unsqueeze(attribute) → Split(axis 1, sizes [2, 6] attribute) → conv_c, conv_d → Add
+    → ReduceMean(H, W; attribute, keepdims 0) → logits.
+    """
+    b = _GraphBuilder("legacy_axes", seed=14)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.node("Relu", [b.conv("conv_a", x, 3, 8, pads=[1] * 4)], "relu_a")
+    h = b.node("Pad", [h, b.constant("pad.pads", [0, 0, 1, 1, 0, 0, 1, 1], dtype=np.int64)], "pad",
+               mode="reflect")                                                           # [N,8,8,8]
+    h = b.node("Relu", [b.conv("conv_b", h, 8, 8)], "relu_b")                            # [N,8,6,6]
+    h = b.node("ReduceSum", [h], "sum_w", axes=[3], keepdims=1)                          # [N,8,6,1]
+    h = b.node("Squeeze", [h], "squeeze", axes=[3])                                      # [N,8,6]
+    h = b.node("Unsqueeze", [h], "unsqueeze", axes=[3])                                  # [N,8,6,1]
+    b.nodes.append(helper.make_node("Split", [h], ["part_a", "part_b"], name="split", axis=1, split=[2, 6]))
+    h = b.node("Add", [b.conv("conv_c", "part_a", 2, 5, kernel=1), b.conv("conv_d", "part_b", 6, 5, kernel=1)],
+               "add")
+    h = b.node("ReduceMean", [b.node("Relu", [h], "relu_add")], "mean_hw", axes=[2, 3], keepdims=0)  # [N,5]
+    b.gemm("logits", h, 5, 3)
+    b.output("logits", ["N", 3])
+    return b.build(opset=11)
+
+
+def frozen_shape_ops() -> onnx.ModelProto:
+    """The shape operators that must freeze the channels they touch, each on its own conv beside one
+    prunable pair (conv_ok → Relu → conv_ok2): Pad on the channel axis, a reduction over the channels,
+    Slice with a step, and Squeeze without axes (which sizes are 1 is only known when it runs, and a
+    pruned width could become 1)."""
+    b = _GraphBuilder("frozen_shape_ops", seed=15)
+    x = b.input("x", ["N", 4, 6, 6])
+    branch = [b.conv("conv_ok2", b.node("Relu", [b.conv("conv_ok", x, 4, 7, kernel=1)], "relu_ok"), 7, 4,
+                     kernel=1)]
+    padded = b.node("Pad", [b.conv("conv_pad", x, 4, 3, kernel=1),
+                            b.constant("pad.pads", [0, 1, 0, 0, 0, 0, 0, 0], dtype=np.int64)], "pad_channels")
+    branch.append(b.conv("conv_pad2", padded, 4, 4, kernel=1))
+    summed = b.node("ReduceSum", [b.conv("conv_sum", x, 4, 5, kernel=1), b.constant("sum.axes", [1], dtype=np.int64)],
+                    "sum_channels")                                                      # [N,1,6,6]
+    branch.append(b.node("Expand", [summed, b.constant("expand.shape", [1, 4, 1, 1], dtype=np.int64)], "expand"))
+    strided = b.node("Slice", [b.conv("conv_step", x, 4, 8, kernel=1)] + [
+        b.constant(f"step.{key}", [value], dtype=np.int64) for key, value in
+        (("starts", 0), ("ends", 8), ("axes", 1), ("steps", 2))], "slice_step")          # [N,4,6,6]
+    branch.append(b.conv("conv_step2", strided, 4, 4, kernel=1))
+    pooled = b.node("GlobalAveragePool", [b.conv("conv_sq", x, 4, 6, kernel=1)], "gap_sq")  # [N,6,1,1]
+    squeezed = b.gemm("dense_sq", b.node("Squeeze", [pooled], "squeeze_all"), 6, 4)    # [N,4]
+    merged = branch[0]
+    for index, other in enumerate(branch[1:]):
+        merged = b.node("Add", [merged, other], f"merge{index}")
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [merged], "gap")], "flatten")
+    b.node("Add", [b.gemm("head", h, 4, 4), squeezed], "logits")
+    b.output("logits", [2, 4])
+    b.inputs[0] = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4, 6, 6])
+    return b.build()
+
+
+def resize_sizes() -> onnx.ModelProto:
+    """Resize given output sizes (fixed batch), whose channel entry must follow the pruned width."""
+    b = _GraphBuilder("resize_sizes", seed=16)
+    x = b.input("x", [2, 3, 4, 4])
+    h = b.node("Relu", [b.conv("conv_a", x, 3, 6, pads=[1] * 4)], "relu_a")
+    empty = b.constant("resize.roi", [], dtype=np.float32)
+    h = b.node("Resize", [h, empty, b.constant("resize.scales", [], dtype=np.float32),
+                          b.constant("resize.sizes", [2, 6, 8, 8], dtype=np.int64)], "resize", mode="nearest")
+    h = b.node("Relu", [b.conv("conv_b", h, 6, 5, strides=[2, 2], pads=[1] * 4)], "relu_b")  # [2,5,4,4]
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h], "gap")], "flatten")
+    b.gemm("logits", h, 5, 3)
+    b.output("logits", [2, 3])
+    return b.build()
+
+
 ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "chain": chain,
     "residual": residual,
@@ -393,6 +500,10 @@ ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "squeeze_excite": squeeze_excite,
     "self_coupled": self_coupled,
     "instance_norm": instance_norm,
+    "shape_ops": shape_ops,
+    "legacy_axes": legacy_axes,
+    "frozen_shape_ops": frozen_shape_ops,
+    "resize_sizes": resize_sizes,
 }
 
 
