@@ -218,6 +218,16 @@ def model_feeds(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: array for name, array in batch.items() if name != LABELS}
 
 
+def whole_batches(data: CalibrationData | StreamedData | None,
+                  batch: int | None) -> tuple[CalibrationData | StreamedData | None, int]:
+    """The data without the last points that do not fill a batch of `batch` (a model exported with a fixed
+    batch size runs nothing else), and how many were left out. Streamed data keeps its own batches."""
+    if data is None or not isinstance(data, CalibrationData) or not batch or batch == 1:
+        return data, 0
+    left_out = data.count % batch
+    return (data.subset(np.arange(data.count - left_out)) if left_out else data), left_out
+
+
 def split(data: CalibrationData | StreamedData, holdout: float,
           seed: int) -> tuple[CalibrationData | StreamedData, CalibrationData | StreamedData | None]:
     """Sensitivity part and held-out verification part, chosen by a seeded permutation."""

@@ -44,7 +44,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         model = onnx.load(str(path), load_external_data=True)
     except Exception as exc:  # protobuf raises several unrelated types for corrupt bytes
         raise ModelError(
-            f"Could not read '{path}' as an ONNX model ({type(exc).__name__}: {_first_line(exc)}). "
+            f"Could not read '{path}' as an ONNX model ({type(exc).__name__}: {first_line(exc)}). "
             "Make sure the file is a complete .onnx file (not truncated, not another format) and that "
             "any external-data files sit beside it."
         ) from None
@@ -232,7 +232,7 @@ def infer_shapes(model: onnx.ModelProto, *, strict: bool = False) -> onnx.ModelP
         if strict:
             raise
         raise ModelError(
-            f"ONNX shape inference failed on the model ({_first_line(exc)}); pfp-onnx needs it to know "
+            f"ONNX shape inference failed on the model ({first_line(exc)}); pfp-onnx needs it to know "
             "channel counts. Check the model with onnx.checker and re-export it."
         ) from None
 
@@ -256,6 +256,22 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
                 output.to_constant(values)
     graph.cleanup(remove_unused_graph_inputs=False)
     return graph
+
+
+def with_unique_node_names(model: onnx.ModelProto, *, in_place: bool) -> onnx.ModelProto:
+    """The model with every node named as node_names() names it, when two nodes share a name (onnxruntime
+    refuses such a model; the pruned model gets these names anyway). Unchanged (the same object) otherwise;
+    a copy unless in_place."""
+    names = [node.name for node in model.graph.node if node.name]
+    if len(names) == len(set(names)):
+        return model
+    if not in_place:
+        copied = onnx.ModelProto()
+        copied.CopyFrom(model)
+        model = copied
+    for node, name in zip(model.graph.node, node_names(model)):
+        node.name = name
+    return model
 
 
 def node_names(model: onnx.ModelProto) -> list[str]:
@@ -399,7 +415,8 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_da
                 leftover.unlink()
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line: enough for a one-paragraph message."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

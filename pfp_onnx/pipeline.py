@@ -18,17 +18,18 @@ import onnx
 from pfp_onnx.allocate import GroupDemand, LayerSize, allocate, allocate_uniform
 from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
-from pfp_onnx.data import CalibrationData, StreamedData, input_specs, read_npz, split, validate
-from pfp_onnx.errors import ModelError, OptionError
+from pfp_onnx.data import CalibrationData, StreamedData, input_specs, read_npz, split, validate, whole_batches
+from pfp_onnx.errors import DataError, ModelError, OptionError
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
-from pfp_onnx.model import check_model, free_graph_weights, load_model, parameter_count, with_metadata
+from pfp_onnx.model import (check_model, free_graph_weights, load_model, parameter_count, with_metadata,
+                            with_unique_node_names)
 from pfp_onnx.recover import FeatureStatistics
 from pfp_onnx.refit import RECOVERIES, new_statistics, recoverable_layers, replacements, with_zero_biases
 from pfp_onnx.report import CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
-from pfp_onnx.runtime import Device, choose_device
+from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, choose_device
 from pfp_onnx.select import Selection, select_channels
-from pfp_onnx.verify import Verification, check_runs, verify
+from pfp_onnx.verify import Verification, blame, check_runs, runtime_failure, verify
 from pfp_onnx.version import __version__
 
 MODES = ("deterministic", "randomized", "hybrid")
@@ -56,8 +57,8 @@ class CompressResult:
 def load(model: ModelSource) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         check_model(model)
-        return model, model.graph.name or "<in-memory model>"
-    return load_model(model), str(model)
+        return with_unique_node_names(model, in_place=False), model.graph.name or "<in-memory model>"
+    return with_unique_node_names(load_model(model), in_place=True), str(model)
 
 
 def load_data(data: DataSource, model: onnx.ModelProto) -> CalibrationData | StreamedData:
@@ -137,6 +138,14 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     original = proto
     calibration = load_data(data, proto)
     sensitivity_part, holdout_part = split(calibration, holdout, seed)
+    fixed = _fixed_batch(proto)
+    (sensitivity_part, left_out), (holdout_part, held_left_out) = (whole_batches(part, fixed)
+                                                                    for part in (sensitivity_part, holdout_part))
+    if sensitivity_part.count == 0:
+        raise DataError(f"{name} runs batches of exactly {fixed} points (its input's batch dimension), and fewer "
+                        f"than {fixed} points are left for sensitivity. Give more points or lower --holdout.")
+    if holdout_part is not None and holdout_part.count == 0:
+        holdout_part = None
     excluded = dict(exclude_nodes=exclude, exclude_ops=exclude_ops)
     analysis = analyse_channel_groups(proto, calibration.point_shapes(), **excluded)
     recovery = max((method.recovery for method in methods), key=RECOVERIES.index, default="none")
@@ -154,19 +163,26 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     for budget in budgets:  # fail on an impossible budget before the expensive capture
         allocate(_demands(analysis, ones), _layer_sizes(analysis), budget, round_to=round_to)
     chosen_device = choose_device(device)
-    batch_size = _fixed_batch(proto) or batch_size
+    batch_size = fixed or batch_size
     recommended = _recommended_points(analysis)
     notes = [chosen_device.note]
+    if left_out + held_left_out:
+        notes.append(f"{name} runs batches of exactly {fixed} points: {left_out + held_left_out} calibration "
+                     f"point(s) that do not fill a batch were left out"
+                     + ("" if holdout_part is not None or not holdout else ", and so was verification"))
     seconds = {"analyse": time.perf_counter() - started}
     needs_sensitivity = any("pfp" in (method.criterion, method.allocation) for method in methods)
     statistics = new_statistics(analysis, recovery) if recovery != "none" else {}
     sensitivity = None
     if needs_sensitivity or statistics:
         stage_start = time.perf_counter()
-        sensitivity = capture_sensitivities(
-            proto, analysis, sensitivity_part.batches(batch_size), chosen_device,
-            progress=_stage_progress(progress, "capture", sensitivity_part.count),
-            sensitivity=needs_sensitivity, statistics=statistics)
+        try:
+            sensitivity = capture_sensitivities(
+                proto, analysis, sensitivity_part.batches(batch_size), chosen_device,
+                progress=_stage_progress(progress, "capture", sensitivity_part.count),
+                sensitivity=needs_sensitivity, statistics=statistics)
+        except ONNXRUNTIME_ERRORS as exc:
+            raise blame(exc, original, name, sensitivity_part.batches(batch_size), chosen_device) from exc
         seconds["capture"] = time.perf_counter() - stage_start
     if needs_sensitivity and (sensitivity_part.count or 0) < recommended:
         notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
@@ -196,14 +212,20 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     pruned = with_metadata(rewrite(proto, analysis, selections, changes), {
         "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
         "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(prepared.round_to)})
-    check_runs(pruned, next(prepared.calibration.batches(_fixed_batch(proto) or 1)), prepared.device)
+    check_runs(pruned, next(prepared.calibration.batches(_fixed_batch(proto) or 1)), prepared.device,
+               original=prepared.original, name=prepared.name)
     seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
     epsilon = None if math.isnan(allocation.epsilon) else allocation.epsilon
     verification = None
     if prepared.holdout_part is not None:
         stage_start = time.perf_counter()
-        verification = verify(proto, pruned, prepared.holdout_part.batches(prepared.batch_size), prepared.device,
-                              epsilon=epsilon)
+        holdout_batches = prepared.holdout_part.batches
+        try:
+            verification = verify(proto, pruned, holdout_batches(prepared.batch_size), prepared.device,
+                                  epsilon=epsilon)
+        except ONNXRUNTIME_ERRORS as exc:
+            raise blame(exc, prepared.original, prepared.name, holdout_batches(prepared.batch_size),
+                        prepared.device) from exc
         seconds["verify"] = time.perf_counter() - stage_start
     seconds["total"] = sum(seconds.values())
     notes = prepared.notes + _width_notes(analysis, selections, prepared.round_to, mode)
@@ -355,7 +377,14 @@ def evaluate(original: ModelSource, pruned: ModelSource, data: DataSource, *, ba
             [o.name for o in reference.graph.output] != [o.name for o in candidate.graph.output]:
         raise ModelError(f"{candidate_name} does not have the inputs and outputs of {reference_name}; "
                          "evaluate compares a model with its pruned version.")
-    calibration = load_data(data, reference)
+    calibration, _ = whole_batches(load_data(data, reference), _fixed_batch(reference))
+    if calibration.count == 0:
+        raise DataError(f"{reference_name} runs batches of exactly {_fixed_batch(reference)} points (its input's "
+                        "batch dimension); give at least that many points.")
     chosen_device = choose_device(device)
-    return verify(reference, candidate, calibration.batches(_fixed_batch(reference) or batch_size), chosen_device,
-                  epsilons=epsilons)
+    size = _fixed_batch(reference) or batch_size
+    try:
+        return verify(reference, candidate, calibration.batches(size), chosen_device, epsilons=epsilons)
+    except ONNXRUNTIME_ERRORS as exc:
+        raise (runtime_failure(reference, reference_name, calibration.batches(size), chosen_device)
+               or blame(exc, candidate, candidate_name, calibration.batches(size), chosen_device)) from exc

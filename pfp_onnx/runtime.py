@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
+from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from pfp_onnx.errors import OptionError
 from pfp_onnx.model import externalized, model_bytes, with_outputs
@@ -27,6 +28,12 @@ CPU = "CPUExecutionProvider"
 DEVICES = ("auto", "cuda", "cpu")
 # Above this, sessions are created from a temporary file rather than from serialised bytes.
 SESSION_BYTES_LIMIT = 256 * 2**20
+# What onnxruntime raises when it cannot load or run a model: its own types (none derives from another),
+# and RuntimeError, which run_with_iobinding raises instead.
+ONNXRUNTIME_ERRORS: tuple[type[Exception], ...] = tuple(
+    getattr(_state, name) for name in ("Fail", "InvalidArgument", "NoSuchFile", "NoModel", "EngineError",
+                                       "RuntimeException", "InvalidProtobuf", "ModelLoaded", "NotImplemented",
+                                       "InvalidGraph", "EPFail") if hasattr(_state, name)) + (RuntimeError,)
 
 
 @dataclass(frozen=True)
@@ -89,7 +96,7 @@ def create_session(model: onnx.ModelProto, device: Device, *, outputs: Iterable[
     twice by pfp-onnx, and the caller's model is not changed.
     """
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # a failure reaches the user once, in pfp-onnx's words (pfp_onnx.verify.blame)
     providers = [(name, dict(cuda_options)) if name == CUDA and cuda_options else name for name in device.providers]
     outputs = list(outputs)
     if outputs:

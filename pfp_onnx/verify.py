@@ -6,6 +6,8 @@ by one batch.
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -13,7 +15,9 @@ import numpy as np
 import onnx
 
 from pfp_onnx.data import LABELS, model_feeds
-from pfp_onnx.runtime import Device, create_session
+from pfp_onnx.errors import ModelError
+from pfp_onnx.model import first_line
+from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, create_session
 
 TINY = 1e-12
 
@@ -41,14 +45,54 @@ class Verification:
     outside: dict[str, float]  # empirical δ: fraction of points whose error exceeds each requested ε
 
 
-def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: Device) -> None:
+def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: Device, *,
+               original: onnx.ModelProto, name: str) -> None:
     """Run the pruned model once: onnx.checker does not catch every inconsistency (a conv's group count)."""
     try:
         create_session(model, device).run(None, model_feeds(batch))
-    except Exception as exc:
-        raise RuntimeError(
-            f"pfp-onnx produced a model that onnxruntime cannot run ({exc}). This is a bug in pfp-onnx; "
-            "please report it with the output of `pfp-onnx analyze` for this model.") from exc
+    except ONNXRUNTIME_ERRORS as exc:
+        raise blame(exc, original, name, [batch], device) from exc
+
+
+def _reason(exc: BaseException) -> str:
+    """onnxruntime's message without its '[ONNXRuntimeError] : 1 : FAIL : ' prefix."""
+    return re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", first_line(exc)).rstrip(". ")
+
+
+def runtime_failure(model: onnx.ModelProto, name: str, batches: Iterable[Mapping[str, np.ndarray]],
+                    device: Device) -> ModelError | None:
+    """Why onnxruntime cannot load `model` or run it on one of `batches`, as a user error; None if it can.
+
+    Checker-valid models can still fail there: custom operators, two nodes of one name, a Reshape written
+    for one batch size."""
+    try:
+        session = create_session(model, device)
+    except ONNXRUNTIME_ERRORS as exc:
+        return ModelError(
+            f"onnxruntime cannot load {name} ({_reason(exc)}). pfp-onnx measures a model by running it in "
+            "onnxruntime: re-export it so that onnxruntime loads it (standard operators, unique node names), "
+            "then try again.")
+    for batch in batches:
+        try:
+            session.run(None, model_feeds(batch))
+        except ONNXRUNTIME_ERRORS as exc:
+            points = len(next(iter(batch.values())))
+            return ModelError(
+                f"onnxruntime cannot run {name} on a batch of {points} points ({_reason(exc)}). If the model "
+                "works only at one batch size, export it with that fixed batch dimension on its input (pfp-onnx "
+                "then feeds it whole batches of that size); otherwise fix the model so that onnxruntime runs it.")
+    return None
+
+
+def blame(exc: Exception, model: onnx.ModelProto, name: str, batches: Iterable[Mapping[str, np.ndarray]],
+          device: Device) -> Exception:
+    """What to raise after onnxruntime failed on a model pfp-onnx derived from `model` (a capture model,
+    the pruned model): the user's error when `model` itself fails on the same batches, else a bug report."""
+    return runtime_failure(model, name, batches, device) or RuntimeError(
+        f"onnxruntime failed on a model pfp-onnx derived from {name} ({_reason(exc)}), though {name} "
+        "itself runs. This is a bug in pfp-onnx; please report it with the output of `pfp-onnx analyze` "
+        "for this model.")
+
 
 
 def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],

@@ -81,6 +81,28 @@ def checker_failing_model() -> onnx.ModelProto:
     return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def fixture_changed(change: Callable[[onnx.ModelProto], None]) -> onnx.ModelProto:
+    model = onnx.load(str(MODEL))
+    change(model)
+    return model
+
+
+def _custom_operator(model: onnx.ModelProto) -> None:
+    """The last Relu becomes an operator of a domain onnxruntime does not know."""
+    relu = [node for node in model.graph.node if node.op_type == "Relu"][-1]
+    relu.op_type, relu.domain = "FancyRelu", "com.example"
+    model.opset_import.append(helper.make_opsetid("com.example", 1))
+
+
+def _reshape_for_one_batch_size(model: onnx.ModelProto) -> None:
+    """Flatten written as Reshape to [8, 64]: runs only on batches of 8 though the input says any."""
+    flatten = next(node for node in model.graph.node if node.op_type == "Flatten")
+    flatten.op_type = "Reshape"
+    flatten.input.append("fixed_shape")
+    del flatten.attribute[:]
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array([8, -1], np.int64), "fixed_shape"))
+
+
 @dataclass
 class Case:
     """Builds the CLI arguments in a temporary folder; `output` overrides the default -o path."""
@@ -195,6 +217,11 @@ CASES = {
         _options("--budget", 0.7), "calib.npz", report=lambda tmp, output: tmp / "inputs" / "calib.npz"),
     "exclude-op unknown type": Case(
         _options("--budget", 0.7, "--exclude-op", "Gemmm"), "Gemmm"),
+    # Checker-valid models that onnxruntime cannot load or run: the model's fault, said as such.
+    "custom operator": Case(_options("--budget", 0.7), "com.example",
+                            model=_saved(fixture_changed(_custom_operator), "custom.onnx")),
+    "runs at one batch size only": Case(_options("--budget", 0.7), "cannot run",
+                                        model=_saved(fixture_changed(_reshape_for_one_batch_size), "fixed.onnx")),
 }
 
 

@@ -228,3 +228,41 @@ def test_node_doc_strings_survive():
     result = pfp_onnx.compress(model, {"input": arrays["input"]}, budget=0.6, holdout=0.25, recovery="none")
     docs = {node.name: node.doc_string for node in result.model.graph.node}
     assert all(docs[node.name] == node.doc_string for node in model.graph.node if node.name in docs)
+
+
+@pytest.mark.parametrize("recovery", ["none", "lstsq"])
+def test_nodes_sharing_a_name_are_renamed_not_refused(recovery):
+    """onnxruntime refuses two nodes of one name, though the checker accepts them: compress names them as the
+    pruned model would anyway, and prunes exactly what it prunes in the same model with its own names."""
+    named = onnx.load(str(MODEL))
+    shared = onnx.load(str(MODEL))
+    for node in shared.graph.node:
+        node.name = "node"
+    before = shared.SerializeToString()
+    arrays = {"input": calibration_arrays()["input"]}
+    results = [pfp_onnx.compress(model, arrays, budget=0.5, holdout=0.25, recovery=recovery)
+               for model in (named, shared)]
+    assert shared.SerializeToString() == before, "the caller's ModelProto is not modified"
+    names = [node.name for node in results[1].model.graph.node]
+    assert len(set(names)) == len(names)
+    kept = [{group: selection.kept.tolist() for group, selection in result.selections.items()} for result in results]
+    assert kept[0] == kept[1]
+    outputs = [ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+               .run(None, arrays)[0] for result in results]
+    np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_batch_models_run_whole_batches_only():
+    """A model exported with batch dimension 8 runs nothing else: compress and evaluate feed it whole batches
+    and say how many points did not fill one (40 points, holdout 0.25: 30 → 24 and 10 → 8)."""
+    model = onnx.load(str(MODEL))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 8
+    arrays = calibration_arrays()
+    result = pfp_onnx.compress(model, arrays, budget=0.6, holdout=0.25)
+    assert result.report.sensitivity_points == 24 and result.report.verification.points == 8
+    assert any("batches of exactly 8 points: 8 calibration point(s)" in note for note in result.notes)
+    dims = [dim.dim_value for dim in result.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == 8
+    assert pfp_onnx.evaluate(model, result.model, arrays).points == 40
+    assert pfp_onnx.evaluate(model, result.model, {name: values[:37] for name, values in arrays.items()}).points == 32

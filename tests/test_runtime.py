@@ -106,3 +106,45 @@ def test_capture_sessions_plan_no_memory_pattern(monkeypatch, limit):
     capture = runtime.create_session(model, device, outputs=[model.graph.node[1].output[0]])
     assert capture.get_session_options().enable_mem_pattern is False
     assert runtime.create_session(model, device).get_session_options().enable_mem_pattern is True
+
+
+# ---- whose fault an onnxruntime failure is ---------------------------------------------------------------
+def _fixture_and_points():
+    import numpy as np
+    import onnx
+
+    from test_cli import DATA, MODEL
+
+    with np.load(DATA) as archive:
+        return onnx.load(str(MODEL)), {"input": archive["input"][:24]}
+
+
+@pytest.mark.parametrize("broken", ["capture", "pruned"])
+def test_a_derived_model_failing_where_the_original_runs_is_reported_as_a_bug(monkeypatch, broken):
+    """When onnxruntime fails on a model pfp-onnx made (the capture model, the pruned model) while the user's
+    model runs on the same points, the error is a RuntimeError that asks for a bug report, not a user error."""
+    import onnx
+    from onnx import helper
+
+    import pfp_onnx
+    from pfp_onnx import capture, pipeline
+    from pfp_onnx.errors import PfpError
+
+    def spoiled(model: onnx.ModelProto) -> onnx.ModelProto:
+        """A model onnxruntime cannot load: its first node becomes an unknown operator."""
+        copied = onnx.ModelProto()
+        copied.CopyFrom(model)
+        copied.graph.node[0].op_type, copied.graph.node[0].domain = "Unknown", "com.example"
+        copied.opset_import.append(helper.make_opsetid("com.example", 1))
+        return copied
+
+    if broken == "capture":
+        with_parts = capture.with_conv_parts
+        monkeypatch.setattr(capture, "with_conv_parts", lambda model, layers: (spoiled(with_parts(model, layers)[0]), {}))
+    else:
+        rewrite = pipeline.rewrite
+        monkeypatch.setattr(pipeline, "rewrite", lambda *args, **kwargs: spoiled(rewrite(*args, **kwargs)))
+    model, data = _fixture_and_points()
+    with pytest.raises(RuntimeError, match="bug in pfp-onnx") as raised:
+        pfp_onnx.compress(model, data, budget=0.6, holdout=0.25, recovery="none")
+    assert not isinstance(raised.value, PfpError)
