@@ -153,18 +153,23 @@ def test_square_conv_in_a_residual_is_producer_and_consumer_of_one_group():
 
 
 # ---- freezing ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("producer, reason", [
-    ("conv_out", "graph output 'conv_out'"),
-    ("conv_soft", "Softmax 'softmax'"),
-    ("conv_c", "Concat 'concat' joins along axis 2"),
-    ("conv_d", "Concat 'concat' joins along axis 2"),
-    ("conv_e", "'y'"),
-    ("conv_t", "Conv 'conv_t2' reads channels on axis 2"),
-    ("conv_h", "group=2"),
-    ("logits", "graph output 'logits'"),
+@pytest.mark.parametrize("name, producer, reason", [
+    ("frozen_cases", "conv_out", "graph output 'conv_out'"),
+    ("frozen_cases", "conv_soft", "Softmax 'softmax'"),
+    ("frozen_cases", "conv_c", "Concat 'concat' joins along axis 2"),
+    ("frozen_cases", "conv_d", "Concat 'concat' joins along axis 2"),
+    ("frozen_cases", "conv_e", "'y'"),
+    ("frozen_cases", "conv_t", "Conv 'conv_t2' reads channels on axis 2"),
+    ("frozen_cases", "conv_h", "group=2"),
+    ("frozen_cases", "logits", "graph output 'logits'"),
+    # shape operators that cannot be rewritten
+    ("frozen_shape_ops", "conv_pad", "Pad 'pad_channels' pads the channel axis"),
+    ("frozen_shape_ops", "conv_sum", "ReduceSum 'sum_channels' reduces over the channels"),
+    ("frozen_shape_ops", "conv_step", "Slice 'slice_step' takes channels with a step"),
+    ("frozen_shape_ops", "conv_sq", "Squeeze 'squeeze_all' has no axes"),
 ])
-def test_frozen_groups_say_why(producer, reason):
-    group = group_of(analyse("frozen_cases"), producer)
+def test_frozen_groups_say_why(name, producer, reason):
+    group = group_of(analyse(name), producer)
     assert not group.prunable
     assert any(reason in text for text in group.frozen), group.frozen
 
@@ -311,18 +316,6 @@ def test_legacy_attribute_axes_and_split_sizes():
     assert group_of(analysis, "conv_a").tensors == ("conv_a", "relu_a", "pad")  # reflect padding, spatial
     assert [fix.node for fix in analysis.size_fixes] == ["split", "split"]
     assert all(group.prunable for group in analysis.groups if group.producers != ("logits",))
-
-
-@pytest.mark.parametrize("producer, reason", [
-    ("conv_pad", "Pad 'pad_channels' pads the channel axis"),
-    ("conv_sum", "ReduceSum 'sum_channels' reduces over the channels"),
-    ("conv_step", "Slice 'slice_step' takes channels with a step"),
-    ("conv_sq", "Squeeze 'squeeze_all' has no axes"),
-])
-def test_shape_ops_that_cannot_be_rewritten_freeze(producer, reason):
-    group = group_of(analyse("frozen_shape_ops"), producer)
-    assert not group.prunable
-    assert any(reason in text for text in group.frozen), group.frozen
 
 
 def test_frozen_shape_ops_leave_the_plain_pair_prunable():
