@@ -63,9 +63,12 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mappi
         full = fix.block * sum(analysis.group(group).width for group in fix.groups)
         counts.setdefault(fix.node, []).append((fix, value, full))
     for node_name, fixes in counts.items():
-        if any(value != full for _, value, full in fixes):  # a node whose counts all stay is left as it was
-            for fix, value, _ in fixes:
-                _write_count(nodes[node_name], fix, value, graph.opset)
+        # A Split whose parts all keep their widths is left as it was (implicit sizes stay implicit). Not so
+        # a Slice: its negative bounds count from the end, which moves when later channels go.
+        if nodes[node_name].op == "Split" and all(value == full for _, value, full in fixes):
+            continue
+        for fix, value, _ in fixes:
+            _write_count(nodes[node_name], fix, value, graph.opset)
     input_names = {tensor.name for tensor in graph.inputs}
     output_names = {tensor.name for tensor in graph.outputs}
     for tensor in graph.tensors().values():

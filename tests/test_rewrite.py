@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.rewrite import block_indices, rewrite
 from pfp_onnx.select import Selection
-from zoo import ZOO, extra_outputs, input_shapes, outer_scope_subgraph, random_inputs
+from zoo import ZOO, _GraphBuilder, extra_outputs, input_shapes, outer_scope_subgraph, random_inputs
 
 SEEDS = (0, 1, 2)
 RTOL, ATOL = 1e-4, 1e-5
@@ -362,3 +362,20 @@ def test_keeping_every_channel_leaves_counts_as_they_were():
     analysis = analyse_channel_groups(model, input_shapes(model))
     pruned = rewrite(model, analysis, _keep_first(analysis, {"conv_a": 3}))
     assert list(_node(pruned, "split").input) == list(_node(model, "split").input)
+
+
+def test_negative_slice_bounds_are_rewritten_when_later_channels_go():
+    """Slice(-4, -3) takes channel 0 of 4. Pruning only channels after it leaves the slice's own counts as
+    they were, but its bounds count from the end, which moved: they must still be rewritten."""
+    b = _GraphBuilder("negative_slice", seed=0)
+    h = b.conv("stem", b.input("x", ["N", 3, 8, 8]), 3, 4, kernel=1)
+    bounds = [b.constant(name, [value], dtype=np.int64) for name, value in (("starts", -4), ("ends", -3), ("axes", 1))]
+    taken = b.conv("conv_a", b.node("Slice", [h] + bounds, "slice"), 1, 2, kernel=1)
+    h = b.node("Add", [taken, b.conv("conv_b", h, 4, 2, kernel=1)], "add")
+    b.gemm("logits", b.node("Flatten", [b.node("GlobalAveragePool", [h], "gap")], "flatten"), 2, 3)
+    b.output("logits", ["N", 3])
+    model = b.build()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    rest = next(group for group in analysis.prunable_groups if group.producers == ("stem",) and group.width == 3)
+    prune_and_check(model, analysis, {rest.id: Selection(np.array([1]), np.ones(1, np.float32))},
+                    [random_inputs(model, 2, 0)])
