@@ -5,6 +5,7 @@ All validation happens before any expensive work, so a mismatch costs the user s
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ class StreamedData:
         self.part, self.holdout, self.seed = part, holdout, seed
         self.count: int | None = None
         self.labels = None  # labels travel inside the batches
+        self.exact: int | None = None  # set by whole_batches(): re-batch to exactly this many points
         first = next(iter(self._validated()), None)
         if first is None:
             raise DataError("The calibration batch source yielded no points; it must yield at least one batch.")
@@ -102,18 +104,30 @@ class StreamedData:
         return parts[0], parts[1]
 
     def batches(self, batch_size: int = 0) -> Iterator[dict[str, np.ndarray]]:
-        """The source's batches (their own size; `batch_size` is ignored), filtered to this part."""
+        """The source's batches (their own size; `batch_size` is ignored), filtered to this part; with
+        `exact`, re-cut into batches of exactly that size, the last points that do not fill one dropped."""
         rng = np.random.default_rng(self.seed)
         seen = 0
+        pending: list[dict[str, np.ndarray]] = []
         for data in self._validated():
             if self.part == "all":
                 chosen = np.arange(data.count)
             else:
                 held = rng.random(data.count) < self.holdout
                 chosen = np.flatnonzero(held if self.part == "holdout" else ~held)
-            seen += len(chosen)
-            if len(chosen):
-                yield next(data.subset(chosen).batches(len(chosen)))
+            if not len(chosen):
+                continue
+            part = next(data.subset(chosen).batches(len(chosen)))
+            if self.exact is None:
+                seen += len(chosen)
+                yield part
+                continue
+            pending.append(part)
+            while sum(len(next(iter(batch.values()))) for batch in pending) >= self.exact:
+                joined = {name: np.concatenate([batch[name] for batch in pending]) for name in pending[0]}
+                pending = [{name: values[self.exact:] for name, values in joined.items()}]
+                seen += self.exact
+                yield {name: values[:self.exact] for name, values in joined.items()}
         self.count = seen
 
     def _validated(self) -> Iterator[CalibrationData]:
@@ -221,9 +235,14 @@ def model_feeds(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def whole_batches(data: CalibrationData | StreamedData | None,
                   batch: int | None) -> tuple[CalibrationData | StreamedData | None, int]:
     """The data without the last points that do not fill a batch of `batch` (a model exported with a fixed
-    batch size runs nothing else), and how many were left out. Streamed data keeps its own batches."""
-    if data is None or not isinstance(data, CalibrationData) or not batch or batch == 1:
+    batch size runs nothing else), and how many were left out (streamed data is re-cut as it streams, and
+    leaves out its last points unsaid)."""
+    if data is None or not batch or batch == 1:
         return data, 0
+    if isinstance(data, StreamedData):
+        exact = copy.copy(data)
+        exact.exact = batch
+        return exact, 0
     left_out = data.count % batch
     return (data.subset(np.arange(data.count - left_out)) if left_out else data), left_out
 

@@ -108,7 +108,6 @@ class Prepared:
     model: onnx.ModelProto  # what the analysis describes: the original, plus zero biases when recovering
     original: onnx.ModelProto
     name: str
-    calibration: CalibrationData | StreamedData
     sensitivity_part: CalibrationData | StreamedData
     holdout_part: CalibrationData | StreamedData | None
     analysis: ChannelAnalysis
@@ -187,7 +186,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     if needs_sensitivity and (sensitivity_part.count or 0) < recommended:
         notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
                      f"{recommended} (more points make the sensitivities more reliable)")
-    return Prepared(proto, original, name, calibration, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
+    return Prepared(proto, original, name, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
                     sensitivity, statistics, round_to, recommended, tuple(notes), seconds)
 
 
@@ -212,7 +211,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     pruned = with_metadata(rewrite(proto, analysis, selections, changes), {
         "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
         "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(prepared.round_to)})
-    check_runs(pruned, next(prepared.calibration.batches(_fixed_batch(proto) or 1)), prepared.device,
+    check_runs(pruned, next(prepared.sensitivity_part.batches(_fixed_batch(proto) or 1)), prepared.device,
                original=prepared.original, name=prepared.name)
     seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
     epsilon = None if math.isnan(allocation.epsilon) else allocation.epsilon

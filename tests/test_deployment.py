@@ -266,3 +266,10 @@ def test_fixed_batch_models_run_whole_batches_only():
     assert dims[0] == 8
     assert pfp_onnx.evaluate(model, result.model, arrays).points == 40
     assert pfp_onnx.evaluate(model, result.model, {name: values[:37] for name, values in arrays.items()}).points == 32
+
+    def streamed():  # batches of 10 points, whose parts are re-cut into batches of 8 as they stream
+        return ({name: values[start:start + 10] for name, values in arrays.items()} for start in range(0, 40, 10))
+
+    result = pfp_onnx.compress(model, streamed, budget=0.6, holdout=0.25)
+    assert result.report.sensitivity_points % 8 == 0 and result.report.verification.points % 8 == 0
+    assert result.report.sensitivity_points >= 24
