@@ -232,16 +232,28 @@ class ChannelTracer:
             position += self._states[group].width
         return replace(channels, groups=tuple(groups))
 
-    def couple(self, first: Channels, second: Channels, reason_if_impossible: str) -> Channels:
-        """Channel c of one tensor is channel c of the other: align the group boundaries, then merge."""
+    def couple(self, first: Channels, second: Channels, where: str) -> Channels:
+        """Channel c of one tensor is channel c of the other: align the group boundaries, then merge. `where`
+        names the node, for the reason when they cannot be coupled."""
         if self.width(first) != self.width(second):
-            self.freeze(first, reason_if_impossible)
-            self.freeze(second, reason_if_impossible)
+            self.freeze(first, f"{where} combines groups of different widths")
+            self.freeze(second, f"{where} combines groups of different widths")
             return first
-        for channels in (first, second):
-            for position in self._offsets(first)[1:-1] + self._offsets(second)[1:-1]:
-                self._boundary(channels, position)
-        for a, b in zip(self._resolve(first.groups), self._resolve(second.groups)):
+        # Cutting one operand can move boundaries in the other when they share groups: repeat until both
+        # have the same boundaries (at most one pass per channel).
+        for _ in range(self.width(first)):
+            for channels in (first, second):
+                for position in self._offsets(first)[1:-1] + self._offsets(second)[1:-1]:
+                    self._boundary(channels, position)
+            if self._offsets(first) == self._offsets(second):
+                break
+        ones, others = self._resolve(first.groups), self._resolve(second.groups)
+        if any(group in others and others.index(group) != index for index, group in enumerate(ones)):
+            # overlapping windows of one tensor (h[0:5] + h[1:6]): channel c would be channel c + 1 of itself
+            self.freeze(first, f"{where} combines overlapping channel windows of one tensor")
+            self.freeze(second, f"{where} combines overlapping channel windows of one tensor")
+            return first
+        for a, b in zip(ones, others):
             self._union(a, b)
         return replace(first, groups=self._resolve(first.groups))
 

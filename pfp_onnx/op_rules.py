@@ -286,7 +286,7 @@ def elementwise(node: gs.Node, tracer: ChannelTracer) -> None:
             tracer.freeze(main, reason)
             tracer.freeze(other, reason)
             return
-        main = tracer.couple(main, other, f"{node.op} '{node.name}' combines groups of different widths")
+        main = tracer.couple(main, other, f"{node.op} '{node.name}'")
     width = tracer.width(main) * main.block
     tracked_indices = {index for index, _ in tracked} | {i for i, t in enumerate(node.inputs)
                                                           if tracer.channels(t) in broad}

@@ -379,3 +379,39 @@ def test_negative_slice_bounds_are_rewritten_when_later_channels_go():
     rest = next(group for group in analysis.prunable_groups if group.producers == ("stem",) and group.width == 3)
     prune_and_check(model, analysis, {rest.id: Selection(np.array([1]), np.ones(1, np.float32))},
                     [random_inputs(model, 2, 0)])
+
+
+def _windows_added(width: int, first: int, second: int, size: int) -> onnx.ModelProto:
+    """stem (width channels) → h[first:first+size] + h[second:second+size] → conv → logits."""
+    b = _GraphBuilder("windows_added", seed=0)
+    h = b.conv("stem", b.input("x", ["N", 3, 4, 4]), 3, width, kernel=1)
+    windows = []
+    for name, start in (("a", first), ("b", second)):
+        bounds = [b.constant(f"{name}.{key}", [value], dtype=np.int64)
+                  for key, value in (("starts", start), ("ends", start + size), ("axes", 1))]
+        windows.append(b.node("Slice", [h] + bounds, name))
+    h = b.node("Relu", [b.conv("conv", b.node("Add", windows, "add"), size, 4, kernel=1)], "relu")
+    b.gemm("logits", b.node("Flatten", [b.node("GlobalAveragePool", [h], "gap")], "flatten"), 4, 3)
+    b.output("logits", ["N", 3])
+    return b.build()
+
+
+@pytest.mark.parametrize("width, first, second, size, coupled", [
+    (6, 0, 1, 5, False),  # overlapping: channel c would be channel c + 1 of itself
+    (7, 0, 2, 5, False),
+    (6, 0, 3, 3, True),   # the two halves: channel c is channel c + 3, a group carried twice by h
+    (8, 1, 5, 3, True),
+])
+def test_windows_of_one_tensor_added(width, first, second, size, coupled):
+    model = _windows_added(width, first, second, size)
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    stem_groups = [group for group in analysis.groups if "stem" in group.producers]
+    if coupled:
+        (shared,) = [group for group in stem_groups if group.consumers == ("conv",)]
+        assert shared.prunable and shared.width == size
+    else:
+        assert not any(group.prunable for group in stem_groups)
+        assert any("overlapping channel windows" in reason for group in stem_groups for reason in group.frozen)
+    for seed in range(3):
+        prune_and_check(model, analysis, random_selections(analysis, seed, randomized=True),
+                        [random_inputs(model, 2, seed)])
