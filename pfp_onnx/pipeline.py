@@ -376,14 +376,18 @@ def evaluate(original: ModelSource, pruned: ModelSource, data: DataSource, *, ba
             [o.name for o in reference.graph.output] != [o.name for o in candidate.graph.output]:
         raise ModelError(f"{candidate_name} does not have the inputs and outputs of {reference_name}; "
                          "evaluate compares a model with its pruned version.")
-    calibration, _ = whole_batches(load_data(data, reference), _fixed_batch(reference))
+    fixed = _fixed_batch(reference)
+    calibration, _ = whole_batches(load_data(data, reference), fixed)
     if calibration.count == 0:
-        raise DataError(f"{reference_name} runs batches of exactly {_fixed_batch(reference)} points (its input's "
-                        "batch dimension); give at least that many points.")
+        raise DataError(f"{reference_name} runs batches of exactly {fixed} points (its input's batch dimension); "
+                        "give at least that many points.")
     chosen_device = choose_device(device)
-    size = _fixed_batch(reference) or batch_size
+    size = fixed or batch_size
     try:
         return verify(reference, candidate, calibration.batches(size), chosen_device, epsilons=epsilons)
-    except ONNXRUNTIME_ERRORS as exc:
-        raise (runtime_failure(reference, reference_name, calibration.batches(size), chosen_device)
-               or blame(exc, candidate, candidate_name, calibration.batches(size), chosen_device)) from exc
+    except ONNXRUNTIME_ERRORS as exc:  # both models are the user's: say which one onnxruntime cannot run
+        failure = (runtime_failure(reference, reference_name, calibration.batches(size), chosen_device)
+                   or runtime_failure(candidate, candidate_name, calibration.batches(size), chosen_device))
+        if failure is None:
+            raise
+        raise failure from exc
