@@ -325,8 +325,9 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.5, help="budget of the timed compress runs")
     parser.add_argument("--budgets", default="0.7,0.5,0.3", help="budgets whose inference latency is measured")
     parser.add_argument("--latency-batch", type=int, default=32, help="points in the fixed latency batch")
-    parser.add_argument("--round-to", default="1,8",
-                        help="comma-separated --round-to values for the latency models (8: widths multiple of 8)")
+    parser.add_argument("--round-to", default="1,auto",
+                        help="comma-separated --round-to values for the latency models (1: PFP's exact widths; "
+                             "auto, the default: multiples of 8 in groups of 16 or more channels)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for latency")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per model for the latency median")
     parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch comparison")
@@ -390,7 +391,7 @@ def main() -> None:
     # 3. pruned vs original latency beside the MAC reduction.
     method = pfp_onnx.Method(recovery="none")  # recovery changes weights, not shapes: same latency
     pruned = {}
-    for round_to in (int(value) for value in args.round_to.split(",")):
+    for round_to in (value.strip() for value in args.round_to.split(",")):
         prepared = pfp_onnx.prepare(model, data, budgets=budgets, methods=[method], batch_size=args.batch_size,
                                     device="cpu", round_to=round_to)
         for budget in budgets:
@@ -404,7 +405,7 @@ def main() -> None:
     for (round_to, budget), result in pruned.items():
         speedup = latency["original"] / latency[(round_to, budget)]
         mac_ratio = result.report.totals.macs_before / result.report.totals.macs_after
-        print(f"  {budget:6g}  {round_to:8d}  {latency[(round_to, budget)] * 1e3:10.2f}  {speedup:7.2f}×  "
+        print(f"  {budget:6g}  {round_to:>8}  {latency[(round_to, budget)] * 1e3:10.2f}  {speedup:7.2f}×  "
               f"{mac_ratio:12.2f}×  {speedup / mac_ratio:10.2f}")
 
 if __name__ == "__main__":

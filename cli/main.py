@@ -69,6 +69,13 @@ def _run_options(command):
     return command
 
 
+_round_to_option = click.option(
+    "--round-to", default="auto", show_default=True, metavar="auto|N",
+    help="Keep pruned widths multiples of N, within the budget. auto: multiples of 8 (fast on onnxruntime's CPU "
+         "kernels and tensor cores) in groups of 16 or more channels, deterministic mode only; 1: PFP's exact "
+         "allocation.")
+
+
 def _floats(text: str, option: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -103,8 +110,7 @@ def main() -> None:
               help="Keep this node's channels untouched (repeatable).")
 @click.option("--exclude-op", "exclude_ops", multiple=True, metavar="TYPE",
               help="Keep the channels of every node of this op type untouched (repeatable).")
-@click.option("--round-to", type=int, default=1, show_default=True,
-              help="Keep pruned widths multiples of this (e.g. 8 for tensor cores), within the budget.")
+@_round_to_option
 @click.option("--external-data", is_flag=True,
               help="Store the output's weights in OUT.data beside it (automatic above 2 GB).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, readable=False), help="Also write the report as JSON.")
@@ -185,8 +191,9 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 @click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False, readable=False), help="Where to write the table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, readable=False), help="Also draw a PNG (needs matplotlib).")
 @_run_options
+@_round_to_option
 @_user_errors
-def sweep_command(model, data, budgets, methods, csv_path, plot_path, holdout, batch_size, seed, device):
+def sweep_command(model, data, budgets, methods, csv_path, plot_path, holdout, batch_size, seed, device, round_to):
     """Compress MODEL at every budget with every method (one capture) and tabulate held-out accuracy."""
     check_output_path(csv_path, model, data, option="--csv")
     if plot_path is not None:
@@ -200,7 +207,8 @@ def sweep_command(model, data, budgets, methods, csv_path, plot_path, holdout, b
                    f"{accuracy:>9} {agreement:>10}")
 
     rows = sweep(model, data, budgets=_floats(budgets, "--budgets"), methods=parse_methods(methods),
-                 holdout=holdout, batch_size=batch_size, seed=seed, device=device, on_row=show)
+                 holdout=holdout, batch_size=batch_size, seed=seed, device=device, round_to=round_to,
+                 on_row=show)
     write_csv(rows, csv_path)
     if plot_path is not None:
         plot(rows, plot_path, title=str(model))

@@ -25,6 +25,8 @@ __all__ = [
     "channels_for_epsilon",
     "expected_distinct",
     "kept_weights",
+    "multiple",
+    "rounded",
     "sample_size",
 ]
 
@@ -35,6 +37,13 @@ EPSILON_MIN = 1e-12
 EPSILON_MAX = 1e150
 # Float noise in Σ 1−(1−p)^m must not push ceil() up by a whole channel.
 DISTINCT_TOLERANCE = 1e-9
+# round_to="auto": onnxruntime's NCHWc CPU kernels and GPU tensor cores run widths that are multiples of 8 at
+# full speed, odd widths on slower paths (a pruned ResNet-18 ran at 0.78× the original's speed unrounded,
+# 1.22× rounded; benchmarks/results/baseline.txt). Groups narrower than 16 keep any count: rounding would
+# leave them almost no choice, and they cost little.
+ROUND_TO_AUTO = "auto"
+AUTO_MULTIPLE = 8
+AUTO_MIN_WIDTH = 16
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class Allocation:
     weights_total: int
     weights_kept: int
     weights_floor: int
+    round_to: int | str = 1  # the rounding used: "auto" becomes 1 below the budget it can meet
 
 
 def sample_size(epsilon: float, sensitivity_sum_tilde: float) -> int:
@@ -130,13 +140,22 @@ def kept_weights(layers: Sequence[LayerSize], kept: Mapping[str, int]) -> int:
     return total
 
 
-def rounded(count: int, width: int, round_to: int) -> int:
-    """Round a keep count up to a multiple of `round_to` (tensor-core friendly widths), at most the width."""
-    return min(width, -(-count // round_to) * round_to)
+def multiple(width: int, round_to: int | str) -> int:
+    """The step a group of `width` channels keeps: round_to itself, or under "auto" 8 for groups of at least
+    16 channels and 1 for narrower ones."""
+    if round_to == ROUND_TO_AUTO:
+        return AUTO_MULTIPLE if width >= AUTO_MIN_WIDTH else 1
+    return int(round_to)
+
+
+def rounded(count: int, width: int, round_to: int | str) -> int:
+    """Round a keep count up to the group's multiple (fast kernel widths), at most the width."""
+    step = multiple(width, round_to)
+    return min(width, -(-count // step) * step)
 
 
 def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
-             delta: float = 1e-16, c_constant: float = 3.0, round_to: int = 1) -> Allocation:
+             delta: float = 1e-16, c_constant: float = 3.0, round_to: int | str = 1) -> Allocation:
     """The PFP allocation that keeps as many weights as possible while keeping ≤ budget · all of them.
 
     budget is the fraction of the prunable layers' weights (Σ in_units·in_block·out_units) to keep. The
@@ -148,10 +167,10 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     Raises BudgetError when budget is outside (0, 1] or below the floor (every group keeping one channel).
     """
     demands = _check_inputs(groups, layers)
-    budget, full, weights_total, weights_floor = _check_budget(demands, layers, budget, round_to)
+    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to)
     target = budget * weights_total
     if budget >= 1:
-        return Allocation(EPSILON_MIN, full, weights_total, weights_total, weights_floor)
+        return Allocation(EPSILON_MIN, full, weights_total, weights_total, weights_floor, round_to)
 
     def kept_at(epsilon: float) -> dict[str, int]:
         return {name: rounded(channels_for_epsilon(group, epsilon, delta=delta, c_constant=c_constant),
@@ -162,7 +181,7 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     kept_high = kept_at(high)
     kept_low = kept_at(low)
     if kept_weights(layers, kept_low) <= target:
-        return Allocation(low, kept_low, weights_total, kept_weights(layers, kept_low), weights_floor)
+        return Allocation(low, kept_low, weights_total, kept_weights(layers, kept_low), weights_floor, round_to)
     if kept_weights(layers, kept_high) > target:
         # Only reachable with astronomically large sensitivities; the floor itself meets the budget.
         kept_high = {name: rounded(1, full[name], round_to) for name in demands}
@@ -176,18 +195,18 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
             high, kept_high = middle, kept_middle
         else:
             low = middle
-    return Allocation(high, kept_high, weights_total, kept_weights(layers, kept_high), weights_floor)
+    return Allocation(high, kept_high, weights_total, kept_weights(layers, kept_high), weights_floor, round_to)
 
 
 def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
-                     round_to: int = 1) -> Allocation:
+                     round_to: int | str = 1) -> Allocation:
     """The baseline allocation: the same keep fraction in every prunable group (sensitivities unused).
 
     The largest fraction whose rounded-up channel counts meet the budget is found by bisection; epsilon
     is NaN because no error bound is involved.
     """
     demands = _check_inputs(groups, layers)
-    budget, full, weights_total, weights_floor = _check_budget(demands, layers, budget, round_to)
+    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to)
 
     def kept_at(fraction: float) -> dict[str, int]:
         return {name: rounded(max(1, min(width, math.ceil(fraction * width - 1e-9))), width, round_to)
@@ -203,12 +222,13 @@ def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize],
                 high = middle
         high = low
     kept = kept_at(high)
-    return Allocation(math.nan, kept, weights_total, kept_weights(layers, kept), weights_floor)
+    return Allocation(math.nan, kept, weights_total, kept_weights(layers, kept), weights_floor, round_to)
 
 
 def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize],
-                  budget: float, round_to: int = 1) -> tuple[float, dict[str, int], int, int]:
-    """The budget as a float, full widths, total and floor weights; BudgetError when it cannot be met."""
+                  budget: float, round_to: int | str = 1) -> tuple[float, dict[str, int], int, int, int | str]:
+    """The budget as a float, full widths, total and floor weights, and the rounding to use ("auto" gives way
+    to 1 when its floor is above the budget); BudgetError when the budget cannot be met."""
     given = budget
     try:
         budget = float(budget)
@@ -222,6 +242,9 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
     full = {name: int(np.asarray(group.sensitivity).size) for name, group in demands.items()}
     weights_total = kept_weights(layers, full)
     weights_floor = kept_weights(layers, {name: rounded(1, width, round_to) for name, width in full.items()})
+    if round_to == ROUND_TO_AUTO and weights_floor > budget * weights_total:
+        round_to = 1
+        weights_floor = kept_weights(layers, {name: 1 for name in full})
     if weights_floor > budget * weights_total:
         frozen = kept_weights([layer for layer in layers if not layer.in_groups and not layer.out_groups], {})
         # Round up: a budget printed below the true floor would still fail.
@@ -231,10 +254,11 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
             f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer weights, "
             f"{frozen / weights_total:.1%}, and every prunable channel group keeps at least "
             f"{'one channel' if round_to == 1 else f'{round_to} channels (--round-to)'}, "
-            f"{weights_floor} weights in all); raise --budget to at least {smallest:.3f} or unfreeze more "
-            f"channel groups (`pfp-onnx analyze` shows why each group is frozen)."
+            f"{weights_floor} weights in all); raise --budget to at least "
+            f"{smallest:.3f}{'' if round_to == 1 else ', pass --round-to 1'} or unfreeze more channel groups "
+            f"(`pfp-onnx analyze` shows why each group is frozen)."
         )
-    return budget, full, weights_total, weights_floor
+    return budget, full, weights_total, weights_floor, round_to
 
 
 def _check_inputs(groups: Sequence[GroupDemand], layers: Sequence[LayerSize]) -> dict[str, GroupDemand]:

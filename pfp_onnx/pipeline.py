@@ -15,7 +15,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from pfp_onnx.allocate import GroupDemand, LayerSize, allocate, allocate_uniform
+from pfp_onnx.allocate import (AUTO_MIN_WIDTH, AUTO_MULTIPLE, ROUND_TO_AUTO, GroupDemand, LayerSize, allocate,
+                               allocate_uniform, multiple)
 from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import CalibrationData, StreamedData, input_specs, read_npz, split, validate, whole_batches
@@ -39,8 +40,6 @@ SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
 Progress = Callable[[str, int, "int | None"], None]  # (stage, points done, points total if known)
 ModelSource = "str | os.PathLike | onnx.ModelProto"
 DataSource = "str | os.PathLike | Mapping[str, np.ndarray] | Callable[[], Iterable[Mapping[str, np.ndarray]]]"
-# Widths that onnxruntime's NCHWc CPU kernels and tensor cores handle at full speed are multiples of this.
-FAST_WIDTH_MULTIPLE = 8
 
 
 @dataclass(frozen=True)
@@ -115,7 +114,7 @@ class Prepared:
     batch_size: int
     sensitivity: dict[int, np.ndarray] | None
     statistics: dict[str, FeatureStatistics]  # consuming layer → input moments, for recovery
-    round_to: int
+    round_to: int | str  # as given: prune() resolves "auto" per sampling mode
     recommended_points: int
     notes: tuple[str, ...]
     seconds: dict[str, float]
@@ -123,16 +122,16 @@ class Prepared:
 
 def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
             holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
-            exclude: Sequence[str] = (), exclude_ops: Sequence[str] = (), round_to: int = 1,
+            exclude: Sequence[str] = (), exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO,
             progress: Progress | None = None) -> Prepared:
     """Load, validate, analyse, check the budgets, then capture sensitivities if any method needs them."""
     started = time.perf_counter()
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1; got {batch_size}.")
-    if round_to < 1:
-        raise OptionError(f"--round-to must be at least 1; got {round_to}.")
-    if round_to > 1 and any(method.mode != "deterministic" for method in methods):
-        raise OptionError("--round-to needs --mode deterministic: sampling keeps a random number of channels.")
+    round_to = check_round_to(round_to)
+    if round_to not in (1, ROUND_TO_AUTO) and any(method.mode != "deterministic" for method in methods):
+        raise OptionError(f"--round-to {round_to} needs --mode deterministic: sampling keeps a random number of "
+                          "channels. Leave --round-to at auto (it rounds only deterministic selections) or pass 1.")
     proto, name = load(model)
     original = proto
     calibration = load_data(data, proto)
@@ -160,7 +159,8 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
                          "Run `pfp-onnx analyze` to see why each group is frozen.")
     ones = {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups}
     for budget in budgets:  # fail on an impossible budget before the expensive capture
-        allocate(_demands(analysis, ones), _layer_sizes(analysis), budget, round_to=round_to)
+        for step in {effective_round_to(round_to, _selection_mode(method)) for method in methods}:
+            allocate(_demands(analysis, ones), _layer_sizes(analysis), budget, round_to=step)
     chosen_device = choose_device(device)
     batch_size = fixed or batch_size
     recommended = _recommended_points(analysis)
@@ -197,12 +197,17 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     rng = np.random.default_rng(seed)
     scores = _scores(prepared, method.criterion, rng)
     layer_sizes = _layer_sizes(analysis)
+    mode = _selection_mode(method)
+    round_to = effective_round_to(prepared.round_to, mode)
     if method.allocation == "pfp":
-        allocation = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, budget,
-                              round_to=prepared.round_to)
+        allocation = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, budget, round_to=round_to)
     else:
-        allocation = allocate_uniform(_demands(analysis, scores), layer_sizes, budget, round_to=prepared.round_to)
-    mode = method.mode if method.criterion == "pfp" else "deterministic"
+        allocation = allocate_uniform(_demands(analysis, scores), layer_sizes, budget, round_to=round_to)
+    rounding_notes = ()
+    if allocation.round_to != round_to:
+        rounding_notes = (f"budget {budget:g} is below what widths rounded to multiples of {AUTO_MULTIPLE} can meet, "
+                          f"so they were left unrounded (as with --round-to 1)",)
+        round_to = allocation.round_to
     selections = {group.id: select_channels(scores[group.id], allocation.kept[str(group.id)], mode, rng)
                   for group in analysis.prunable_groups}
     changes = None
@@ -210,7 +215,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         changes = replacements(proto, analysis, selections, prepared.statistics, method.recovery)
     pruned = with_metadata(rewrite(proto, analysis, selections, changes), {
         "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
-        "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(prepared.round_to)})
+        "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(round_to)})
     check_runs(pruned, next(prepared.sensitivity_part.batches(_fixed_batch(proto) or 1)), prepared.device,
                original=prepared.original, name=prepared.name)
     seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
@@ -227,9 +232,10 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
                         prepared.device) from exc
         seconds["verify"] = time.perf_counter() - stage_start
     seconds["total"] = sum(seconds.values())
-    notes = prepared.notes + _width_notes(analysis, selections, prepared.round_to, mode)
+    notes = prepared.notes + rounding_notes + _width_notes(analysis, selections, round_to, mode)
     report = CompressReport(
-        model=prepared.name, budget=budget, method=method.label, mode=mode, seed=seed, epsilon=epsilon,
+        model=prepared.name, budget=budget, method=method.label, mode=mode, seed=seed, round_to=str(round_to),
+        epsilon=epsilon,
         device=prepared.device.note, sensitivity_points=prepared.sensitivity_part.count,
         recommended_sensitivity_points=prepared.recommended_points,
         groups=_group_rows(analysis, scores, selections),
@@ -241,7 +247,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
 def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
              criterion: str = "pfp", allocation: str = "pfp", recovery: str = "lstsq", holdout: float = 0.2,
              batch_size: int = 32, seed: int = 0, device: str = "auto", exclude: Sequence[str] = (),
-             exclude_ops: Sequence[str] = (), round_to: int = 1, progress: Progress | None = None) -> CompressResult:
+             exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO,
+             progress: Progress | None = None) -> CompressResult:
     """Prune `model` to keep `budget` of its prunable-layer weights, guided by PFP sensitivities.
 
     `model` is a path or a ModelProto; `data` an .npz path or a dict of arrays keyed by input name (plus
@@ -252,6 +259,29 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
                        seed=seed, device=device, exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
                        progress=progress)
     return prune(prepared, budget=budget, method=method, seed=seed)
+
+
+def check_round_to(round_to: int | str) -> int | str:
+    """"auto", or a whole number of at least 1 (an int, or its text as the CLI passes it)."""
+    if isinstance(round_to, str) and round_to.strip().lower() == ROUND_TO_AUTO:
+        return ROUND_TO_AUTO
+    try:
+        value = int(round_to.strip() if isinstance(round_to, str) else round_to)
+    except (TypeError, ValueError):
+        value = 0
+    if isinstance(round_to, (bool, float)) or value < 1:
+        raise OptionError(f"--round-to takes 'auto' or a whole number of at least 1 (e.g. 8); got '{round_to}'.")
+    return value
+
+
+def effective_round_to(round_to: int | str, mode: str) -> int | str:
+    """Sampling keeps a random number of channels, so "auto" rounds only deterministic selections."""
+    return 1 if round_to == ROUND_TO_AUTO and mode != "deterministic" else round_to
+
+
+def _selection_mode(method: Method) -> str:
+    """Only PFP sensitivities are sampled from; the baselines always keep their top channels."""
+    return method.mode if method.criterion == "pfp" else "deterministic"
 
 
 def _scores(prepared: Prepared, criterion: str, rng: np.random.Generator) -> dict[int, np.ndarray]:
@@ -311,25 +341,25 @@ def _recommended_points(analysis: ChannelAnalysis) -> int:
     return math.ceil(3 * math.log(8 * eta_max * eta / SENSITIVITY_DELTA))
 
 
-def _width_notes(analysis: ChannelAnalysis, selections: Mapping[int, Selection], round_to: int,
+def _width_notes(analysis: ChannelAnalysis, selections: Mapping[int, Selection], round_to: int | str,
                  mode: str) -> tuple[str, ...]:
-    """A hint when pruned widths are not multiples of FAST_WIDTH_MULTIPLE: such models can run slower than
-    the original (ResNet-18 at budget 0.5 on onnxruntime's CPU provider: 0.78× its speed, 1.22× rounded;
+    """A hint when pruned widths that "auto" would round are not multiples of 8: such models can run slower
+    than the original (ResNet-18 at budget 0.5 on onnxruntime's CPU provider: 0.78× its speed, 1.22× rounded;
     benchmarks/results/baseline.txt), and nothing else in the output says so."""
-    if round_to % FAST_WIDTH_MULTIPLE == 0:
+    if round_to == ROUND_TO_AUTO or int(round_to) % AUTO_MULTIPLE == 0:
         return ()
-    widths = [len(selections[group.id].kept) for group in analysis.prunable_groups
+    pruned = [(len(selections[group.id].kept), group.width) for group in analysis.prunable_groups
               if group.id in selections and len(selections[group.id].kept) < group.width]
-    odd = [width for width in widths if width % FAST_WIDTH_MULTIPLE]
+    odd = [kept for kept, width in pruned if kept % multiple(width, ROUND_TO_AUTO)]
     if not odd:
         return ()
-    fix = f"--round-to {FAST_WIDTH_MULTIPLE}"
-    if mode != "deterministic":
-        fix = f"--mode deterministic {fix}"
-    return (f"{len(odd)} of the {len(widths)} pruned widths are not multiples of {FAST_WIDTH_MULTIPLE} "
+    fix = ("--round-to auto (the default)" if mode == "deterministic"
+           else "--mode deterministic (with the default --round-to auto)")
+    return (f"{len(odd)} of the {len(pruned)} pruned widths are not multiples of {AUTO_MULTIPLE} "
             f"({', '.join(map(str, odd[:4]))}{', …' if len(odd) > 4 else ''}): onnxruntime's CPU kernels and GPU "
             f"tensor cores run such widths slowly, and the pruned model may run slower than the original; {fix} "
-            f"keeps every width a multiple of {FAST_WIDTH_MULTIPLE} within the budget",)
+            f"keeps every width of a group of {AUTO_MIN_WIDTH} or more channels a multiple of {AUTO_MULTIPLE} "
+            f"within the budget",)
 
 
 def _group_rows(analysis: ChannelAnalysis, sensitivity: Mapping[int, np.ndarray],

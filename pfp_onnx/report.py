@@ -38,6 +38,7 @@ class CompressReport:
     method: str  # criterion/allocation, e.g. pfp/pfp or l1/uniform
     mode: str
     seed: int
+    round_to: str  # "auto", or the multiple every pruned width keeps ("1": PFP's exact counts)
     epsilon: float | None  # PFP's solved error bound; None for the uniform allocation
     device: str
     sensitivity_points: int
@@ -76,7 +77,7 @@ def render_table(report: CompressReport, *, verbose: bool = False) -> str:
     per-output comparison."""
     epsilon = "n/a" if report.epsilon is None else f"{report.epsilon:.4g}"
     lines = [f"pfp-onnx compress {report.model}  budget={report.budget}  method={report.method}  "
-             f"mode={report.mode}  seed={report.seed}  ε={epsilon}  ({report.device})",
+             f"mode={report.mode}  round-to={report.round_to}  seed={report.seed}  ε={epsilon}  ({report.device})",
              "",
              f"{'group':>5}  {'producers':<34} {'channels':>13}  {'sens. kept':>10}  note"]
     for row in report.groups:

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+from pfp_onnx.allocate import ROUND_TO_AUTO
 from pfp_onnx.errors import OptionError
 from pfp_onnx.pipeline import DataSource, Method, ModelSource, Progress, prepare, prune
 from pfp_onnx.refit import RECOVERIES
@@ -45,12 +46,12 @@ def parse_methods(text: str) -> list[Method]:
 
 def sweep(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
           holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
-          progress: Progress | None = None, on_row: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
+          round_to: int | str = ROUND_TO_AUTO, progress: Progress | None = None, on_row: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
     """One capture, then one pruned model per (method, budget), each verified on the same held-out points."""
     if holdout <= 0:
         raise OptionError("A sweep compares methods on held-out points: use --holdout > 0.")
     prepared = prepare(model, data, budgets=budgets, methods=methods, holdout=holdout, batch_size=batch_size,
-                       seed=seed, device=device, progress=progress)
+                       seed=seed, device=device, round_to=round_to, progress=progress)
     rows = []
     for method in methods:
         for budget in budgets:

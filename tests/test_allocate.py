@@ -9,6 +9,7 @@ from pfp_onnx.allocate import (
     GroupDemand,
     LayerSize,
     allocate,
+    allocate_uniform,
     channels_for_epsilon,
     expected_distinct,
     kept_weights,
@@ -148,6 +149,29 @@ def test_budget_below_floor():
     # The floor itself is feasible and keeps one channel per group.
     at_floor = allocate(groups, layers, floor)
     assert at_floor.kept == {"a": 1, "b": 1} and at_floor.weights_kept == allocation.weights_floor
+
+
+@pytest.mark.parametrize("allocator", [allocate, allocate_uniform])
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_auto_rounding_rounds_wide_groups_only(allocator, budget):
+    """round_to="auto": groups of 16 or more channels keep a multiple of 8 (or all of them); narrower ones
+    keep any count, as with round_to=1; the budget holds either way. Below the budget rounded widths can
+    meet, "auto" gives way to 1 rather than fail where 1 succeeds."""
+    groups, layers = shared()  # widths 24, 32 (rounded) and 12 (not)
+    allocation = allocator(groups, layers, budget, round_to="auto")
+    floor = allocator(groups, layers, 1.0, round_to="auto").weights_floor / allocation.weights_total
+    if budget < floor:
+        assert allocation == allocator(groups, layers, budget, round_to=1) and allocation.round_to == 1
+        return
+    assert allocation.round_to == "auto"
+    assert allocation.kept["a"] % 8 == 0 and allocation.kept["b"] % 8 == 0, allocation.kept
+    assert allocation.weights_kept <= budget * allocation.weights_total
+    unrounded = allocator(groups, layers, budget, round_to=1)
+    assert allocation.kept["a"] >= 8 and allocation.kept["b"] >= 8
+    if budget < 0.99:
+        assert any(unrounded.kept[name] % 8 for name in ("a", "b", "c")), unrounded.kept
+    narrow = [allocator(groups, layers, b, round_to="auto").kept["c"] for b in BUDGETS[2:]]
+    assert any(count % 8 for count in narrow), narrow
 
 
 def test_zero_sensitivity_group_keeps_one_channel():

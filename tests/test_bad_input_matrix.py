@@ -207,6 +207,10 @@ CASES = {
     "holdout one": Case(_options("--budget", 0.7, "--holdout", 1), "--holdout"),
     "batch size zero": Case(_options("--budget", 0.7, "--batch-size", 0), "--batch-size"),
     "round-to zero": Case(_options("--budget", 0.7, "--round-to", 0), "--round-to"),
+    "round-to a word": Case(_options("--budget", 0.7, "--round-to", "eight"), "'auto' or a whole number"),
+    "round-to a fraction": Case(_options("--budget", 0.7, "--round-to", 2.5), "'auto' or a whole number"),
+    "round-to 8 with sampling": Case(_options("--budget", 0.7, "--round-to", 8, "--mode", "hybrid"),
+                                     "needs --mode deterministic"),
     "output is a folder": Case(_options("--budget", 0.7), "is a directory", click_usage_error=True,
                                output=lambda tmp, model: tmp / "out"),
     "report is the output": Case(

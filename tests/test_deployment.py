@@ -81,22 +81,29 @@ def run_model(path: Path) -> np.ndarray:
 
 
 # ---- widths -----------------------------------------------------------------------------------------
-def test_round_to_keeps_widths_multiples_within_budget(compress_cli):
-    _, report = succeeded(compress_cli("round8", "--round-to", 8))
+@pytest.mark.parametrize("options", [("--round-to", 8), ("--round-to", "AUTO"), ()],
+                         ids=["8", "auto", "default"])
+def test_round_to_keeps_widths_multiples_within_budget(compress_cli, options):
+    """Every prunable group of the fixture has 32 or more channels, so auto (the default) rounds them like 8."""
+    output, report = succeeded(compress_cli(f"round_{'_'.join(map(str, options))}", *options))
     assert not any("multiples of 8" in note for note in report["notes"]), report["notes"]
     pruned_groups = 0
     for row in report["groups"]:
         after, before = row["channels_after"], row["channels_before"]
         assert after % 8 == 0 or after == before, row
+        assert after == before or before >= 16, row
         pruned_groups += after < before
     assert pruned_groups > 0, "budget 0.5 must prune some group"
     totals = report["totals"]
     assert totals["layer_weights_after"] <= BUDGET * totals["layer_weights_before"]
+    metadata = {entry.key: entry.value for entry in onnx.load(str(output)).metadata_props}
+    assert metadata["pfp_onnx.round_to"] == report["round_to"] == ("8" if options[1:] == (8,) else "auto")
 
 
 @pytest.mark.parametrize("options, hint", [
-    ({}, "--round-to 8 keeps"),
-    ({"mode": "randomized"}, "--mode deterministic --round-to 8 keeps"),
+    ({"round_to": 1}, "--round-to auto (the default) keeps"),
+    ({"mode": "randomized"}, "--mode deterministic (with the default --round-to auto) keeps"),
+    ({}, None),
     ({"round_to": 8}, None),
     ({"round_to": 16}, None),
 ])
@@ -136,6 +143,12 @@ def test_exclude_node_keeps_its_channels(compress_cli):
     assert shapes[EXCLUDED_NODE] == original[EXCLUDED_NODE]
     assert shapes != original, "the rest of the model is still pruned"
     assert report["totals"]["layer_weights_after"] <= BUDGET * report["totals"]["layer_weights_before"]
+    # Excluding this node leaves too little prunable for widths rounded to 8 (smallest such budget 0.541):
+    # --round-to auto gives way to 1 rather than refuse a budget the exact allocation meets, and says so.
+    notes = [note for note in report["notes"] if "left unrounded" in note]
+    assert len(notes) == 1 and notes[0].startswith(f"budget {BUDGET:g} is below"), report["notes"]
+    metadata = {entry.key: entry.value for entry in onnx.load(str(output)).metadata_props}
+    assert metadata["pfp_onnx.round_to"] == report["round_to"] == "1"
 
 
 def test_exclude_op_keeps_gemm_weights(compress_cli):

@@ -34,16 +34,22 @@ def test_l1_and_l2_scores_are_filter_norms():
     np.testing.assert_allclose(norm_scores(model, analysis, 2)[residual.id], np.sqrt(expected), rtol=1e-6)
 
 
+@pytest.mark.parametrize("round_to", [1, "auto"])
 @pytest.mark.parametrize("criterion, allocation", [("l1", "uniform"), ("l2", "pfp"), ("random", "uniform")])
-def test_baselines_meet_the_budget(criterion, allocation):
-    result = pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, criterion=criterion, allocation=allocation)
+def test_baselines_meet_the_budget(criterion, allocation, round_to):
+    result = pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, criterion=criterion, allocation=allocation,
+                               round_to=round_to)
     totals = result.report.totals
     assert totals.layer_weights_after <= 0.5 * totals.layer_weights_before
     assert result.report.method == f"{criterion}/{allocation}/lstsq"  # recovery is on by default
     if allocation == "uniform":
         assert result.report.epsilon is None
-        kept = [row.channels_after / row.channels_before for row in result.report.groups if not row.frozen]
-        assert max(kept) - min(kept) < 0.1  # the same fraction everywhere, up to rounding
+        rows = [row for row in result.report.groups if not row.frozen]
+        kept = [row.channels_after / row.channels_before for row in rows]
+        # the same fraction everywhere, up to rounding up one count (1, or 8 in these 32-64-wide groups)
+        step = 1 if round_to == 1 else 8
+        assert max(kept) - min(kept) < max(step / row.channels_before for row in rows) + 0.05
+        assert all(row.channels_after % step == 0 for row in rows)
 
 
 def test_pfp_beats_l1_uniform_on_the_fixture():
@@ -67,6 +73,21 @@ def test_sweep_command_writes_csv_and_plot(tmp_path):
         ("random/uniform/lstsq", "0.5")]
     assert all(float(row["weights_kept"]) <= float(row["budget"]) for row in rows)
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_rounds_like_compress():
+    """One capture serves both roundings, and each row equals compress with the same options: "auto" rounds
+    the deterministic method and leaves the sampled one alone."""
+    methods = [Method("pfp", "pfp", recovery="none"), Method("pfp", "pfp", "randomized", "none")]
+    for round_to in (1, "auto"):
+        rows = pfp_onnx.sweep(MODEL, DATA, budgets=[0.6], methods=methods, round_to=round_to)
+        for method, row in zip(methods, rows):
+            report = pfp_onnx.compress(MODEL, DATA, budget=0.6, mode=method.mode, recovery="none",
+                                       round_to=round_to).report
+            assert row.weights_kept == report.totals.layer_weights_after / report.totals.layer_weights_before
+            assert report.round_to == ("auto" if round_to == "auto" and method.mode == "deterministic" else "1")
+            widths = [group.channels_after for group in report.groups if group.channels_after < group.channels_before]
+            assert widths and all(width % 8 == 0 for width in widths) == (report.round_to == "auto"), widths
 
 
 def test_parse_methods():
