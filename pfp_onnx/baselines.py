@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
 from pfp_onnx.groups import ChannelAnalysis
 from pfp_onnx.model import to_graph

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from pfp_onnx.errors import ModelError, OutputError
 

@@ -252,7 +252,9 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
     """Prune `model` to keep `budget` of its prunable-layer weights, guided by PFP sensitivities.
 
     `model` is a path or a ModelProto; `data` an .npz path or a dict of arrays keyed by input name (plus
-    optional `labels`). criterion/allocation select the baselines instead of PFP.
+    optional `labels`). criterion/allocation select the baselines instead of PFP. round_to="auto" keeps
+    pruned widths multiples of 8 where that makes them fast (pfp_onnx.allocate.multiple); 1 keeps PFP's
+    exact counts.
     """
     method = Method(criterion, allocation, mode, recovery).check()
     prepared = prepare(model, data, budgets=[budget], methods=[method], holdout=holdout, batch_size=batch_size,

@@ -18,7 +18,7 @@ import pytest
 import pfp_onnx
 from architectures import ARCHITECTURES, MOSTLY_PRUNABLE
 from test_refit import recovery_oracle
-from test_rewrite import ATOL, RTOL, run, signature, zeroed_oracle
+from test_rewrite import ATOL, RTOL, run, signature
 from zoo import random_inputs
 
 EXPORTS_DIR = Path(__file__).resolve().parent.parent / "fixtures" / "exports"
