@@ -363,7 +363,10 @@ def slice_(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     starts, ends = _int_list(tracer, node, 1, "starts"), _int_list(tracer, node, 2, "ends")
     axes = _int_list(tracer, node, 3, "axes") or list(range(len(starts or [])))
     steps = _int_list(tracer, node, 4, None) or [1] * len(axes)
-    if starts is None or ends is None or axes is None or steps is None or len(node.inputs) < 3:
+    if len(node.inputs) < 3:
+        tracer.freeze(incoming, f"Slice '{node.name}' gives its bounds as attributes (before opset 10)")
+        return
+    if starts is None or ends is None or axes is None or steps is None:
         tracer.freeze(incoming, f"Slice '{node.name}' has non-constant bounds")
         return
     output_rank = _rank(tracer, node.outputs[0], incoming.rank)
@@ -388,9 +391,12 @@ def slice_(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
 def resize(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     """Resize/Upsample: fine while the channel axis keeps its size (scale 1, or a size we rewrite)."""
     axes = [a % incoming.rank for a in node.attrs.get("axes", range(incoming.rank))]
-    scale_index, size_index = (1, None) if node.op == "Upsample" else (2, 3)
+    # Upsample and opset-10 Resize read (X, scales); Resize from opset 11 (X, roi, scales, sizes).
+    scale_index, size_index = (1, None) if node.op == "Upsample" or _opset(tracer) < 11 else (2, 3)
     scales = tracer.constant(node.inputs[scale_index]) if len(node.inputs) > scale_index \
         and not node.inputs[scale_index].is_empty() else None
+    if scales is None and "scales" in node.attrs:  # Upsample before opset 9
+        scales = np.asarray(node.attrs["scales"], dtype=np.float32)
     sizes = tracer.constant(node.inputs[size_index]) if size_index is not None and len(node.inputs) > size_index \
         and not node.inputs[size_index].is_empty() else None
     if incoming.axis not in axes:
@@ -420,8 +426,11 @@ def pad(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
 
 @_reads_channels(0)
 def softmax(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
-    default = -1 if _opset(tracer) >= 13 else 1
-    if int(node.attrs.get("axis", default)) % incoming.rank == incoming.axis:
+    """From opset 13 (Log)Softmax normalises along its axis; before, over every axis from its axis on (the
+    input flattened to 2-D there), so channels anywhere in that block are normalised together."""
+    legacy = _opset(tracer) < 13
+    axis = int(node.attrs.get("axis", 1 if legacy else -1)) % incoming.rank
+    if incoming.axis == axis or legacy and incoming.axis > axis:
         tracer.freeze(incoming, f"{node.op} '{node.name}' normalises across the channels")
     else:
         tracer.follow(node.outputs[0], incoming)

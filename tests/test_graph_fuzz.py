@@ -5,7 +5,8 @@ kept channels and scales are. The zoo checks one hand-made graph per pattern; he
 operators into random chains with branches (residual Add, Concat, Split, Slice, layout Transposes, depthwise
 convs, dense heads...) so that the patterns meet in orders nobody wrote down, then prunes every prunable
 group (down to a single channel, to a random subset with random scales, or not at all) and holds the result
-to test_rewrite.prune_and_check. One test draws every step at random; one case per kind of step makes sure
+to test_rewrite.prune_and_check. Graphs are drawn at opsets 17, 13 and 11 (axes and split sizes as inputs
+or attributes, Softmax over one axis or from its axis on). One test draws every step at random; one case per kind of step makes sure
 each kind is in every run. Each generated graph must itself pass the full checker and run in onnxruntime
 (else the generator is wrong, not pfp-onnx). Bounded and derandomized: CI is deterministic and fast.
 """
@@ -26,6 +27,7 @@ from pfp_onnx.select import Selection
 from test_rewrite import prune_and_check, run
 from zoo import _GraphBuilder, input_shapes, random_inputs
 
+OPSETS = (17, 13, 11)
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 FEATURED = settings(FUZZ, max_examples=25)
@@ -34,7 +36,7 @@ INT64_MAX = np.iinfo(np.int64).max
 # Every kind of step. Hypothesis leans towards the first options (and shrinks to them): structural ones first.
 STEPS = ("split", "concat", "residual", "slice", "slice_negative", "slice_pair", "transpose", "conv", "depthwise",
          "squeeze_excite", "pad", "resize", "conv_transpose", "to_vector", "to_map", "reduce", "unsqueeze",
-         "constant", "layer", "pool", "normalization", "activation", "tap")
+         "constant", "layer", "pool", "normalization", "activation", "softmax", "tap")
 # Only ever the featured step of its own test case: a graph-output tap freezes what it taps.
 FEATURED_ONLY = {"tap"}
 RANDOM_STEPS = tuple(kind for kind in STEPS if kind not in FEATURED_ONLY)
@@ -58,6 +60,8 @@ class _Network:
         self.data = data
         self.b = _GraphBuilder("fuzz", seed, constant_nodes=self.flag("constant nodes"))
         self.dynamic = self.flag("dynamic H, W")  # then the analysis and the feeds take zoo.DYNAMIC_SIZE = 8
+        # Older opsets spell axes and split sizes as attributes and read Softmax's axis differently.
+        self.opset = self.pick(OPSETS, "opset")
         self.count = 0
         self.steps: list[str] = []
         self.shared: dict[tuple, str] = {}  # integer constants and conv weights, for reuse by later nodes
@@ -87,6 +91,12 @@ class _Network:
             return self.shared[key]
         self.shared[key] = self.b.constant(self.fresh(name), values, dtype=np.int64)
         return self.shared[key]
+
+    def with_axes(self, op: str, data: str, axes: list[int], label: str, **attrs) -> str:
+        """Squeeze, Unsqueeze or ReduceSum: axes an input from opset 13, an attribute before."""
+        if self.opset < 13:
+            return self.b.node(op, [data], self.fresh(label), axes=axes, **attrs)
+        return self.b.node(op, [data, self.ints(f"{label}_axes", axes)], self.fresh(label), **attrs)
 
     def conv_weight(self, name: str, shape: tuple[int, ...]) -> str:
         """A conv weight; now and then one an earlier conv of the same shape reads too."""
@@ -124,22 +134,37 @@ class _Network:
         return _State(name, out, spatial=False)
 
     def activation(self, state: _State) -> _State:
-        """A continuous unary op; (Log)Softmax over W (carries the channels) or over the channels (freezes)."""
-        op = self.pick(["Relu", "LeakyRelu", "Sigmoid", "Clip", "Tanh", "HardSwish", "HardSigmoid", "Softplus",
-                        "Softsign", "Elu", "Selu", "Celu", "Erf", "Abs", "Neg", "Identity", "Dropout", "Cast",
-                        "Softmax", "LogSoftmax"], "activation")
+        """A continuous unary op; (Log)Softmax along some axis (before opset 13: over every axis from it on),
+        which carries or freezes the channels."""
+        ops = ["Relu", "LeakyRelu", "Sigmoid", "Clip", "Tanh", "HardSwish", "HardSigmoid", "Softplus", "Softsign",
+               "Elu", "Selu", "Celu", "Erf", "Abs", "Neg", "Identity", "Dropout", "Cast", "Softmax", "LogSoftmax"]
+        since = {"HardSwish": 14, "Celu": 12}
+        op = self.pick([op for op in ops if since.get(op, 0) <= self.opset], "activation")
         name = self.fresh(op.lower())
         if op == "LeakyRelu":
             self.b.node(op, [state.name], name, alpha=0.1)
         elif op == "Cast":
             self.b.node(op, [state.name], name, to=onnx.TensorProto.FLOAT)
         elif op in ("Softmax", "LogSoftmax"):
-            self.b.node(op, [state.name], name, axis=self.pick([-1, 1], "softmax axis"))
+            rank = 4 if state.spatial else 2
+            self.b.node(op, [state.name], name, axis=self.pick([-1, 1, 0, rank - 2], "softmax axis"))
         elif op == "Clip":
             bounds = [self.b.constant(self.fresh("clip_min"), -0.5), self.b.constant(self.fresh("clip_max"), 1.0)]
             self.b.node(op, [state.name] + bounds[:self.pick([0, 1, 2], "clip bounds")], name)
         else:
             self.b.node(op, [state.name], name)
+        return _State(name, state.width, state.height, state.side, state.spatial)
+
+    def softmax(self, state: _State) -> _State:
+        """(Log)Softmax along a drawn axis, of the tensor or (maps) of its NHWC transpose: before opset 13 it
+        normalises every axis from its axis on, so whether the channels are among them depends on both."""
+        op = self.pick(["Softmax", "LogSoftmax"], "softmax op")
+        nhwc = state.spatial and self.flag("softmax over NHWC")
+        name = self.b.node("Transpose", [state.name], self.fresh("to_nhwc"), perm=[0, 2, 3, 1]) if nhwc else state.name
+        rank = 4 if state.spatial else 2
+        name = self.b.node(op, [name], self.fresh(op.lower()), axis=self.draw(st.integers(-rank, rank - 1), "axis"))
+        if nhwc:
+            name = self.b.node("Transpose", [name], self.fresh("to_nchw"), perm=[0, 3, 1, 2])
         return _State(name, state.width, state.height, state.side, state.spatial)
 
     def rejoin(self, state: _State, left: _State, right: _State, label: str) -> _State:
@@ -254,9 +279,13 @@ class _Network:
             sizes = [b - a for a, b in zip([0] + cuts, cuts + [state.width])]
         name = self.fresh("split")
         outputs = [f"{name}_{index}" for index in range(parts)]
-        inputs = [state.name] if implicit else [state.name, self.ints("split_sizes", sizes)]
         axis = self.pick([1, -3] if state.spatial else [1, -1], "split axis")
-        self.b.nodes.append(onnx.helper.make_node("Split", inputs, outputs, name=name, axis=axis))
+        if implicit or self.opset < 13:
+            attrs = {} if implicit else {"split": sizes}
+            self.b.nodes.append(onnx.helper.make_node("Split", [state.name], outputs, name=name, axis=axis, **attrs))
+        else:
+            self.b.nodes.append(onnx.helper.make_node("Split", [state.name, self.ints("split_sizes", sizes)], outputs,
+                                                      name=name, axis=axis))
         branches = [_State(output, size, state.height, state.side, state.spatial)
                     for output, size in zip(outputs, sizes)]
         common = self.channels("rejoin width")
@@ -352,7 +381,8 @@ class _Network:
     def resize(self, state: _State) -> _State:
         """Resize ×2 (nearest) given scales; the channel scale is 1."""
         scales = self.b.constant(self.fresh("scales"), [1.0, 1.0, 2.0, 2.0])
-        roi = "" if self.flag("empty roi name") else self.b.constant(self.fresh("roi"), [], dtype=np.float32)
+        empty = self.opset >= 13 and self.flag("empty roi name")  # roi is optional from opset 13
+        roi = "" if empty else self.b.constant(self.fresh("roi"), [], dtype=np.float32)
         name = self.b.node("Resize", [state.name, roi, scales], self.fresh("resize"), mode="nearest")
         return _State(name, state.width, state.height * 2, state.side * 2)
 
@@ -412,20 +442,18 @@ class _Network:
             flat = self.b.node("Flatten", [pooled], self.fresh("flatten"))
             name = self.b.gemm(self.fresh("gemm"), flat, state.width, out, trans_b=self.pick([0, 1], "transB"))
         else:
-            flat = self.b.node("Squeeze", [pooled, self.ints("squeeze_axes", self.pick([[2, 3], [-1, -2]], "sq"))],
-                               self.fresh("squeeze"))
+            flat = self.with_axes("Squeeze", pooled, self.pick([[2, 3], [-1, -2]], "sq"), "squeeze")
             name = self.b.matmul(self.fresh("matmul"), flat, state.width, out)
         return _State(name, out, spatial=False)
 
     def reduce(self, state: _State) -> _State:
-        """A reduction over H and/or W: axes an attribute at opset 17, or an input (ReduceSum)."""
+        """A reduction over H and/or W: axes an attribute (before opset 18), or an input (ReduceSum from 13)."""
         op = self.pick(["ReduceMean", "ReduceMax", "ReduceL2", "ReduceSum", "ReduceL1", "ReduceLogSumExp",
                         "ReduceSumSquare"], "reduction")
         axes = self.pick([[2, 3], [2], [3], [-1], [-2, -1]], "reduce axes")
         keep = self.flag("keepdims") or sorted(a % 4 for a in axes) != [2, 3]
         if op == "ReduceSum":
-            name = self.b.node(op, [state.name, self.ints("reduce_axes", axes)], self.fresh("sum"),
-                               keepdims=int(keep))
+            name = self.with_axes(op, state.name, axes, "sum", keepdims=int(keep))
         else:
             name = self.b.node(op, [state.name], self.fresh(op.lower()), axes=axes, keepdims=int(keep))
         if not keep:
@@ -448,11 +476,11 @@ class _Network:
         """Unsqueeze a size-1 axis in, maybe a per-channel op at that rank, Squeeze it out again."""
         rank = 4 if state.spatial else 2
         axis = self.pick([0, 2, rank, -1], "unsqueeze axis")
-        name = self.b.node("Unsqueeze", [state.name, self.ints("unsqueeze_axes", [axis])], self.fresh("unsq"))
+        name = self.with_axes("Unsqueeze", state.name, [axis], "unsq")
         if self.flag("op at the higher rank"):
             after = rank - 1 if axis % (rank + 1) > 1 else rank - 2
             name = self.constant(_State(name, state.width, state.height, state.side, state.spatial), after).name
-        name = self.b.node("Squeeze", [name, self.ints("squeeze_axes", [axis])], self.fresh("squeeze"))
+        name = self.with_axes("Squeeze", name, [axis], "squeeze")
         return _State(name, state.width, state.height, state.side, state.spatial)
 
     def tap(self, state: _State) -> _State:
@@ -465,7 +493,7 @@ class _Network:
     def to_map(self, state: _State) -> _State:
         """Back to [N, F, 1, 1]: Unsqueeze(2, 3) or Reshape [0|-1, F|-1, 1, 1]."""
         if self.flag("unsqueeze"):
-            name = self.b.node("Unsqueeze", [state.name, self.ints("unsqueeze_axes", [2, 3])], self.fresh("unsq"))
+            name = self.with_axes("Unsqueeze", state.name, [2, 3], "unsq")
         else:
             target = self.pick([[0, state.width, 1, 1], [-1, state.width, 1, 1], [0, -1, 1, 1]], "reshape target")
             name = self.b.node("Reshape", [state.name, self.ints("shape", target)], self.fresh("reshape"))
@@ -477,7 +505,7 @@ class _Network:
         options = {"layer": lambda s: self.layer(s, self.channels("layer width")), "activation": self.activation,
                    "residual": self.residual, "constant": self.constant, "concat": self.concat, "slice": self.slice_,
                    "slice_negative": lambda s: self.slice_(s, negative=True), "unsqueeze": self.unsqueeze,
-                   "tap": self.tap, "normalization": self.normalization}
+                   "tap": self.tap, "normalization": self.normalization, "softmax": self.softmax}
         if state.spatial:
             options.update(conv=self.conv, conv_transpose=self.conv_transpose,
                            transpose=self.transpose, depthwise=self.depthwise, to_vector=self.to_vector,
@@ -542,7 +570,7 @@ class _Network:
             else:
                 state = self.step(state)
         self.head(state)
-        return self.b.build()
+        return self.b.build(self.opset)
 
 
 def _selections(data: st.DataObject, analysis: ChannelAnalysis) -> dict[int, Selection]:
@@ -570,7 +598,7 @@ def _selections(data: st.DataObject, analysis: ChannelAnalysis) -> dict[int, Sel
 def _prune_random_graph(data: st.DataObject, seed: int, featured: str | None) -> None:
     network = _Network(data, seed)
     model = network.build(featured)
-    note(f"steps: {network.steps}")
+    note(f"opset {network.opset}, steps: {network.steps}")
     feeds = [random_inputs(model, 3, seed), random_inputs(model, 1, seed + 1)]
     run(model, feeds[0])  # the generated graph itself must run: if not, the generator is wrong
     analysis = analyse_channel_groups(model, input_shapes(model))

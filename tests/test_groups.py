@@ -368,3 +368,82 @@ def test_auto_pad_geometry_reproduces_onnxruntime(auto_pad, kernel, stride, dila
                                                   geometry.kernel_shape))
     got = (features @ weight.reshape(4, -1).T).reshape(2, *want.shape[2:], 4).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+# ---- operators whose meaning changed between opsets ---------------------------------------------------
+def _softmax(op: str, axis: int | None, nhwc: bool = False):
+    def middle(b, h):
+        if nhwc:
+            h = b.node("Transpose", [h], "to_nhwc", perm=[0, 2, 3, 1])
+        h = b.node(op, [h], "softmax", **({} if axis is None else {"axis": axis}))
+        return b.node("Transpose", [h], "to_nchw", perm=[0, 3, 1, 2]) if nhwc else h
+    return middle
+
+
+def _upsample(op: str, scales, *, attribute: bool = False, roi: bool = False):
+    def middle(b, h):
+        if attribute:
+            return b.node(op, [h], "resize", mode="nearest", scales=list(scales))
+        inputs = [h] + ([b.constant("roi", [])] if roi else []) + [b.constant("scales", scales)]
+        return b.node(op, inputs, "resize", mode="nearest")
+    return middle
+
+
+def _slice_attributes(b, h):
+    return b.node("Slice", [h], "slice", starts=[1], ends=[5], axes=[1])
+
+
+NORMALISES = "Softmax 'softmax' normalises across the channels"
+LEGACY_OPS = {  # name: (opset, the node(s) between conv1 [N, 6, 8, 8] and conv2, conv1's frozen reason or None)
+    # before opset 13 (Log)Softmax normalises over every axis from its axis on, the default axis being 1
+    "softmax 11, axis 0": (11, _softmax("Softmax", 0), NORMALISES),
+    "softmax 11, default axis": (11, _softmax("Softmax", None), NORMALISES),
+    "softmax 11, axis 2": (11, _softmax("Softmax", 2), None),
+    "softmax 11, axis -1": (11, _softmax("Softmax", -1), None),
+    "log-softmax 11 over NHWC, axis 1": (11, _softmax("LogSoftmax", 1, nhwc=True),
+                                         "LogSoftmax 'softmax' normalises across the channels"),
+    "softmax 11 over NHWC, axis 3": (11, _softmax("Softmax", 3, nhwc=True), NORMALISES),
+    "softmax 13, axis 0": (13, _softmax("Softmax", 0), None),
+    "softmax 13 over NHWC, axis 1": (13, _softmax("Softmax", 1, nhwc=True), None),
+    # opset-10 Resize and Upsample read their scales from input 1; Upsample before opset 9 from an attribute
+    "resize 10": (10, _upsample("Resize", [1.0, 1.0, 2.0, 2.0]), None),
+    "resize 11": (11, _upsample("Resize", [1.0, 1.0, 2.0, 2.0], roi=True), None),
+    "upsample 9": (9, _upsample("Upsample", [1.0, 1.0, 2.0, 2.0]), None),
+    "upsample 7": (7, _upsample("Upsample", [1.0, 1.0, 2.0, 2.0], attribute=True), None),
+    "resize 10 scaling the channels": (10, _upsample("Resize", [1.0, 2.0, 2.0, 2.0]),
+                                       "Resize 'resize' may resize the channel axis"),
+    "upsample 7 scaling the channels": (7, _upsample("Upsample", [1.0, 2.0, 1.0, 1.0], attribute=True),
+                                        "Upsample 'resize' may resize the channel axis"),
+    # before opset 10 a Slice's bounds are attributes, which the rewrite does not edit
+    "slice 9": (9, _slice_attributes, "Slice 'slice' gives its bounds as attributes (before opset 10)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEGACY_OPS))
+def test_operators_are_read_as_their_opset_defines_them(case):
+    """Each spelling is checked against onnxruntime: a carried group prunes to the zero-channel oracle (a
+    pre-13 Softmax over the channels once did not: it was followed as if it normalised one axis)."""
+    from test_rewrite import prune_and_check, run
+    from zoo import _GraphBuilder, random_inputs
+
+    from pfp_onnx.select import Selection
+
+    opset, middle, reason = LEGACY_OPS[case]
+    b = _GraphBuilder("legacy", 0)
+    h = b.conv("conv1", b.input("x", ["N", 3, 8, 8]), 3, 6, pads=[1] * 4)
+    h = middle(b, h)
+    width = {"slice 9": 4}.get(case, 12 if "scaling the channels" in case else 6)  # what conv2 reads
+    h = b.conv("conv2", h, width, 4, 1)
+    b.output(h, ["N", 4, None, None])
+    model = b.build(opset)
+    feeds = [random_inputs(model, 2, 0), random_inputs(model, 1, 1)]
+    run(model, feeds[0])
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    group = group_of(analysis, "conv1")
+    if reason is not None:
+        assert group.frozen and group.frozen[0] == reason, group.frozen
+        return
+    assert not group.frozen, group.frozen
+    for kept in ([0, 2, 5], [3]):
+        scale = np.linspace(0.5, 2.0, len(kept)).astype(np.float32)
+        prune_and_check(model, analysis, {group.id: Selection(np.array(kept), scale)}, feeds)
