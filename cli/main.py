@@ -35,7 +35,8 @@ def _user_errors(command):
 
 
 def _progress_printer(quiet: bool):
-    """A progress bar on stderr for the capture pass; nothing when quiet or when stderr is not a terminal."""
+    """A progress bar on stderr for the capture and verify passes; nothing when quiet or when stderr is not a
+    terminal."""
     if quiet or not sys.stderr.isatty():
         return None
 

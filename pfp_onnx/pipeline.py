@@ -190,7 +190,8 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
                     sensitivity, statistics, round_to, recommended, tuple(notes), seconds)
 
 
-def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed: int = 0) -> CompressResult:
+def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed: int = 0,
+          progress: Progress | None = None) -> CompressResult:
     """Allocate, select, rewrite and verify one pruned model from prepared data."""
     started = time.perf_counter()
     analysis, proto = prepared.analysis, prepared.model
@@ -225,8 +226,9 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         stage_start = time.perf_counter()
         holdout_batches = prepared.holdout_part.batches
         try:
-            verification = verify(proto, pruned, holdout_batches(prepared.batch_size), prepared.device,
-                                  epsilon=epsilon)
+            advance = _stage_progress(progress, "verify", prepared.holdout_part.count)
+            verification = verify(proto, pruned, _counted(holdout_batches(prepared.batch_size), advance),
+                                  prepared.device, epsilon=epsilon)
         except ONNXRUNTIME_ERRORS as exc:
             raise blame(exc, prepared.original, prepared.name, holdout_batches(prepared.batch_size),
                         prepared.device) from exc
@@ -260,7 +262,7 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
     prepared = prepare(model, data, budgets=[budget], methods=[method], holdout=holdout, batch_size=batch_size,
                        seed=seed, device=device, exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
                        progress=progress)
-    return prune(prepared, budget=budget, method=method, seed=seed)
+    return prune(prepared, budget=budget, method=method, seed=seed, progress=progress)
 
 
 def check_round_to(round_to: int | str) -> int | str:
@@ -310,6 +312,14 @@ def _stage_progress(progress: Progress | None, stage: str, total: int | None):
         progress(stage, done[0], total)
 
     return advance
+
+
+def _counted(batches: Iterable[Mapping[str, np.ndarray]], advance: Callable[[int], None] | None):
+    """The batches, reporting the points of each once it has been used."""
+    for batch in batches:
+        yield batch
+        if advance is not None:
+            advance(len(next(iter(batch.values()))))
 
 
 def _layer_sizes(analysis: ChannelAnalysis) -> list[LayerSize]:

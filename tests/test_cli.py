@@ -121,3 +121,20 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "capture [#######.......................] 100/400 points" in err
     assert err.endswith("[" + "#" * 30 + "] 400/400 points\n")
+
+
+def test_progress_covers_capture_then_verify():
+    """compress reports every point of the capture pass, then every held-out point of verification, each
+    counting up to its own total."""
+    import pfp_onnx
+
+    events = []
+    pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, holdout=0.25, batch_size=64, recovery="none",
+                      progress=lambda stage, done, total: events.append((stage, done, total)))
+    stages = [stage for stage, _, _ in events]
+    assert stages == sorted(stages, key=["capture", "verify"].index) and set(stages) == {"capture", "verify"}
+    for stage, points in (("capture", 375), ("verify", 125)):  # 500 points, a quarter held out
+        mine = [(done, total) for name, done, total in events if name == stage]
+        assert all(total == points for _, total in mine)
+        assert [done for done, _ in mine] == sorted({done for done, _ in mine}) and mine[-1][0] == points
+        assert len(mine) == -(-points // 64)  # one report per batch
