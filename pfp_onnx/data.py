@@ -16,6 +16,7 @@ import onnx
 from onnx import helper
 
 from pfp_onnx.errors import DataError
+from pfp_onnx.npz import LoadWhole, NpzArray
 
 LABELS = "labels"
 
@@ -148,7 +149,9 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray | NpzArray]:
+    """The archive's arrays by name; large C-ordered members (pfp_onnx.npz.LAZY_BYTES) as NpzArrays, read a
+    few rows at a time, so that memory does not grow with the number of points."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Calibration file '{path}' does not exist. Pass an .npz file with --data.")
@@ -156,7 +159,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as archive:
             if not hasattr(archive, "files"):
                 raise ValueError("it holds a single array, not an archive of named arrays")
-            return {name: archive[name] for name in archive.files}
+            return {name: _member(path, archive, name) for name in archive.files}
     except Exception as exc:  # numpy/zipfile/zlib raise many types for damaged archives
         raise DataError(
             f"Could not read '{path}' as a NumPy .npz archive ({exc}). Save the calibration set with "
@@ -164,7 +167,17 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         ) from None
 
 
-def validate(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto) -> CalibrationData:
+def _member(path: Path, archive, name: str) -> np.ndarray | NpzArray:
+    member = name if name in archive.zip.namelist() else f"{name}.npy"
+    if name != LABELS and NpzArray.opens(archive.zip, member):
+        try:
+            return NpzArray(path, member)
+        except LoadWhole:
+            pass
+    return archive[name]
+
+
+def validate(arrays: Mapping[str, np.ndarray | NpzArray], model: onnx.ModelProto) -> CalibrationData:
     """Match arrays to graph inputs and check names, ranks, fixed dims, dtypes, finiteness and counts."""
     specs = input_specs(model)
     arrays = dict(arrays)
@@ -183,7 +196,7 @@ def validate(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto) -> Calibr
         raise DataError(
             f"The calibration data holds arrays {', '.join(map(repr, extra))} that match no model input. "
             f"The model expects {expected} (plus an optional '{LABELS}' array); remove or rename them.")
-    inputs = {spec.name: _checked(np.asarray(arrays[spec.name]), spec) for spec in specs}
+    inputs = {spec.name: _checked(_array(arrays[spec.name]), spec) for spec in specs}
     counts = {len(array) for array in inputs.values()}
     if len(counts) != 1:
         raise DataError("The calibration arrays hold different numbers of points "
@@ -200,7 +213,11 @@ def validate(arrays: Mapping[str, np.ndarray], model: onnx.ModelProto) -> Calibr
     return CalibrationData(inputs, labels)
 
 
-def _checked(array: np.ndarray, spec: InputSpec) -> np.ndarray:
+def _array(values) -> np.ndarray | NpzArray:
+    return values if isinstance(values, NpzArray) else np.asarray(values)
+
+
+def _checked(array: np.ndarray | NpzArray, spec: InputSpec) -> np.ndarray | NpzArray:
     if array.ndim != len(spec.dims):
         raise DataError(
             f"Calibration array '{spec.name}' has rank {array.ndim} (shape {array.shape}) but the model input "
@@ -214,8 +231,12 @@ def _checked(array: np.ndarray, spec: InputSpec) -> np.ndarray:
         raise DataError(
             f"Calibration array '{spec.name}' has dtype {array.dtype} but the model input is {spec.dtype}. "
             f"Convert it, e.g. array.astype(numpy.{spec.dtype}).")
-    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+    bad = 0
+    if isinstance(array, NpzArray):
+        bad = array.nonfinite  # counted when the archive was opened
+    elif np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.count_nonzero(~np.isfinite(array)))
+    if bad:
         raise DataError(
             f"Calibration array '{spec.name}' holds {bad} NaN or infinite value(s). Clean or drop those "
             "points before pruning.")

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import zoo
+import pfp_onnx.npz as npz
 from pfp_onnx.data import CalibrationData, read_npz, validate
 from pfp_onnx.errors import DataError, ModelError
 from pfp_onnx.model import load_model
@@ -151,16 +152,23 @@ ARCHIVES = {compressed: _valid_archive(compressed) for compressed in (False, Tru
 
 @FUZZ
 @given(st.booleans(), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),
-       st.integers(0, 10**6), st.booleans())
-@example(compressed=True, flips=[(28, 0)], cut=0, truncate=False)  # local header's extra length: zlib.error
-def test_read_npz_damaged_archive(compressed, flips, cut, truncate):
-    """Byte flips (headers, CRCs, deflate streams) and truncations of a real, valid calibration archive."""
+       st.integers(0, 10**6), st.booleans(), st.booleans())
+@example(compressed=True, flips=[(28, 0)], cut=0, truncate=False, lazy=False)  # extra length: zlib.error
+@example(compressed=True, flips=[(28, 0)], cut=0, truncate=False, lazy=True)
+def test_read_npz_damaged_archive(compressed, flips, cut, truncate, lazy):
+    """Byte flips (headers, CRCs, deflate streams) and truncations of a real, valid calibration archive, read
+    whole or row by row (pfp_onnx.npz: the damage must show when the archive is opened, not later)."""
     content = bytearray(ARCHIVES[compressed])
     for position, value in flips:
         content[position % len(content)] = value
     if truncate:
         content = content[:cut % len(content)]
-    _written(bytes(content), "calib.npz", lambda path: _read_and_validate(path, FIXTURE_MODEL))
+    previous = npz.LAZY_BYTES
+    npz.LAZY_BYTES = 0 if lazy else previous
+    try:
+        _written(bytes(content), "calib.npz", lambda path: _read_and_validate(path, FIXTURE_MODEL))
+    finally:
+        npz.LAZY_BYTES = previous
 
 
 def _read_and_validate(path: Path, model: onnx.ModelProto) -> None:
@@ -170,6 +178,8 @@ def _read_and_validate(path: Path, model: onnx.ModelProto) -> None:
         return
     assert isinstance(result, CalibrationData)
     assert result.count > 0
+    for batch in result.batches(4):  # an archive that opened reads back in full
+        assert len(batch["input"]) > 0
 
 
 def _damaged(compressed: bool, where: str, offset: int, value: int) -> bytes:
