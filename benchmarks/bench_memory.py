@@ -7,11 +7,14 @@ so no two points are identical), runs the CLI on each in a fresh child process, 
 each run and their ratio.
 
 Peak RSS is resource.getrusage(RUSAGE_CHILDREN).ru_maxrss read inside a small fresh Python process whose
-only child is the `pfp-onnx compress` run, so every number belongs to exactly one run. The whole .npz is
-loaded by the CLI, so the input array itself (points × 3 KiB for 28×28 float32) is part of the peak.
+only child is the `pfp-onnx compress` run, so every number belongs to exactly one run. The CLI loads an
+.npz array of up to 64 MiB whole (pfp_onnx.npz.LAZY_BYTES; the input array, points × 3 KiB for 28×28 float32,
+is then part of the peak) and reads larger ones a few rows at a time: from about 21,400 points on, the
+input array no longer adds to the peak.
 
     python benchmarks/bench_memory.py                       # 256 vs 2048 points, --recovery none and lstsq
     python benchmarks/bench_memory.py --small 512 --large 8192 --recoveries none
+    python benchmarks/bench_memory.py --small 2048 --large 32768 --recoveries none   # a 100 MB array
 """
 
 from __future__ import annotations
