@@ -87,7 +87,7 @@ class NpzArray:
         return out if len(wanted) == len(rows) and np.array_equal(wanted, rows) else out[where]
 
     def close(self) -> None:
-        for handle in (self._stream, self._archive):
+        for handle in (getattr(self, "_stream", None), getattr(self, "_archive", None)):
             if handle is not None:
                 handle.close()
         self._stream = self._archive = None
