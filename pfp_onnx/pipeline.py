@@ -207,7 +207,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     rounding_notes = ()
     if allocation.round_to != round_to:
         rounding_notes = (f"budget {budget:g} is below what widths rounded to multiples of {AUTO_MULTIPLE} can meet, "
-                          f"so they were left unrounded (as with --round-to 1)",)
+                          f"so they were left unrounded (as with --round-to 1); the pruned model may run slower "
+                          f"than its MAC count suggests",)
         round_to = allocation.round_to
     selections = {group.id: select_channels(scores[group.id], allocation.kept[str(group.id)], mode, rng)
                   for group in analysis.prunable_groups}
@@ -234,7 +235,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
                         prepared.device) from exc
         seconds["verify"] = time.perf_counter() - stage_start
     seconds["total"] = sum(seconds.values())
-    notes = prepared.notes + rounding_notes + _width_notes(analysis, selections, round_to, mode)
+    # after the fall-back, rounding cannot help: the odd-width hint would point to it in vain
+    notes = prepared.notes + (rounding_notes or _width_notes(analysis, selections, round_to, mode))
     report = CompressReport(
         model=prepared.name, budget=budget, method=method.label, mode=mode, seed=seed, round_to=str(round_to),
         epsilon=epsilon,

@@ -147,6 +147,7 @@ def test_exclude_node_keeps_its_channels(compress_cli):
     # --round-to auto gives way to 1 rather than refuse a budget the exact allocation meets, and says so.
     notes = [note for note in report["notes"] if "left unrounded" in note]
     assert len(notes) == 1 and notes[0].startswith(f"budget {BUDGET:g} is below"), report["notes"]
+    assert not any("multiples of 8 (" in note for note in report["notes"]), "no hint towards rounding in vain"
     metadata = {entry.key: entry.value for entry in onnx.load(str(output)).metadata_props}
     assert metadata["pfp_onnx.round_to"] == report["round_to"] == "1"
 
