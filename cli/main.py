@@ -199,9 +199,12 @@ def sweep_command(model, data, budgets, methods, csv_path, plot_path, holdout, b
     check_output_path(csv_path, model, data, option="--csv")
     if plot_path is not None:
         check_output_path(plot_path, model, data, csv_path, option="--plot")
-    click.echo(f"{'method':<24} {'budget':>6} {'weights':>8} {'MACs':>7} {'accuracy':>9} {'agreement':>10}")
+    shown = []
 
     def show(row) -> None:
+        if not shown:  # the header with the first row: a refused option or input prints only its error
+            click.echo(f"{'method':<24} {'budget':>6} {'weights':>8} {'MACs':>7} {'accuracy':>9} {'agreement':>10}")
+        shown.append(row)
         accuracy = "" if row.accuracy is None else f"{row.accuracy:.1%}"
         agreement = "" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
         click.echo(f"{row.method:<24} {row.budget:>6g} {row.weights_kept:>8.1%} {row.macs_kept:>7.1%} "

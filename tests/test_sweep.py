@@ -90,6 +90,14 @@ def test_sweep_rounds_like_compress():
             assert widths and all(width % 8 == 0 for width in widths) == (report.round_to == "auto"), widths
 
 
+@pytest.mark.parametrize("option", [("--round-to", "x"), ("--budgets", "0.5,a"), ("--methods", "pfp")])
+def test_sweep_command_refuses_bad_options_with_only_an_error(tmp_path, option):
+    done = run_cli("sweep", MODEL, "--data", DATA, "--csv", tmp_path / "sweep.csv", *option)
+    assert done.returncode == 2 and done.stdout == "", done.stdout
+    assert done.stderr.startswith("Error: ") and done.stderr.count("\n") == 1, done.stderr
+    assert not (tmp_path / "sweep.csv").exists()
+
+
 def test_parse_methods():
     assert [m.label for m in parse_methods("pfp/pfp, l1/uniform/none,pfp/pfp/randomized,pfp/pfp/bias/hybrid")] == [
         "pfp/pfp/lstsq", "l1/uniform/none", "pfp/pfp/randomized/lstsq", "pfp/pfp/hybrid/bias"]
