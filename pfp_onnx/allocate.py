@@ -37,6 +37,8 @@ EPSILON_MIN = 1e-12
 EPSILON_MAX = 1e150
 # Float noise in Σ 1−(1−p)^m must not push ceil() up by a whole channel.
 DISTINCT_TOLERANCE = 1e-9
+# Halvings of log ε when locating a group's next rounded step: only their order matters.
+STEP_SEARCH_ITERATIONS = 80
 # round_to="auto": onnxruntime's NCHWc CPU kernels and GPU tensor cores run widths that are multiples of 8 at
 # full speed, odd widths on slower paths (a pruned ResNet-18 ran at 0.78× the original's speed unrounded,
 # 1.22× rounded; benchmarks/results/baseline.txt). Groups narrower than 16 keep any count: rounding would
@@ -161,8 +163,10 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     budget is the fraction of the prunable layers' weights (Σ in_units·in_block·out_units) to keep. The
     result is the smallest ε in [1e-12, 1e150] with size(ε) ≤ budget · total, found by bisection on log ε down
     to adjacent floats, so it sits on the step of n(ε) where one more channel anywhere would break the
-    budget. No greedy top-up follows: the gap to the budget is whatever PFP's steps leave. budget == 1
-    keeps every channel (ε reported as 1e-12).
+    budget. With round_to 1 no top-up follows: the gap to the budget is whatever PFP's steps leave. Rounded
+    steps (8 channels) leave more, so then groups take further steps in the order PFP's bound asks for them
+    while the budget allows (_step_up_in_bound_order); ε stays the worst per-group bound. budget == 1 keeps
+    every channel (ε reported as 1e-12).
 
     Raises BudgetError when budget is outside (0, 1] or below the floor (every group keeping one channel).
     """
@@ -172,10 +176,12 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     if budget >= 1:
         return Allocation(EPSILON_MIN, full, weights_total, weights_total, weights_floor, round_to)
 
+    def count_at(name: str, epsilon: float) -> int:
+        return rounded(channels_for_epsilon(demands[name], epsilon, delta=delta, c_constant=c_constant),
+                       full[name], round_to)
+
     def kept_at(epsilon: float) -> dict[str, int]:
-        return {name: rounded(channels_for_epsilon(group, epsilon, delta=delta, c_constant=c_constant),
-                              full[name], round_to)
-                for name, group in demands.items()}
+        return {name: count_at(name, epsilon) for name in demands}
 
     low, high = EPSILON_MIN, EPSILON_MAX
     kept_high = kept_at(high)
@@ -195,7 +201,41 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
             high, kept_high = middle, kept_middle
         else:
             low = middle
+    if any(multiple(width, round_to) > 1 for width in full.values()):
+        kept_high = _step_up_in_bound_order(kept_high, high, count_at, lambda kept: kept_weights(layers, kept) <= target)
     return Allocation(high, kept_high, weights_total, kept_weights(layers, kept_high), weights_floor, round_to)
+
+
+def _step_up_in_bound_order(kept: dict[str, int], epsilon: float, count_at, fits) -> dict[str, int]:
+    """Spend what one ε leaves of the budget: each group's next rounded step comes at some ε' < ε (where
+    count_at(group, ε') first exceeds its count); the step with the largest ε' — the channels PFP's bound
+    asks for first — is taken if the budget still fits, else that group stops where it is. Steps only add
+    channels, so no group's error bound rises above ε."""
+    kept = dict(kept)
+
+    def next_step(name: str, upper: float) -> tuple[float, int] | None:
+        if count_at(name, EPSILON_MIN) <= kept[name]:
+            return None
+        low, high = EPSILON_MIN, upper  # count_at(low) > kept ≥ count_at(high)
+        for _ in range(STEP_SEARCH_ITERATIONS):
+            middle = math.sqrt(low) * math.sqrt(high)
+            if not low < middle < high:
+                break
+            if count_at(name, middle) > kept[name]:
+                low = middle
+            else:
+                high = middle
+        return low, count_at(name, low)
+
+    steps = {name: step for name in kept if (step := next_step(name, epsilon)) is not None}
+    while steps:
+        name = max(steps, key=lambda candidate: steps[candidate][0])
+        at, count = steps.pop(name)
+        if fits({**kept, name: count}):
+            kept[name] = count
+            if (step := next_step(name, at)) is not None:
+                steps[name] = step
+    return kept
 
 
 def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,

@@ -13,6 +13,7 @@ from pfp_onnx.allocate import (
     channels_for_epsilon,
     expected_distinct,
     kept_weights,
+    rounded,
     sample_size,
 )
 from pfp_onnx.errors import BudgetError, PfpError
@@ -172,6 +173,31 @@ def test_auto_rounding_rounds_wide_groups_only(allocator, budget):
         assert any(unrounded.kept[name] % 8 for name in ("a", "b", "c")), unrounded.kept
     narrow = [allocator(groups, layers, b, round_to="auto").kept["c"] for b in BUDGETS[2:]]
     assert any(count % 8 for count in narrow), narrow
+
+
+@pytest.mark.parametrize("configuration", sorted(CONFIGURATIONS))
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_rounded_allocation_spends_the_budget(configuration, budget):
+    """Rounded steps are coarse, so one ε leaves budget unused; groups then step up in the order PFP's
+    bound asks for them. The result: still within the budget, no group below what ε asks of it, and no
+    group can take one more rounded step without breaking the budget."""
+    groups, layers = CONFIGURATIONS[configuration]()
+    widths = {group.name: group.sensitivity.size for group in groups}
+    try:
+        allocation = allocate(groups, layers, budget, round_to=8)
+    except BudgetError:
+        return
+    target = budget * allocation.weights_total
+    assert allocation.weights_kept == kept_weights(layers, allocation.kept) <= target
+    for group in groups:
+        kept = allocation.kept[group.name]
+        assert kept == widths[group.name] or kept % 8 == 0
+        assert kept >= rounded(channels_for_epsilon(group, allocation.epsilon), widths[group.name], 8)
+        if kept < rounded(channels_for_epsilon(group, 1e-12), widths[group.name], 8):
+            stepped = {**allocation.kept, group.name: rounded(kept + 1, widths[group.name], 8)}
+            assert kept_weights(layers, stepped) > target, (group.name, allocation.kept)
+    plain = allocate(groups, layers, budget, round_to=1)
+    assert plain.kept == {g.name: channels_for_epsilon(g, plain.epsilon) for g in groups}  # 1: no top-up
 
 
 def test_zero_sensitivity_group_keeps_one_channel():
