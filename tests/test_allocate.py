@@ -4,6 +4,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pfp_onnx.allocate import (
     GroupDemand,
@@ -230,3 +232,42 @@ def test_sample_size_and_channels_formula():
     samples = math.ceil(3 * (6 + 2 * 50.0) * alpha * 8.0 / 50.0**2)
     expected = sum(1 - (1 - p) ** samples for p in [0.5, 0.25, 0.125, 0.125])
     assert channels_for_epsilon(group, 50.0) == min(4, max(1, math.ceil(expected)))
+
+
+# ---- random chains (hypothesis) -----------------------------------------------------------------------
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(widths=st.lists(st.integers(2, 80), min_size=1, max_size=6), frozen=st.integers(0, 2000),
+       budget=st.floats(0.02, 0.99), seed=st.integers(0, 2**16), round_to=st.sampled_from(["auto", 8, 16, 1]))
+def test_random_chains_meet_the_budget_on_rounded_steps(widths, frozen, budget, seed, round_to):
+    """A chain of convs whose outputs are the groups (plus an optional frozen layer): the allocation meets
+    the budget or says it cannot, rounds as asked (auto: multiples of 8 from 16 channels, or exact counts when
+    the budget is below what rounding can meet), keeps each group at least what ε asks, and — rounded — leaves
+    no step that would still fit."""
+    rng = np.random.default_rng(seed)
+    groups = [GroupDemand(f"g{i}", rng.lognormal(0, 1.5, width), int(rng.integers(1, 500)), 9)
+              for i, width in enumerate(widths)]
+    layers, previous = [], ((), 3)
+    for group, width in zip(groups, widths):
+        layers.append(LayerSize(group.name, previous[0], previous[1], 9, ((group.name, width),), width))
+        previous = (((group.name, width),), width)
+    layers.append(LayerSize("head", previous[0], previous[1], 1, (), 10))
+    if frozen:
+        layers.append(LayerSize("frozen", (), frozen, 1, (), 1))
+    try:
+        allocation = allocate(groups, layers, budget, round_to=round_to)
+    except BudgetError:
+        floor_rounding = 1 if round_to == "auto" else round_to  # auto gives way to exact counts first
+        assert allocate(groups, layers, 1.0, round_to=floor_rounding).weights_floor > budget * kept_weights(layers, {})
+        return
+    target = budget * allocation.weights_total
+    assert allocation.weights_kept == kept_weights(layers, allocation.kept) <= target
+    used = allocation.round_to
+    assert used == round_to or (round_to == "auto" and used == 1)
+    for group, width in zip(groups, widths):
+        kept = allocation.kept[group.name]
+        step = used if used != "auto" else (8 if width >= 16 else 1)
+        assert kept == width or kept % step == 0, (kept, width, used)
+        assert kept >= rounded(channels_for_epsilon(group, allocation.epsilon), width, used)
+        if used != 1 and kept < rounded(channels_for_epsilon(group, 1e-12), width, used):
+            assert kept_weights(layers, {**allocation.kept, group.name: rounded(kept + 1, width, used)}) > target
