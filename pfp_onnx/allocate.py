@@ -202,7 +202,8 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
         else:
             low = middle
     if any(multiple(width, round_to) > 1 for width in full.values()):
-        kept_high = _step_up_in_bound_order(kept_high, high, count_at, lambda kept: kept_weights(layers, kept) <= target)
+        kept_high = _step_up_in_bound_order(kept_high, high, count_at,
+                                            lambda kept: kept_weights(layers, kept) <= target)
     return Allocation(high, kept_high, weights_total, kept_weights(layers, kept_high), weights_floor, round_to)
 
 

@@ -46,7 +46,8 @@ def parse_methods(text: str) -> list[Method]:
 
 def sweep(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
           holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
-          round_to: int | str = ROUND_TO_AUTO, progress: Progress | None = None, on_row: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
+          round_to: int | str = ROUND_TO_AUTO, progress: Progress | None = None,
+          on_row: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
     """One capture, then one pruned model per (method, budget), each verified on the same held-out points."""
     if holdout <= 0:
         raise OptionError("A sweep compares methods on held-out points: use --holdout > 0.")

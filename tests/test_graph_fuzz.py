@@ -5,10 +5,11 @@ kept channels and scales are. The zoo checks one hand-made graph per pattern; he
 operators into random chains with branches (residual Add, Concat, Split, Slice, layout Transposes, depthwise
 convs, dense heads...) so that the patterns meet in orders nobody wrote down, then prunes every prunable
 group (down to a single channel, to a random subset with random scales, or not at all) and holds the result
-to test_rewrite.prune_and_check. Graphs are drawn at opsets 17, 13 and 11 (axes and split sizes as inputs
-or attributes, Softmax over one axis or from its axis on). One test draws every step at random; one case per kind of step makes sure
-each kind is in every run. Each generated graph must itself pass the full checker and run in onnxruntime
-(else the generator is wrong, not pfp-onnx). Bounded and derandomized: CI is deterministic and fast.
+to test_rewrite.prune_and_check. Graphs are drawn at opsets 17, 13 and 11 (axes and split sizes as inputs or
+attributes, Softmax over one axis or from its axis on). One test draws every step at random; one case per kind
+of step makes sure each kind is in every run. Each generated graph must itself pass the full checker and run
+in onnxruntime (else the generator is wrong, not pfp-onnx). Bounded and derandomized: CI is deterministic and
+fast.
 """
 
 from __future__ import annotations
