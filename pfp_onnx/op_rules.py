@@ -312,9 +312,11 @@ def elementwise(node: gs.Node, tracer: ChannelTracer) -> None:
 def concat(node: gs.Node, tracer: ChannelTracer) -> None:
     """Each input's groups occupy a range of the output's channels; untracked inputs add frozen groups."""
     tracer.claim(*range(len(node.inputs)))
+    tracked = [tracer.channels(tensor) for tensor in node.inputs]
+    if all(channels is None for channels in tracked):  # e.g. the pieces of a shape: nothing to follow
+        return
     output_rank = _rank(tracer, node.outputs[0], 0)
     axis = int(node.attrs.get("axis", 0)) % output_rank if output_rank else None
-    tracked = [tracer.channels(tensor) for tensor in node.inputs]
     if axis is None:
         tracer.freeze_inputs(node, f"Concat '{node.name}' has an unknown rank")
         return
