@@ -8,7 +8,7 @@ then dropped, so memory is bounded by one batch, not by the calibration set.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -73,8 +73,7 @@ def _scorer(layer: Layer, weight, buffer: UnfoldBuffer) -> ConvScorer | ConvTran
 
 
 def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
-                          batches: Iterable[Mapping[str, np.ndarray]], device: Device,
-                          progress: Callable[[int], None] | None = None, *, sensitivity: bool = True,
+                          batches: Iterable[Mapping[str, np.ndarray]], device: Device, *, sensitivity: bool = True,
                           statistics: Mapping[str, FeatureStatistics] | None = None) -> dict[int, np.ndarray] | None:
     """Sensitivity s_c of every prunable group's channels: the max over its consumers and all points.
 
@@ -106,8 +105,6 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
                     probe.scorer.update(activations[probe.layer.input])
             for node, moments in statistics.items():
                 accumulate_features(moments, activations[layers[node].input], conv=patches(layers[node]))
-            if progress is not None:
-                progress(len(next(iter(batch.values()))))
             del activations
     for probe in probes:
         channel_scores = probe.channel_sensitivity()

@@ -124,7 +124,7 @@ class StreamedData:
                 yield part
                 continue
             pending.append(part)
-            while sum(len(next(iter(batch.values()))) for batch in pending) >= self.exact:
+            while sum(points_in(batch) for batch in pending) >= self.exact:
                 joined = {name: np.concatenate([batch[name] for batch in pending]) for name in pending[0]}
                 pending = [{name: values[self.exact:] for name, values in joined.items()}]
                 seen += self.exact
@@ -246,6 +246,11 @@ def _checked(array: np.ndarray | NpzArray, spec: InputSpec) -> np.ndarray | NpzA
 def _describe(spec: InputSpec) -> str:
     dims = ", ".join("?" if dim is None else str(dim) for dim in spec.dims)
     return f"[{dims}] {spec.dtype}"
+
+
+def points_in(batch: Mapping[str, np.ndarray]) -> int:
+    """How many points a batch holds (every array has them on axis 0)."""
+    return len(next(iter(batch.values())))
 
 
 def model_feeds(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

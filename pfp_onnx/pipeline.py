@@ -19,7 +19,8 @@ from pfp_onnx.allocate import (AUTO_MIN_WIDTH, AUTO_MULTIPLE, ROUND_TO_AUTO, Gro
                                allocate_uniform, multiple)
 from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
-from pfp_onnx.data import CalibrationData, StreamedData, input_specs, read_npz, split, validate, whole_batches
+from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, points_in, read_npz, split, validate,
+                           whole_batches)
 from pfp_onnx.errors import DataError, ModelError, OptionError
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.model import (check_model, free_graph_weights, load_model, parameter_count, with_metadata,
@@ -176,9 +177,9 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     if needs_sensitivity or statistics:
         stage_start = time.perf_counter()
         try:
+            advance = _stage_progress(progress, "capture", sensitivity_part.count)
             sensitivity = capture_sensitivities(
-                proto, analysis, sensitivity_part.batches(batch_size), chosen_device,
-                progress=_stage_progress(progress, "capture", sensitivity_part.count),
+                proto, analysis, _counted(sensitivity_part.batches(batch_size), advance), chosen_device,
                 sensitivity=needs_sensitivity, statistics=statistics)
         except ONNXRUNTIME_ERRORS as exc:
             raise blame(exc, original, name, sensitivity_part.batches(batch_size), chosen_device) from exc
@@ -321,7 +322,7 @@ def _counted(batches: Iterable[Mapping[str, np.ndarray]], advance: Callable[[int
     for batch in batches:
         yield batch
         if advance is not None:
-            advance(len(next(iter(batch.values()))))
+            advance(points_in(batch))
 
 
 def _layer_sizes(analysis: ChannelAnalysis) -> list[LayerSize]:

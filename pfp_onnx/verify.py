@@ -14,7 +14,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import onnx
 
-from pfp_onnx.data import LABELS, model_feeds
+from pfp_onnx.data import LABELS, model_feeds, points_in
 from pfp_onnx.errors import ModelError
 from pfp_onnx.model import first_line
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, create_session
@@ -76,9 +76,8 @@ def runtime_failure(model: onnx.ModelProto, name: str, batches: Iterable[Mapping
         try:
             session.run(None, model_feeds(batch))
         except ONNXRUNTIME_ERRORS as exc:
-            points = len(next(iter(batch.values())))
             return ModelError(
-                f"onnxruntime cannot run {name} on a batch of {points} points ({_reason(exc)}). If the model "
+                f"onnxruntime cannot run {name} on a batch of {points_in(batch)} points ({_reason(exc)}). If the model "
                 "works only at one batch size, export it with that fixed batch dimension on its input (pfp-onnx "
                 "then feeds it whole batches of that size); otherwise fix the model so that onnxruntime runs it.")
     return None
