@@ -212,29 +212,36 @@ def _step_up_in_bound_order(kept: dict[str, int], epsilon: float, count_at, fits
     count_at(group, ε') first exceeds its count); the step with the largest ε' — the channels PFP's bound
     asks for first — is taken if the budget still fits, else that group stops where it is. Steps only add
     channels, so no group's error bound rises above ε."""
-    kept = dict(kept)
 
-    def next_step(name: str, upper: float) -> tuple[float, int] | None:
-        if count_at(name, EPSILON_MIN) <= kept[name]:
+    def next_step(name: str, count: int) -> tuple[float, int] | None:
+        if count_at(name, EPSILON_MIN) <= count:
             return None
-        low, high = EPSILON_MIN, upper  # count_at(low) > kept ≥ count_at(high)
+        low, high = EPSILON_MIN, epsilon  # count_at(low) > count ≥ count_at(high): steps only add channels
         for _ in range(STEP_SEARCH_ITERATIONS):
             middle = math.sqrt(low) * math.sqrt(high)
             if not low < middle < high:
                 break
-            if count_at(name, middle) > kept[name]:
+            if count_at(name, middle) > count:
                 low = middle
             else:
                 high = middle
         return low, count_at(name, low)
 
-    steps = {name: step for name in kept if (step := next_step(name, epsilon)) is not None}
+    return _step_up(kept, next_step, fits)
+
+
+def _step_up(kept: dict[str, int], next_step, fits) -> dict[str, int]:
+    """The greedy top-up of both allocations: next_step(group, count) gives (priority, the group's next
+    count) or None; the step of highest priority is taken if fits(kept) still holds with it, else its
+    group stops where it is."""
+    kept = dict(kept)
+    steps = {name: step for name in kept if (step := next_step(name, kept[name])) is not None}
     while steps:
         name = max(steps, key=lambda candidate: steps[candidate][0])
-        at, count = steps.pop(name)
+        _, count = steps.pop(name)
         if fits({**kept, name: count}):
             kept[name] = count
-            if (step := next_step(name, at)) is not None:
+            if (step := next_step(name, count)) is not None:
                 steps[name] = step
     return kept
 
@@ -244,7 +251,10 @@ def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize],
     """The baseline allocation: the same keep fraction in every prunable group (sensitivities unused).
 
     The largest fraction whose rounded-up channel counts meet the budget is found by bisection; epsilon
-    is NaN because no error bound is involved.
+    is NaN because no error bound is involved. Rounded steps (8 channels) can leave one fraction far under
+    the budget (a 16-wide group keeps 8 or 16), so then groups step up, the one whose fraction stays lowest
+    after its step first, while the budget allows: as uniform as the steps permit, and the same size as
+    PFP's allocation to compare against. round_to 1 takes no top-up, as in allocate().
     """
     demands = _check_inputs(groups, layers)
     budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to)
@@ -263,6 +273,13 @@ def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize],
                 high = middle
         high = low
     kept = kept_at(high)
+    if any(multiple(width, round_to) > 1 for width in full.values()):
+
+        def next_step(name: str, count: int) -> tuple[float, int] | None:
+            step = rounded(count + 1, full[name], round_to)
+            return None if count >= full[name] else (-step / full[name], step)  # lowest fraction after it first
+
+        kept = _step_up(kept, next_step, lambda candidate: kept_weights(layers, candidate) <= budget * weights_total)
     return Allocation(math.nan, kept, weights_total, kept_weights(layers, kept), weights_floor, round_to)
 
 
