@@ -183,24 +183,16 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     def kept_at(epsilon: float) -> dict[str, int]:
         return {name: count_at(name, epsilon) for name in demands}
 
-    low, high = EPSILON_MIN, EPSILON_MAX
-    kept_high = kept_at(high)
-    kept_low = kept_at(low)
+    kept_low = kept_at(EPSILON_MIN)
     if kept_weights(layers, kept_low) <= target:
-        return Allocation(low, kept_low, weights_total, kept_weights(layers, kept_low), weights_floor, round_to)
+        return Allocation(EPSILON_MIN, kept_low, weights_total, kept_weights(layers, kept_low), weights_floor, round_to)
+    # size(low) > target >= size(high), down to adjacent floats.
+    _, high = _log_bisect(EPSILON_MIN, EPSILON_MAX, lambda epsilon: kept_weights(layers, kept_at(epsilon)) <= target,
+                          iterations=2000)
+    kept_high = kept_at(high)
     if kept_weights(layers, kept_high) > target:
         # Only reachable with astronomically large sensitivities; the floor itself meets the budget.
         kept_high = {name: rounded(1, full[name], round_to) for name in demands}
-    # Invariant: size(low) > target >= size(high). Halve log ε until the two are adjacent floats.
-    for _ in range(2000):
-        middle = math.sqrt(low) * math.sqrt(high)
-        if not low < middle < high:
-            break
-        kept_middle = kept_at(middle)
-        if kept_weights(layers, kept_middle) <= target:
-            high, kept_high = middle, kept_middle
-        else:
-            low = middle
     if any(multiple(width, round_to) > 1 for width in full.values()):
         kept_high = _step_up_in_bound_order(kept_high, high, count_at,
                                             lambda kept: kept_weights(layers, kept) <= target)
@@ -216,18 +208,26 @@ def _step_up_in_bound_order(kept: dict[str, int], epsilon: float, count_at, fits
     def next_step(name: str, count: int) -> tuple[float, int] | None:
         if count_at(name, EPSILON_MIN) <= count:
             return None
-        low, high = EPSILON_MIN, epsilon  # count_at(low) > count ≥ count_at(high): steps only add channels
-        for _ in range(STEP_SEARCH_ITERATIONS):
-            middle = math.sqrt(low) * math.sqrt(high)
-            if not low < middle < high:
-                break
-            if count_at(name, middle) > count:
-                low = middle
-            else:
-                high = middle
+        # count_at(low) > count ≥ count_at(ε): steps only add channels
+        low, _ = _log_bisect(EPSILON_MIN, epsilon, lambda at: count_at(name, at) <= count,
+                             iterations=STEP_SEARCH_ITERATIONS)
         return low, count_at(name, low)
 
     return _step_up(kept, next_step, fits)
+
+
+def _log_bisect(low: float, high: float, is_high, *, iterations: int) -> tuple[float, float]:
+    """Halve [low, high] in log scale, keeping is_high false at low and true at high (a monotone predicate),
+    until the two are adjacent floats or `iterations` run out."""
+    for _ in range(iterations):
+        middle = math.sqrt(low) * math.sqrt(high)
+        if not low < middle < high:
+            break
+        if is_high(middle):
+            high = middle
+        else:
+            low = middle
+    return low, high
 
 
 def _step_up(kept: dict[str, int], next_step, fits) -> dict[str, int]:
