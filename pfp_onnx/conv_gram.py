@@ -21,7 +21,9 @@ border is large next to their output, and small Grams keep the unfolded path.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -29,10 +31,12 @@ from pfp_onnx.conv_geometry import padded_and_out
 
 __all__ = ["patch_moments", "worth_it"]
 
-# Below this many multiply-adds, a chunk's unfolded Gram is cheap and the fixed costs of shifted products
-# (two dozen small BLAS calls and gathers per tap) outweigh their savings (measured: a batch of 32 at
-# 16×56×56 is 2-3× faster shifted, at 16×28×28 slower).
-MIN_GRAM_MACS = 2**30
+# Below this many multiply-adds, a chunk's unfolded Gram costs a millisecond or two either way, and the
+# fixed costs of shifted products (a few small BLAS calls and gathers per tap) take back their savings.
+# Measured, with the index arrays cached per batch shape (_geometry), shifted ÷ unfolded time: 0.73 for
+# 8×16×28×28, 0.75 for 26×16×28×28, 0.80 for 26×32×14×14, 0.5 for 26×128×28×28; 0.97 for 2×16×28×28
+# (16M multiply-adds), 1.0 for 26×16×14×14 (53M).
+MIN_GRAM_MACS = 2**25
 # Rows of shifted copies built per BLAS product in _shifted_products (measured on 64×56×56 and 128×28×28
 # batches: 4-16 MB chunks fastest, 25% faster than one product per offset over all rows).
 SHIFTED_CHUNK_BYTES = 16 * 2**20
@@ -74,40 +78,22 @@ def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[i
     activation = np.asarray(activation, dtype=np.float32)
     samples, channels = activation.shape[:2]
     spatial = activation.shape[2:]
-    padded, out = padded_and_out(spatial, pads, dilations, kernel_shape)
+    geometry = _geometry(samples, tuple(int(size) for size in spatial), tuple(int(pad) for pad in pads),
+                         tuple(int(step) for step in dilations), tuple(int(size) for size in kernel_shape))
+    tap_offsets, length, kernel_size = geometry.tap_offsets, geometry.length, len(geometry.tap_offsets)
     shift32 = np.asarray(shift, dtype=np.float32)
     shift = shift32.astype(np.float64)
     # Positions-major [N, *padded, C] (gathering positions copies whole rows), plus zero rows past the
     # end so that a border position shifted by any tap distance is still a row (a zero product).
-    tap_offsets = _tap_offsets(padded, dilations, kernel_shape)  # increasing (row-major taps)
-    length = samples * int(np.prod(padded))
     rows = np.zeros((length + int(tap_offsets[-1]), channels), dtype=np.float32)
-    canvas = rows[:length].reshape(samples, *padded, channels)
-    interior = (slice(None), *(slice(pads[axis], pads[axis] + size) for axis, size in enumerate(spatial)))
-    np.subtract(np.moveaxis(activation, 1, -1), shift32, out=canvas[interior])
-    padding = np.ones((samples, *padded), dtype=bool)
-    padding[interior] = False
-    padding = padding.reshape(-1)
+    canvas = rows[:length].reshape(samples, *geometry.padded, channels)
+    np.subtract(np.moveaxis(activation, 1, -1), shift32, out=canvas[geometry.interior])
 
-    # Tap k reads the flat positions of the first tap's window (the outputs' block at each sample's
-    # origin) moved by tap_offsets[k].
-    first_window = np.arange(length, dtype=np.int64).reshape(samples, *padded)[
-        (slice(None), *(slice(0, size) for size in out))].reshape(-1)
-    windows = [first_window + offset for offset in tap_offsets]
-
-    kernel_size = len(tap_offsets)
     total = rows.sum(axis=0, dtype=np.float64)
     shifted_sum = np.empty((kernel_size, channels), dtype=np.float64)  # Σ Y over each tap's window
     products = np.empty((kernel_size, kernel_size, channels, channels), dtype=np.float64)  # Σ Y·Y' likewise
-    offsets = sorted({int(tap_offsets[k2] - tap_offsets[k]) for k in range(kernel_size)
-                      for k2 in range(k, kernel_size)})
-    full_products = dict(zip(offsets, _shifted_products(rows, length, offsets)))
-    for k in range(kernel_size):
-        inside = np.zeros(length, dtype=bool)
-        inside[windows[k]] = True
-        # The flat positions outside tap k's window, except padding, whose rows are zeros: for a 3×3 conv
-        # with 'same' padding, one data row and column per sample at most (none for the centre tap).
-        border = np.flatnonzero(~(inside | padding))
+    full_products = dict(zip(geometry.offsets, _shifted_products(rows, length, geometry.offsets)))
+    for k, border in enumerate(geometry.borders):
         border_rows = rows[border]
         shifted_sum[k] = total - border_rows.sum(axis=0, dtype=np.float64)
         # Every later tap's border products at once: [C, K − k, C].
@@ -122,12 +108,9 @@ def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[i
     # positions where some tap reads padding: with I[e, j] = "tap j reads padding at e" and Y[e, k] what
     # tap k reads there, the pair (k, j) loses Σ_e I[e, j] Y[e, k] ⊗ s and s ⊗ Σ_e I[e, k] Y[e, j], and gains
     # Σ_e I[e, k] I[e, j] · s ⊗ s.
-    reads_padding = np.stack([padding[window] for window in windows], axis=1)  # [N·P, K]
-    edge = np.flatnonzero(reads_padding.any(axis=1))
-    indicator = reads_padding[edge].astype(np.float64)  # [E, K]
-    read = rows[np.stack(windows, axis=1)[edge]].reshape(len(edge), kernel_size * channels)  # [E, K·C]
+    indicator, counts = geometry.edge_indicator, geometry.edge_counts  # [E, K], [K, K]
+    read = rows[geometry.edge_reads].reshape(len(indicator), kernel_size * channels)  # [E, K·C]
     padded_sums = (indicator.T @ read).reshape(kernel_size, kernel_size, channels)  # [j, k, c]: Σ_e I[e, j] Y[e, k]
-    counts = indicator.T @ indicator  # [K, K]
     # (the two terms summed first, so that the (k, j) and (j, k) blocks stay exact transposes)
     products -= padded_sums.transpose(1, 0, 2)[:, :, :, None] * shift + shift[:, None] * padded_sums[:, :, None, :]
     products += counts[:, :, None, None] * np.outer(shift, shift)
@@ -135,7 +118,55 @@ def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[i
     # [k, k2, c, c'] → feature order c·K + k
     gram = products.transpose(2, 0, 3, 1).reshape(channels * kernel_size, channels * kernel_size)
     shifted_sum = shifted_sum.T.reshape(-1)
-    return samples * int(np.prod(out)), shifted_sum, gram
+    return samples * geometry.outputs, shifted_sum, gram
+
+
+class _Geometry(NamedTuple):
+    """What patch_moments reads where, for one batch shape: it depends on the shape alone, and every batch
+    of a layer (and layers of one shape) repeat it, so it is computed once."""
+
+    padded: tuple[int, ...]
+    interior: tuple[slice, ...]  # the data inside the canvas [N, *padded, C]
+    outputs: int  # output positions per sample
+    length: int  # flat positions of the padded batch
+    tap_offsets: np.ndarray  # flat distance of each tap from the first, increasing
+    offsets: list[int]  # the distinct tap distances ≥ 0
+    borders: list[np.ndarray]  # per tap: flat data positions outside its window (padding rows are zeros)
+    edge_indicator: np.ndarray  # [E, K] float64: tap k reads padding at edge output position e
+    edge_counts: np.ndarray  # [K, K]: indicatorᵀ indicator
+    edge_reads: np.ndarray  # [E, K]: the flat position tap k reads at edge output position e
+
+
+@functools.lru_cache(maxsize=16)
+def _geometry(samples: int, spatial: tuple[int, ...], pads: tuple[int, ...], dilations: tuple[int, ...],
+              kernel_shape: tuple[int, ...]) -> _Geometry:
+    padded, out = padded_and_out(spatial, pads, dilations, kernel_shape)
+    tap_offsets = _tap_offsets(padded, dilations, kernel_shape)
+    length = samples * int(np.prod(padded))
+    interior = (slice(None), *(slice(pads[axis], pads[axis] + size) for axis, size in enumerate(spatial)))
+    padding = np.ones((samples, *padded), dtype=bool)
+    padding[interior] = False
+    padding = padding.reshape(-1)
+    # Tap k reads the flat positions of the first tap's window (the outputs' block at each sample's
+    # origin) moved by tap_offsets[k].
+    first_window = np.arange(length, dtype=np.int64).reshape(samples, *padded)[
+        (slice(None), *(slice(0, size) for size in out))].reshape(-1)
+    windows = np.stack([first_window + offset for offset in tap_offsets], axis=1)  # [N·P, K]
+    kernel_size = len(tap_offsets)
+    borders = []
+    for k in range(kernel_size):
+        inside = np.zeros(length, dtype=bool)
+        inside[windows[:, k]] = True
+        # For a 3×3 conv with 'same' padding, one data row and column per sample at most (none for the
+        # centre tap).
+        borders.append(np.flatnonzero(~(inside | padding)))
+    reads_padding = padding[windows]  # [N·P, K]
+    edge = np.flatnonzero(reads_padding.any(axis=1))
+    indicator = reads_padding[edge].astype(np.float64)
+    offsets = sorted({int(tap_offsets[k2] - tap_offsets[k]) for k in range(kernel_size)
+                      for k2 in range(k, kernel_size)})
+    return _Geometry(padded, interior, int(np.prod(out)), length, tap_offsets, offsets, borders, indicator,
+                     indicator.T @ indicator, windows[edge])
 
 
 def _shifted_products(rows: np.ndarray, length: int, offsets: Sequence[int]) -> np.ndarray:

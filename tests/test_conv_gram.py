@@ -65,7 +65,8 @@ def test_shift_need_not_be_the_mean():
 @pytest.mark.parametrize("shape, strides, pads, kernel, expected", [
     ((32, 64, 56, 56), (1, 1), (1, 1, 1, 1), (3, 3), True),
     ((32, 128, 28, 28), (1, 1), (1, 1, 1, 1), (3, 3), True),
-    ((32, 16, 28, 28), (1, 1), (1, 1, 1, 1), (3, 3), False),  # too little work for the fixed costs
+    ((32, 16, 28, 28), (1, 1), (1, 1, 1, 1), (3, 3), True),
+    ((2, 16, 14, 14), (1, 1), (1, 1, 1, 1), (3, 3), False),  # too little work for the fixed costs
     ((32, 512, 7, 7), (1, 1), (1, 1, 1, 1), (3, 3), False),  # the border is most of the image
     ((32, 64, 56, 56), (2, 2), (1, 1, 1, 1), (3, 3), False),  # strided: taps do not read shifted copies
     ((32, 64, 56, 56), (1, 1), (0, 0, 0, 0), (1, 1), False),  # 1×1: the features are the input already
