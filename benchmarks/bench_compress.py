@@ -328,6 +328,8 @@ def main() -> None:
     parser.add_argument("--round-to", default="1,auto",
                         help="comma-separated --round-to values for the latency models (1: PFP's exact widths; "
                              "auto, the default: multiples of 8 in groups of 16 or more channels)")
+    parser.add_argument("--budget-of", default="weights",
+                        help="comma-separated: what the latency budgets count (weights, macs, or both)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads for latency")
     parser.add_argument("--repeats", type=int, default=30, help="timed runs per model for the latency median")
     parser.add_argument("--skip-torch", action="store_true", help="skip the PyTorch comparison")
@@ -391,21 +393,23 @@ def main() -> None:
     # 3. pruned vs original latency beside the MAC reduction.
     method = pfp_onnx.Method(recovery="none")  # recovery changes weights, not shapes: same latency
     pruned = {}
-    for round_to in (value.strip() for value in args.round_to.split(",")):
-        prepared = pfp_onnx.prepare(model, data, budgets=budgets, methods=[method], batch_size=args.batch_size,
-                                    device="cpu", round_to=round_to)
-        for budget in budgets:
-            pruned[(round_to, budget)] = pfp_onnx.prune(prepared, budget=budget, method=method)
+    for budget_of in (value.strip() for value in args.budget_of.split(",")):
+        for round_to in (value.strip() for value in args.round_to.split(",")):
+            prepared = pfp_onnx.prepare(model, data, budgets=budgets, methods=[method], batch_size=args.batch_size,
+                                        device="cpu", round_to=round_to, budget_of=budget_of)
+            for budget in budgets:
+                pruned[(budget_of, round_to, budget)] = pfp_onnx.prune(prepared, budget=budget, method=method)
     feed = {"input": np.resize(data["input"], (args.latency_batch, *data["input"].shape[1:]))}
     latency = median_latencies({"original": model, **{key: result.model for key, result in pruned.items()}}, feed,
                                args.threads, args.repeats)
     print(f"\n[3] onnxruntime CPU latency, batch {args.latency_batch}, {args.threads} intra-op threads, median of "
           f"{args.repeats} interleaved runs (original {latency['original'] * 1e3:.2f} ms)")
-    print("  budget  round-to  latency ms  speed-up  MAC reduction  speed-up ÷ MAC reduction")
-    for (round_to, budget), result in pruned.items():
-        speedup = latency["original"] / latency[(round_to, budget)]
+    print("  budget  of       round-to  latency ms  speed-up  MAC reduction  speed-up ÷ MAC reduction")
+    for key, result in pruned.items():
+        budget_of, round_to, budget = key
+        speedup = latency["original"] / latency[key]
         mac_ratio = result.report.totals.macs_before / result.report.totals.macs_after
-        print(f"  {budget:6g}  {round_to:>8}  {latency[(round_to, budget)] * 1e3:10.2f}  {speedup:7.2f}×  "
+        print(f"  {budget:6g}  {budget_of:<7}  {round_to:>8}  {latency[key] * 1e3:10.2f}  {speedup:7.2f}×  "
               f"{mac_ratio:12.2f}×  {speedup / mac_ratio:10.2f}")
 
 if __name__ == "__main__":

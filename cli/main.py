@@ -13,7 +13,7 @@ from pfp_onnx import PfpError, analyze, compress, evaluate
 from pfp_onnx.baselines import CRITERIA
 from pfp_onnx.errors import OptionError
 from pfp_onnx.model import check_output_path, save_model
-from pfp_onnx.pipeline import ALLOCATIONS, MODES
+from pfp_onnx.pipeline import ALLOCATIONS, BUDGET_OF, MODES
 from pfp_onnx.refit import RECOVERIES
 from pfp_onnx.report import render_table, render_verification, write_json
 from pfp_onnx.runtime import DEVICES
@@ -77,6 +77,12 @@ _round_to_option = click.option(
          "allocation.")
 
 
+_budget_of_option = click.option(
+    "--budget-of", type=click.Choice(BUDGET_OF), default="weights", show_default=True,
+    help="What --budget counts: the Conv/Gemm/MatMul weights, or their multiply-accumulates per point (macs: "
+         "what inference time follows).")
+
+
 def _floats(text: str, option: str) -> list[float]:
     try:
         return [float(part) for part in text.split(",") if part.strip()]
@@ -95,7 +101,8 @@ def main() -> None:
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False, readable=False),
               help="Calibration .npz: one array per model input (by input name), optional 'labels'.")
 @click.option("--budget", required=True, type=float,
-              help="Fraction of the Conv/Gemm/MatMul weights to keep, in (0, 1].")
+              help="Fraction of the Conv/Gemm/MatMul weights (or MACs, --budget-of) to keep, in (0, 1].")
+@_budget_of_option
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, readable=False), help="Where to write the pruned model.")
 @click.option("--mode", type=click.Choice(MODES), default="deterministic", show_default=True,
               help="Keep the most sensitive channels, or sample them by sensitivity (randomized, hybrid).")
@@ -118,15 +125,16 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print every frozen reason and each output's errors.")
 @_user_errors
-def compress_command(model, data, budget, output, mode, criterion, allocation, recovery, holdout, batch_size, seed,
-                     device, exclude, exclude_ops, round_to, external_data, report_path, quiet, verbose):
-    """Prune MODEL to keep BUDGET of its layer weights and write a smaller dense ONNX model."""
+def compress_command(model, data, budget, budget_of, output, mode, criterion, allocation, recovery, holdout,
+                     batch_size, seed, device, exclude, exclude_ops, round_to, external_data, report_path, quiet,
+                     verbose):
+    """Prune MODEL to keep BUDGET of its layer weights (or MACs) and write a smaller dense ONNX model."""
     output_path = check_output_path(output, model, data)
     if report_path is not None:
         check_output_path(report_path, model, data, output, option="--report")
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
                       recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
-                      exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
+                      exclude=exclude, exclude_ops=exclude_ops, round_to=round_to, budget_of=budget_of,
                       progress=_progress_printer(quiet))
     save_model(result.model, output_path, external_data=external_data)
     if report_path is not None:
@@ -191,10 +199,12 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
                    "e.g. pfp/pfp/none,l2/pfp/none,pfp/pfp/bias.")
 @click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False, readable=False), help="Where to write the table.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, readable=False), help="Also draw a PNG (needs matplotlib).")
+@_budget_of_option
 @_run_options
 @_round_to_option
 @_user_errors
-def sweep_command(model, data, budgets, methods, csv_path, plot_path, holdout, batch_size, seed, device, round_to):
+def sweep_command(model, data, budgets, methods, csv_path, plot_path, budget_of, holdout, batch_size, seed, device,
+                  round_to):
     """Compress MODEL at every budget with every method (one capture) and tabulate held-out accuracy."""
     check_output_path(csv_path, model, data, option="--csv")
     if plot_path is not None:
@@ -212,10 +222,10 @@ def sweep_command(model, data, budgets, methods, csv_path, plot_path, holdout, b
 
     rows = sweep(model, data, budgets=_floats(budgets, "--budgets"), methods=parse_methods(methods),
                  holdout=holdout, batch_size=batch_size, seed=seed, device=device, round_to=round_to,
-                 on_row=show)
+                 budget_of=budget_of, on_row=show)
     write_csv(rows, csv_path)
     if plot_path is not None:
-        plot(rows, plot_path, title=str(model))
+        plot(rows, plot_path, title=str(model), budget_of=budget_of)
     click.echo(f"wrote {csv_path}" + (f" and {plot_path}" if plot_path else ""))
 
 

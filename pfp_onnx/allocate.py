@@ -64,7 +64,9 @@ class GroupDemand:
 
 @dataclass(frozen=True)
 class LayerSize:
-    """A Conv/Gemm/MatMul weight seen as in_units · in_block · out_units elements.
+    """A Conv/Gemm/MatMul weight seen as in_units · in_block · out_units elements, each used `positions`
+    times per point when the budget counts multiply-accumulates (its output positions), once when it counts
+    weights.
 
     in_groups/out_groups list the prunable groups among its input/output units as (group, channels);
     the remaining units of a side keep their full width (frozen or not prunable). After a Concat several
@@ -77,11 +79,13 @@ class LayerSize:
     in_block: int
     out_groups: tuple[tuple[str, int], ...]
     out_units: int
+    positions: int = 1
 
 
 @dataclass(frozen=True)
 class Allocation:
-    """The solved error bound, the channels each group keeps, and the weights that leaves."""
+    """The solved error bound, the channels each group keeps, and the weights (or MACs, when the layers
+    carry positions) that leaves."""
 
     epsilon: float
     kept: dict[str, int]
@@ -133,12 +137,12 @@ def channels_for_epsilon(group: GroupDemand, epsilon: float, *, delta: float = 1
 
 
 def kept_weights(layers: Sequence[LayerSize], kept: Mapping[str, int]) -> int:
-    """Σ_layers kept_in · in_block · kept_out; a group missing from `kept` (or a None side) is full width."""
+    """Σ_layers kept_in · in_block · kept_out · positions; a group missing from `kept` is full width."""
     total = 0
     for layer in layers:
         in_units = layer.in_units - sum(width - kept.get(name, width) for name, width in layer.in_groups)
         out_units = layer.out_units - sum(width - kept.get(name, width) for name, width in layer.out_groups)
-        total += in_units * layer.in_block * out_units
+        total += in_units * layer.in_block * out_units * layer.positions
     return total
 
 
@@ -157,10 +161,12 @@ def rounded(count: int, width: int, round_to: int | str) -> int:
 
 
 def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
-             delta: float = 1e-16, c_constant: float = 3.0, round_to: int | str = 1) -> Allocation:
+             delta: float = 1e-16, c_constant: float = 3.0, round_to: int | str = 1,
+             unit: str = "weights") -> Allocation:
     """The PFP allocation that keeps as many weights as possible while keeping ≤ budget · all of them.
 
-    budget is the fraction of the prunable layers' weights (Σ in_units·in_block·out_units) to keep. The
+    budget is the fraction of the prunable layers' weights (Σ in_units·in_block·out_units, times positions
+    for a MAC budget; `unit` names them in errors) to keep. The
     result is the smallest ε in [1e-12, 1e150] with size(ε) ≤ budget · total, found by bisection on log ε down
     to adjacent floats, so it sits on the step of n(ε) where one more channel anywhere would break the
     budget. With round_to 1 no top-up follows: the gap to the budget is whatever PFP's steps leave. Rounded
@@ -171,7 +177,7 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     Raises BudgetError when budget is outside (0, 1] or below the floor (every group keeping one channel).
     """
     demands = _check_inputs(groups, layers)
-    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to)
+    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to, unit)
     target = budget * weights_total
     if budget >= 1:
         return Allocation(EPSILON_MIN, full, weights_total, weights_total, weights_floor, round_to)
@@ -247,7 +253,7 @@ def _step_up(kept: dict[str, int], next_step, fits) -> dict[str, int]:
 
 
 def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
-                     round_to: int | str = 1) -> Allocation:
+                     round_to: int | str = 1, unit: str = "weights") -> Allocation:
     """The baseline allocation: the same keep fraction in every prunable group (sensitivities unused).
 
     The largest fraction whose rounded-up channel counts meet the budget is found by bisection; epsilon
@@ -257,7 +263,7 @@ def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize],
     PFP's allocation to compare against. round_to 1 takes no top-up, as in allocate().
     """
     demands = _check_inputs(groups, layers)
-    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to)
+    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to, unit)
 
     def kept_at(fraction: float) -> dict[str, int]:
         return {name: rounded(max(1, min(width, math.ceil(fraction * width - 1e-9))), width, round_to)
@@ -284,7 +290,8 @@ def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize],
 
 
 def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize],
-                  budget: float, round_to: int | str = 1) -> tuple[float, dict[str, int], int, int, int | str]:
+                  budget: float, round_to: int | str = 1,
+                  unit: str = "weights") -> tuple[float, dict[str, int], int, int, int | str]:
     """The budget as a float, full widths, total and floor weights, and the rounding to use ("auto" gives way
     to 1 when its floor is above the budget); BudgetError when the budget cannot be met."""
     given = budget
@@ -294,7 +301,7 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
         budget = math.nan
     if not 0 < budget <= 1:
         raise BudgetError(
-            f"The budget must be a fraction in (0, 1] of the prunable layers' weights to keep "
+            f"The budget must be a fraction in (0, 1] of the prunable layers' {unit} to keep "
             f"(e.g. 0.5 keeps half of them), but {given!r} was given; pass a value such as --budget 0.5."
         )
     full = {name: int(np.asarray(group.sensitivity).size) for name, group in demands.items()}
@@ -309,10 +316,10 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
         smallest = math.ceil(weights_floor / weights_total * 1000 - 1e-9) / 1000
         raise BudgetError(
             f"A budget of {budget:g} cannot be met: the smallest feasible budget for this model is {smallest:.3f} "
-            f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer weights, "
+            f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer {unit}, "
             f"{frozen / weights_total:.1%}, and every prunable channel group keeps at least "
             f"{'one channel' if round_to == 1 else f'{round_to} channels (--round-to)'}, "
-            f"{weights_floor} weights in all); raise --budget to at least "
+            f"{weights_floor} {unit} in all); raise --budget to at least "
             f"{smallest:.3f}{'' if round_to == 1 else ', pass --round-to 1'} or unfreeze more channel groups "
             f"(`pfp-onnx analyze` shows why each group is frozen)."
         )

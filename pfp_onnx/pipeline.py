@@ -36,6 +36,10 @@ from pfp_onnx.version import __version__
 
 MODES = ("deterministic", "randomized", "hybrid")
 ALLOCATIONS = ("pfp", "uniform")
+# What --budget counts: the prunable layers' weights, or their multiply-accumulates per point (what latency
+# follows; PFP.md §3: each weight counted once per output position).
+BUDGET_OF = ("weights", "macs")
+BUDGET_UNITS = {"weights": "weights", "macs": "MACs"}
 SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
 
 Progress = Callable[[str, int, "int | None"], None]  # (stage, points done, points total if known)
@@ -116,6 +120,7 @@ class Prepared:
     sensitivity: dict[int, np.ndarray] | None
     statistics: dict[str, FeatureStatistics]  # consuming layer → input moments, for recovery
     round_to: int | str  # as given: prune() resolves "auto" per sampling mode
+    budget_of: str  # weights | macs
     recommended_points: int
     notes: tuple[str, ...]
     seconds: dict[str, float]
@@ -124,12 +129,14 @@ class Prepared:
 def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
             holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
             exclude: Sequence[str] = (), exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO,
-            progress: Progress | None = None) -> Prepared:
+            budget_of: str = "weights", progress: Progress | None = None) -> Prepared:
     """Load, validate, analyse, check the budgets, then capture sensitivities if any method needs them."""
     started = time.perf_counter()
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1; got {batch_size}.")
     round_to = check_round_to(round_to)
+    if budget_of not in BUDGET_OF:
+        raise OptionError(f"--budget-of takes {' or '.join(BUDGET_OF)}; got '{budget_of}'.")
     if round_to not in (1, ROUND_TO_AUTO) and any(method.mode != "deterministic" for method in methods):
         raise OptionError(f"--round-to {round_to} needs --mode deterministic: sampling keeps a random number of "
                           "channels. Leave --round-to at auto (it rounds only deterministic selections) or pass 1.")
@@ -159,9 +166,10 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
         raise ModelError(f"No channel group of {name} can be pruned safely ({reasons or 'no groups'}). "
                          "Run `pfp-onnx analyze` to see why each group is frozen.")
     ones = {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups}
+    layer_sizes = _layer_sizes(analysis, budget_of, name)
     for budget in budgets:  # fail on an impossible budget before the expensive capture
         for step in {effective_round_to(round_to, _selection_mode(method)) for method in methods}:
-            allocate(_demands(analysis, ones), _layer_sizes(analysis), budget, round_to=step)
+            allocate(_demands(analysis, ones), layer_sizes, budget, round_to=step, unit=BUDGET_UNITS[budget_of])
     chosen_device = choose_device(device)
     batch_size = fixed or batch_size
     recommended = _recommended_points(analysis)
@@ -188,7 +196,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
         notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
                      f"{recommended} (more points make the sensitivities more reliable)")
     return Prepared(proto, original, name, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
-                    sensitivity, statistics, round_to, recommended, tuple(notes), seconds)
+                    sensitivity, statistics, round_to, budget_of, recommended, tuple(notes), seconds)
 
 
 def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed: int = 0,
@@ -198,13 +206,15 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     analysis, proto = prepared.analysis, prepared.model
     rng = np.random.default_rng(seed)
     scores = _scores(prepared, method.criterion, rng)
-    layer_sizes = _layer_sizes(analysis)
+    layer_sizes = _layer_sizes(analysis, prepared.budget_of, prepared.name)
     mode = _selection_mode(method)
     round_to = effective_round_to(prepared.round_to, mode)
+    unit = BUDGET_UNITS[prepared.budget_of]
     if method.allocation == "pfp":
-        allocation = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, budget, round_to=round_to)
+        allocation = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, budget, round_to=round_to,
+                              unit=unit)
     else:
-        allocation = allocate_uniform(_demands(analysis, scores), layer_sizes, budget, round_to=round_to)
+        allocation = allocate_uniform(_demands(analysis, scores), layer_sizes, budget, round_to=round_to, unit=unit)
     rounding_notes = ()
     if allocation.round_to != round_to:
         rounding_notes = (f"budget {budget:g} is below what widths rounded to multiples of {AUTO_MULTIPLE} can meet, "
@@ -218,7 +228,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         changes = replacements(proto, analysis, selections, prepared.statistics, method.recovery)
     pruned = with_metadata(rewrite(proto, analysis, selections, changes), {
         "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
-        "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(round_to)})
+        "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(round_to),
+        "pfp_onnx.budget_of": prepared.budget_of})
     check_runs(pruned, next(prepared.sensitivity_part.batches(_fixed_batch(proto) or 1)), prepared.device,
                original=prepared.original, name=prepared.name)
     seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
@@ -239,7 +250,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     # after the fall-back, rounding cannot help: the odd-width hint would point to it in vain
     notes = prepared.notes + (rounding_notes or _width_notes(analysis, selections, round_to, mode))
     report = CompressReport(
-        model=prepared.name, budget=budget, method=method.label, mode=mode, seed=seed, round_to=str(round_to),
+        model=prepared.name, budget=budget, budget_of=prepared.budget_of, method=method.label, mode=mode, seed=seed,
+        round_to=str(round_to),
         epsilon=epsilon,
         device=prepared.device.note, sensitivity_points=prepared.sensitivity_part.count,
         recommended_sensitivity_points=prepared.recommended_points,
@@ -252,9 +264,10 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
 def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
              criterion: str = "pfp", allocation: str = "pfp", recovery: str = "lstsq", holdout: float = 0.2,
              batch_size: int = 32, seed: int = 0, device: str = "auto", exclude: Sequence[str] = (),
-             exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO,
+             exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights",
              progress: Progress | None = None) -> CompressResult:
-    """Prune `model` to keep `budget` of its prunable-layer weights, guided by PFP sensitivities.
+    """Prune `model` to keep `budget` of its prunable-layer weights (budget_of="macs": of their
+    multiply-accumulates per point), guided by PFP sensitivities.
 
     `model` is a path or a ModelProto; `data` an .npz path or a dict of arrays keyed by input name (plus
     optional `labels`). criterion/allocation select the baselines instead of PFP. round_to="auto" keeps
@@ -264,7 +277,7 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
     method = Method(criterion, allocation, mode, recovery).check()
     prepared = prepare(model, data, budgets=[budget], methods=[method], holdout=holdout, batch_size=batch_size,
                        seed=seed, device=device, exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
-                       progress=progress)
+                       budget_of=budget_of, progress=progress)
     return prune(prepared, budget=budget, method=method, seed=seed, progress=progress)
 
 
@@ -325,15 +338,22 @@ def _counted(batches: Iterable[Mapping[str, np.ndarray]], advance: Callable[[int
             advance(points_in(batch))
 
 
-def _layer_sizes(analysis: ChannelAnalysis) -> list[LayerSize]:
+def _layer_sizes(analysis: ChannelAnalysis, budget_of: str = "weights", name: str = "the model") -> list[LayerSize]:
+    """The layers as the allocation counts them: weights, or weights times output positions (MACs)."""
     prunable = {group.id for group in analysis.prunable_groups}
+    unknown = [layer.node for layer in analysis.layers if layer.positions is None]
+    if budget_of == "macs" and unknown:
+        raise OptionError(f"--budget-of macs needs every layer's output size, and {name} leaves it open for "
+                          f"{len(unknown)} layer(s) ({', '.join(unknown[:3])}{', …' if len(unknown) > 3 else ''}) "
+                          "even with the calibration data's shapes; use --budget-of weights, or export the model "
+                          "with static spatial sizes.")
 
     def side(groups: tuple[int, ...]) -> tuple[tuple[str, int], ...]:
         return tuple((str(g), analysis.group(g).width) for g in groups if g in prunable)
 
     return [LayerSize(name=layer.node, in_groups=side(layer.in_groups), in_units=layer.in_units,
                       in_block=layer.in_block * layer.kernel, out_groups=side(layer.out_groups),
-                      out_units=layer.out_units)
+                      out_units=layer.out_units, positions=layer.positions if budget_of == "macs" else 1)
             for layer in analysis.layers]
 
 

@@ -25,9 +25,9 @@ class GroupRow:
 class Totals:
     parameters_before: int
     parameters_after: int
-    layer_weights_before: int  # Conv/Gemm/MatMul weight tensors: what --budget refers to
+    layer_weights_before: int  # Conv/Gemm/MatMul weight tensors: what --budget counts by default
     layer_weights_after: int
-    macs_before: int  # multiply-accumulates of those layers, per point
+    macs_before: int  # multiply-accumulates of those layers, per point: what --budget-of macs counts
     macs_after: int
 
 
@@ -48,6 +48,7 @@ class CompressReport:
     verification: Verification | None
     seconds: dict[str, float]
     notes: tuple[str, ...] = ()  # what compress printed as "note:" lines (device, points, widths)
+    budget_of: str = "weights"  # what the budget counts: weights, or macs (multiply-accumulates per point)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +77,8 @@ def render_table(report: CompressReport, *, verbose: bool = False) -> str:
     """The summary a user reads after `pfp-onnx compress`; verbose adds every frozen reason and the
     per-output comparison."""
     epsilon = "n/a" if report.epsilon is None else f"{report.epsilon:.4g}"
-    lines = [f"pfp-onnx compress {report.model}  budget={report.budget}  method={report.method}  "
+    budget = f"{report.budget}" + (" of MACs" if report.budget_of == "macs" else "")
+    lines = [f"pfp-onnx compress {report.model}  budget={budget}  method={report.method}  "
              f"mode={report.mode}  round-to={report.round_to}  seed={report.seed}  ε={epsilon}  ({report.device})",
              "",
              f"{'group':>5}  {'producers':<34} {'channels':>13}  {'sens. kept':>10}  note"]

@@ -46,13 +46,13 @@ def parse_methods(text: str) -> list[Method]:
 
 def sweep(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
           holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
-          round_to: int | str = ROUND_TO_AUTO, progress: Progress | None = None,
+          round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights", progress: Progress | None = None,
           on_row: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
     """One capture, then one pruned model per (method, budget), each verified on the same held-out points."""
     if holdout <= 0:
         raise OptionError("A sweep compares methods on held-out points: use --holdout > 0.")
     prepared = prepare(model, data, budgets=budgets, methods=methods, holdout=holdout, batch_size=batch_size,
-                       seed=seed, device=device, round_to=round_to, progress=progress)
+                       seed=seed, device=device, round_to=round_to, budget_of=budget_of, progress=progress)
     rows = []
     for method in methods:
         for budget in budgets:
@@ -79,8 +79,9 @@ def write_csv(rows: Sequence[SweepRow], path: str | os.PathLike) -> None:
             writer.writerow(asdict(row))
 
 
-def plot(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "") -> None:
-    """Accuracy (or top-1 agreement without labels) against weights kept, one line per method."""
+def plot(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "", budget_of: str = "weights") -> None:
+    """Accuracy (or top-1 agreement without labels) against what the budget counts (weights or MACs) kept,
+    one line per method."""
     try:
         import matplotlib
 
@@ -89,12 +90,13 @@ def plot(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "") 
     except ImportError:
         raise OptionError("Plotting needs matplotlib: pip install 'pfp-onnx[plot]', or leave out --plot.") from None
     metric = "accuracy" if all(row.accuracy is not None for row in rows) else "top1_agreement"
+    kept, label = ("macs_kept", "MACs per point") if budget_of == "macs" else ("weights_kept", "weights")
     figure, axes = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(row.method for row in rows):
-        mine = sorted((row for row in rows if row.method == method), key=lambda row: row.weights_kept)
-        axes.plot([100 * row.weights_kept for row in mine], [100 * getattr(row, metric) for row in mine],
+        mine = sorted((row for row in rows if row.method == method), key=lambda row: getattr(row, kept))
+        axes.plot([100 * getattr(row, kept) for row in mine], [100 * getattr(row, metric) for row in mine],
                   marker="o", label=method)
-    axes.set_xlabel("prunable-layer weights kept (%)")
+    axes.set_xlabel(f"prunable-layer {label} kept (%)")
     axes.set_ylabel(f"held-out {metric.replace('_', ' ')} (%)")
     axes.set_title(title)
     axes.grid(alpha=0.3)

@@ -232,6 +232,23 @@ def test_rounded_uniform_allocation_spends_the_budget(configuration, budget, rou
                for kept_a, width_a in fractions for kept_b, width_b in fractions)
 
 
+@pytest.mark.parametrize("allocator", [allocate, allocate_uniform])
+def test_positions_weight_each_layer_for_a_mac_budget(allocator):
+    """With positions (output pixels) a budget counts multiply-accumulates: the convs on the large image
+    cost 1024× per weight, the allocation changes, and the MACs meet the budget."""
+    groups, layers = chain()
+    big = [LayerSize(layer.name, layer.in_groups, layer.in_units, layer.in_block, layer.out_groups,
+                     layer.out_units, positions={"conv1": 1024, "conv2": 1024, "fc": 1}[layer.name])
+           for layer in layers]
+    assert kept_weights(big, {}) == 3 * 9 * 8 * 1024 + 8 * 9 * 16 * 1024 + 16 * 16 * 10
+    by_weights, by_macs = allocator(groups, layers, 0.4), allocator(groups, big, 0.4, unit="MACs")
+    assert by_macs.weights_kept == kept_weights(big, by_macs.kept) <= 0.4 * kept_weights(big, {})
+    assert by_macs.weights_total == kept_weights(big, {})
+    assert by_macs.kept != by_weights.kept
+    with pytest.raises(BudgetError, match="prunable-layer MACs"):
+        allocator(groups, big, 1e-4, unit="MACs")
+
+
 def test_zero_sensitivity_group_keeps_one_channel():
     groups, layers = chain()
     groups[0] = GroupDemand("a", np.zeros(8), 1024, 9)

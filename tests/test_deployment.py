@@ -24,7 +24,8 @@ EXCLUDED_NODE = "/block_c/conv1/Conv"  # reads one prunable group and produces a
 GEMM_NODE = "/fc/Gemm"
 METADATA = {"author": "pfp-onnx tests", "license": "MIT"}
 MODEL_DOC, GRAPH_DOC = "A residual digits classifier.", "Graph documentation kept through pruning."
-ADDED_KEYS = ("pfp_onnx.version", "pfp_onnx.budget", "pfp_onnx.method", "pfp_onnx.mode", "pfp_onnx.seed")
+ADDED_KEYS = ("pfp_onnx.version", "pfp_onnx.budget", "pfp_onnx.method", "pfp_onnx.mode", "pfp_onnx.seed",
+              "pfp_onnx.round_to", "pfp_onnx.budget_of")
 
 
 def calibration_arrays() -> dict[str, np.ndarray]:
@@ -178,7 +179,7 @@ def test_output_keeps_model_identity_and_adds_metadata(compress_cli, workspace):
     assert metadata["pfp_onnx.version"] == pfp_onnx.__version__
     assert float(metadata["pfp_onnx.budget"]) == BUDGET
     assert metadata["pfp_onnx.mode"] == "deterministic" and metadata["pfp_onnx.seed"] == "0"
-    assert metadata["pfp_onnx.method"].startswith("pfp/")
+    assert metadata["pfp_onnx.method"].startswith("pfp/") and metadata["pfp_onnx.budget_of"] == "weights"
 
 
 def test_output_passes_full_checker_and_strict_shape_inference(compress_cli):
@@ -287,3 +288,64 @@ def test_fixed_batch_models_run_whole_batches_only():
     result = pfp_onnx.compress(model, streamed, budget=0.6, holdout=0.25)
     assert result.report.sensitivity_points % 8 == 0 and result.report.verification.points % 8 == 0
     assert result.report.sensitivity_points >= 24
+
+
+# ---- a MAC budget --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("allocation", ["pfp", "uniform"])
+def test_mac_budget_bounds_the_macs_and_prunes_to_the_oracle(allocation):
+    """--budget-of macs counts each weight once per output position (PFP.md §3): the MACs per point meet
+    the budget, not necessarily the weights; the header, the JSON report and the metadata say which; the
+    pruned model equals the original with the removed channels zeroed."""
+    from test_refit import recovery_oracle
+    from test_rewrite import assert_same_outputs, run
+
+    arrays = {"input": calibration_arrays()["input"]}
+    by_macs = pfp_onnx.compress(str(MODEL), arrays, budget=0.4, budget_of="macs", allocation=allocation,
+                                holdout=0.25)
+    by_weights = pfp_onnx.compress(str(MODEL), arrays, budget=0.4, allocation=allocation, holdout=0.25)
+    macs, weights = by_macs.report.totals, by_weights.report.totals
+    assert macs.macs_after <= 0.4 * macs.macs_before < weights.macs_after  # the weight budget keeps more MACs
+    assert weights.layer_weights_after <= 0.4 * weights.layer_weights_before
+    # the MACs sit in the early, high-resolution layers: a MAC budget spends its weights there less
+    assert macs.layer_weights_after != weights.layer_weights_after
+    assert by_macs.report.budget_of == "macs" and by_macs.report.to_dict()["budget_of"] == "macs"
+    assert by_weights.report.budget_of == "weights"
+    assert "budget=0.4 of MACs " in pfp_onnx.report.render_table(by_macs.report).splitlines()[0]
+    assert "budget=0.4 " in pfp_onnx.report.render_table(by_weights.report).splitlines()[0]
+    metadata = {entry.key: entry.value for entry in by_macs.model.metadata_props}
+    assert metadata["pfp_onnx.budget_of"] == "macs"
+    feed = {"input": arrays["input"][:5]}
+    assert_same_outputs(run(by_macs.model, feed), run(recovery_oracle(by_macs), feed))
+
+
+def test_mac_budget_on_the_command_line(compress_cli):
+    output, report = succeeded(compress_cli("macs", "--budget-of", "macs", budget=0.3))
+    totals = report["totals"]
+    assert totals["macs_after"] <= 0.3 * totals["macs_before"] and report["budget_of"] == "macs"
+    done, output, report = compress_cli("macs_word", "--budget-of", "flops")
+    assert done.returncode == 2 and "--budget-of" in done.stderr and not output.exists() and not report.exists()
+
+
+def test_infeasible_mac_budget_names_macs(compress_cli):
+    done, output, report = compress_cli("macs_tiny", "--budget-of", "macs", budget=1e-5)
+    assert done.returncode == 2, done.stdout + done.stderr
+    message = done.stderr.strip()
+    assert message.startswith("Error: ") and "\n" not in message and "prunable-layer MACs" in message, message
+    assert not output.exists() and not report.exists()
+
+
+def test_mac_budget_needs_known_output_sizes():
+    """Without calibration shapes a dynamic model's output positions are unknown: a MAC budget is refused
+    with a reason, never computed from guesses."""
+    from pfp_onnx.pipeline import _layer_sizes
+
+    model = onnx.load(str(MODEL))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    dims[2].dim_param, dims[3].dim_param = "height", "width"
+    analysis = pfp_onnx.analyze(model)
+    assert any(layer.positions is None for layer in analysis.layers)
+    assert _layer_sizes(analysis, "weights")  # weights need no positions
+    with pytest.raises(pfp_onnx.errors.OptionError, match="--budget-of macs needs every layer's output size"):
+        _layer_sizes(analysis, "macs", "the model")
+    with pytest.raises(pfp_onnx.errors.OptionError, match="--budget-of takes weights or macs"):
+        pfp_onnx.compress(str(MODEL), {"input": calibration_arrays()["input"]}, budget=0.5, budget_of="flops")

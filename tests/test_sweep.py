@@ -90,6 +90,23 @@ def test_sweep_rounds_like_compress():
             assert widths and all(width % 8 == 0 for width in widths) == (report.round_to == "auto"), widths
 
 
+def test_sweep_command_with_a_mac_budget(tmp_path):
+    """--budget-of macs: every row keeps at most its budget of MACs, equals compress with the same options,
+    and the picture is drawn against MACs kept."""
+    pytest.importorskip("matplotlib")
+    table, picture = tmp_path / "sweep.csv", tmp_path / "sweep.png"
+    done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.6,0.4", "--methods", "pfp/pfp/none,l1/uniform/none",
+                   "--budget-of", "macs", "--csv", table, "--plot", picture)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == 4 and all(float(row["macs_kept"]) <= float(row["budget"]) for row in rows)
+    assert any(float(row["weights_kept"]) > float(row["budget"]) for row in rows) or \
+        all(float(row["macs_kept"]) > float(row["weights_kept"]) for row in rows)
+    report = pfp_onnx.compress(MODEL, DATA, budget=0.4, recovery="none", budget_of="macs").report
+    assert float(rows[1]["macs_kept"]) == report.totals.macs_after / report.totals.macs_before
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 @pytest.mark.parametrize("option", [("--round-to", "x"), ("--budgets", "0.5,a"), ("--methods", "pfp")])
 def test_sweep_command_refuses_bad_options_with_only_an_error(tmp_path, option):
     done = run_cli("sweep", MODEL, "--data", DATA, "--csv", tmp_path / "sweep.csv", *option)
