@@ -16,6 +16,8 @@ import onnx
 import pytest
 
 import pfp_onnx
+from pfp_onnx.allocate import allocate
+from pfp_onnx.pipeline import _demands, _layer_sizes
 from architectures import ARCHITECTURES, MOSTLY_PRUNABLE
 from test_refit import recovery_oracle
 from test_rewrite import ATOL, RTOL, run, signature
@@ -100,6 +102,29 @@ def test_compress_keeps_contracts(model_id: str, budget: float, mode: str, recov
         assert len(pruned_outputs) == len(oracle_outputs) == len(model.graph.output)
         for got, want in zip(pruned_outputs, oracle_outputs):
             assert got.shape == want.shape and got.dtype == want.dtype
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_mac_budget_keeps_contracts(model_id: str):
+    """--budget-of macs on every model: the MACs per point meet the budget (half of what can go, or 0.5),
+    and the pruned model still equals its oracle — positions come from convs, dense rows, transformer tokens
+    and upsampled maps alike."""
+    model, data = model_and_data(model_id)
+    analysis = pfp_onnx.analyze(model, data)
+    sizes = _layer_sizes(analysis, "macs")
+    ones = {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups}
+    whole = allocate(_demands(analysis, ones), sizes, 1.0)
+    floor = whole.weights_floor / whole.weights_total
+    budget = 0.5 if floor < 0.4 else floor + 0.5 * (1 - floor)
+    result = pfp_onnx.compress(model, data, budget=budget, budget_of="macs", holdout=0.25, seed=0)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert signature(result.model.graph.output) == signature(model.graph.output)
+    totals = result.report.totals
+    assert totals.macs_after <= budget * totals.macs_before and totals.macs_after < totals.macs_before
+    oracle = recovery_oracle(result)
+    for feeds in other_feeds(model, data):
+        for got, want in zip(run(result.model, feeds), run(oracle, feeds)):
             np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
