@@ -165,8 +165,11 @@ def _geometry(samples: int, spatial: tuple[int, ...], pads: tuple[int, ...], dil
     indicator = reads_padding[edge].astype(np.float64)
     offsets = sorted({int(tap_offsets[k2] - tap_offsets[k]) for k in range(kernel_size)
                       for k2 in range(k, kernel_size)})
-    return _Geometry(padded, interior, int(np.prod(out)), length, tap_offsets, offsets, borders, indicator,
-                     indicator.T @ indicator, windows[edge])
+    geometry = _Geometry(padded, interior, int(np.prod(out)), length, tap_offsets, offsets, borders, indicator,
+                         indicator.T @ indicator, windows[edge])
+    for array in (tap_offsets, *borders, *geometry[-3:]):
+        array.flags.writeable = False  # shared by every later call with this shape
+    return geometry
 
 
 def _shifted_products(rows: np.ndarray, length: int, offsets: Sequence[int]) -> np.ndarray:
