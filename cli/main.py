@@ -13,7 +13,7 @@ from pfp_onnx import PfpError, analyze, compress, evaluate
 from pfp_onnx.baselines import CRITERIA
 from pfp_onnx.errors import OptionError
 from pfp_onnx.model import check_output_path, save_model
-from pfp_onnx.pipeline import ALLOCATIONS, BUDGET_OF, MODES
+from pfp_onnx.pipeline import ALLOCATIONS, BUDGET_OF, MODES, smallest_budgets
 from pfp_onnx.refit import RECOVERIES
 from pfp_onnx.report import render_table, render_verification, write_json
 from pfp_onnx.runtime import DEVICES
@@ -156,11 +156,13 @@ def compress_command(model, data, budget, budget_of, output, mode, criterion, al
 def analyze_command(model, data, as_json):
     """Show MODEL's channel groups: which can be pruned, and why the others are frozen."""
     analysis = analyze(model, data)
+    floors = smallest_budgets(analysis)
     if as_json:
         click.echo(json.dumps({"groups": [asdict(group) for group in analysis.groups],
                                "layers": [asdict(layer) for layer in analysis.layers],
                                "weights_total": analysis.weights_total,
-                               "weights_in_prunable_groups": analysis.weights_in_prunable_groups}, indent=2))
+                               "weights_in_prunable_groups": analysis.weights_in_prunable_groups,
+                               "smallest_budget": floors}, indent=2))
         return
     click.echo(f"{'group':>5}  {'width':>5}  {'producers':<30} {'consumers':<30} status")
     for group in analysis.groups:
@@ -169,6 +171,11 @@ def analyze_command(model, data, as_json):
                    f"{', '.join(group.consumers):<30.30} {status}")
     share = analysis.weights_in_prunable_groups / analysis.weights_total if analysis.weights_total else 0.0
     click.echo(f"\n{share:.1%} of the {analysis.weights_total:,} Conv/Gemm/MatMul weights sit in prunable groups")
+    if floors["weights"] is not None:
+        macs = ("give --data to count MACs" if floors["macs"] is None
+                else f"--budget-of macs: {floors['macs']:g}")
+        click.echo(f"smallest feasible --budget: {floors['weights']:g} ({macs}; every prunable group keeping one "
+                   "channel, --round-to 1)")
 
 
 @main.command("evaluate")

@@ -6,8 +6,8 @@
 
 from pfp_onnx.version import __version__
 from pfp_onnx.errors import BudgetError, DataError, ModelError, OptionError, OutputError, PfpError
-from pfp_onnx.pipeline import CompressResult, Method, analyze, compress, evaluate, prepare, prune
+from pfp_onnx.pipeline import CompressResult, Method, analyze, compress, evaluate, prepare, prune, smallest_budgets
 from pfp_onnx.sweep import sweep
 
-__all__ = ["compress", "analyze", "evaluate", "sweep", "prepare", "prune", "Method", "CompressResult", "PfpError", "BudgetError", "DataError", "ModelError",
+__all__ = ["compress", "analyze", "evaluate", "sweep", "prepare", "prune", "smallest_budgets", "Method", "CompressResult", "PfpError", "BudgetError", "DataError", "ModelError",
            "OptionError", "OutputError"]

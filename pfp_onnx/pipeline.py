@@ -281,6 +281,24 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
     return prune(prepared, budget=budget, method=method, seed=seed, progress=progress)
 
 
+def smallest_budgets(analysis: ChannelAnalysis) -> dict[str, float | None]:
+    """Per --budget-of, the smallest budget compress accepts (every prunable group keeping one channel,
+    exact counts), rounded up to 0.001 as the BudgetError says it; None for MACs while some layer's output
+    size is open (analyse with calibration data), and for both when nothing can be pruned."""
+    if not analysis.prunable_groups:
+        return dict.fromkeys(BUDGET_OF)
+    ones = {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups}
+    floors: dict[str, float | None] = {}
+    for budget_of in BUDGET_OF:
+        try:
+            whole = allocate(_demands(analysis, ones), _layer_sizes(analysis, budget_of), 1.0)
+        except OptionError:
+            floors[budget_of] = None
+            continue
+        floors[budget_of] = math.ceil(whole.weights_floor / whole.weights_total * 1000 - 1e-9) / 1000
+    return floors
+
+
 def check_round_to(round_to: int | str) -> int | str:
     """"auto", or a whole number of at least 1 (an int, or its text as the CLI passes it)."""
     if isinstance(round_to, str) and round_to.strip().lower() == ROUND_TO_AUTO:

@@ -90,8 +90,10 @@ def test_analyze_command():
     done = run_cli("analyze", MODEL)
     assert done.returncode == 0, done.stderr
     assert "prunable" in done.stdout and "reaches graph output 'logits'" in done.stdout
+    assert "smallest feasible --budget: 0.001 (--budget-of macs: 0.001;" in done.stdout
     as_json = json.loads(run_cli("analyze", MODEL, "--json").stdout)
     assert as_json["weights_in_prunable_groups"] == as_json["weights_total"]
+    assert as_json["smallest_budget"] == {"weights": 0.001, "macs": 0.001}
 
 
 def test_readme_cli_reference_is_current():

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
 import pfp_onnx
 from pfp_onnx.allocate import allocate
-from pfp_onnx.pipeline import _demands, _layer_sizes
+from pfp_onnx.model import with_outputs
+from pfp_onnx.pipeline import _demands, _layer_sizes, load
 from architectures import ARCHITECTURES, MOSTLY_PRUNABLE
 from test_refit import recovery_oracle
 from test_rewrite import ATOL, RTOL, run, signature
@@ -139,6 +141,43 @@ def test_analyze(model_id: str):
     name = model_id.split(":", 1)[1]
     if model_id.startswith("arch:") and name in MOSTLY_PRUNABLE:
         assert analysis.weights_in_prunable_groups / analysis.weights_total >= 0.9
+
+
+@pytest.mark.parametrize("model_id", MODELS)
+def test_positions_are_output_rows_per_point(model_id: str):
+    """A layer's positions carry its MACs, a MAC budget and PFP's patch count: they must be its output's
+    elements per point ÷ its output units, checked here by running the model on 2 points. (Attention
+    projections see their tokens folded into the batch, [T·N, E]: T rows per point, not 1.)"""
+    model, data = model_and_data(model_id)
+    model = load(model)[0]  # the node names the analysis uses
+    analysis = pfp_onnx.analyze(model, data)
+    nodes = {node.name: node for node in model.graph.node}
+    names = [nodes[layer.node].output[0] for layer in analysis.layers]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(with_outputs(model, names).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    outputs = session.run(names, {name: array[:2] for name, array in data.items()})
+    for layer, output in zip(analysis.layers, outputs):
+        assert layer.positions is not None and output.size == 2 * layer.positions * layer.out_units, \
+            (layer.node, layer.positions, layer.out_units, output.shape)
+    assert all(value is not None for value in pfp_onnx.smallest_budgets(analysis).values())
+
+
+@pytest.mark.parametrize("budget_of", ["weights", "macs"])
+def test_smallest_budget_is_the_feasible_floor(budget_of: str):
+    """What `analyze` reports as the smallest feasible budget is accepted, and 0.001 less is refused (the
+    transformer, whose frozen attention keeps most of its weights)."""
+    model, data = model_and_data("export:vit_tiny.dynamo")
+    floor = pfp_onnx.smallest_budgets(pfp_onnx.analyze(model, data))[budget_of]
+    assert 0.1 < floor < 0.9
+    result = pfp_onnx.compress(model, data, budget=floor, budget_of=budget_of, recovery="none", holdout=0.25)
+    totals = result.report.totals
+    kept, total = ((totals.macs_after, totals.macs_before) if budget_of == "macs"
+                   else (totals.layer_weights_after, totals.layer_weights_before))
+    assert kept <= floor * total
+    with pytest.raises(pfp_onnx.BudgetError, match=f"smallest feasible budget for this model is {floor:.3f}"):
+        pfp_onnx.compress(model, data, budget=floor - 0.001, budget_of=budget_of, recovery="none", holdout=0.25)
 
 
 @pytest.mark.parametrize("variant", ["torchscript", "dynamo"])
