@@ -188,6 +188,14 @@ class ChannelTracer:
             return tuple(tensor.shape)
         return self.shapes.get(tensor.name)
 
+    @property
+    def batch(self) -> int | None:
+        """Points per run as the shapes were resolved: 1 with calibration shapes, the exported batch of a
+        fixed-batch model, None when the inputs' leading dims disagree or are symbolic."""
+        leading = {shape[0] for tensor in self.graph.inputs if (shape := self.shape(tensor))}
+        batch = leading.pop() if len(leading) == 1 else None
+        return int(batch) if isinstance(batch, (int, np.integer)) and batch > 0 else None
+
     def channels(self, tensor: gs.Tensor) -> Channels | None:
         found = self._channels.get(tensor.name)
         if found is None:

@@ -32,16 +32,16 @@ def _positions(shape, leading: int, trailing: int = 0) -> int | None:
     return None if shape is None else _product(shape[leading:len(shape) - trailing])
 
 
-def _rows_per_point(shape) -> int | None:
-    """A dense layer's output rows per point. The analysis runs at batch 1, so a concrete leading dim is
-    part of the rows: an exporter that folds tokens into the batch ([N·T, F]) gives T rows per point, not
-    1. A symbolic leading dim (no calibration shapes) is taken to be the batch."""
+def _rows_per_point(shape, batch: int | None) -> int | None:
+    """A dense layer's output rows per point: all rows over the points per run when those are known (an
+    exporter that folds tokens into the batch, [N·T, F], gives T rows per point, not 1), else the dims
+    between a leading batch dim and the features."""
     if shape is None or not shape:
         return None
-    rows = _product(shape[1:-1])
-    if rows is None:
-        return None
-    return rows * shape[0] if isinstance(shape[0], (int, np.integer)) else rows
+    rows = _product(shape[:-1])
+    if batch is not None and rows is not None and rows % batch == 0:
+        return rows // batch
+    return _product(shape[1:-1])
 
 
 def _rank(tracer: ChannelTracer, tensor: gs.Tensor, fallback: int) -> int:
@@ -212,7 +212,7 @@ def _dense(node: gs.Node, tracer: ChannelTracer, *, in_by_out: bool, bias_index:
     tracer.add_layer(Layer(
         node=node.name, op=node.op, input=data.name, weight=weight_tensor.name, in_groups=in_groups,
         in_units=in_features // block, in_block=block, out_groups=out_groups, out_units=out_units, kernel=1,
-        positions=_rows_per_point(output_shape), weight_is_in_by_out=in_by_out))
+        positions=_rows_per_point(output_shape, tracer.batch), weight_is_in_by_out=in_by_out))
 
 
 def gemm(node: gs.Node, tracer: ChannelTracer) -> None:

@@ -77,7 +77,7 @@ def load_data(data: DataSource, model: onnx.ModelProto) -> CalibrationData | Str
 def analyze(model: ModelSource, data: DataSource | None = None) -> ChannelAnalysis:
     """Channel groups of a model; calibration data (optional) makes dynamic sizes concrete."""
     proto, _ = load(model)
-    shapes = load_data(data, proto).point_shapes() if data is not None else None
+    shapes = _run_shapes(load_data(data, proto), proto) if data is not None else None
     return analyse_channel_groups(proto, shapes)
 
 
@@ -153,11 +153,11 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     if holdout_part is not None and holdout_part.count == 0:
         holdout_part = None
     excluded = dict(exclude_nodes=exclude, exclude_ops=exclude_ops)
-    analysis = analyse_channel_groups(proto, calibration.point_shapes(), **excluded)
+    analysis = analyse_channel_groups(proto, _run_shapes(calibration, proto), **excluded)
     recovery = max((method.recovery for method in methods), key=RECOVERIES.index, default="none")
     if recovery != "none":  # give every layer that may be corrected a bias to absorb the correction
         proto = with_zero_biases(proto, {layer.node for layer in recoverable_layers(analysis)})
-        analysis = analyse_channel_groups(proto, calibration.point_shapes(), **excluded)
+        analysis = analyse_channel_groups(proto, _run_shapes(calibration, proto), **excluded)
     free_graph_weights(proto)  # the analysis graph's weight arrays
     if not analysis.layers:
         raise ModelError(f"{name} has no Conv, Gemm or MatMul layer with constant weights: nothing to prune.")
@@ -328,6 +328,13 @@ def _scores(prepared: Prepared, criterion: str, rng: np.random.Generator) -> dic
     if criterion == "random":
         return random_scores(prepared.analysis, rng)
     return norm_scores(prepared.model, prepared.analysis, 1 if criterion == "l1" else 2)
+
+
+def _run_shapes(calibration: CalibrationData | StreamedData, model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
+    """Input shapes for the analysis: one point, or one fixed batch where the model was exported with one
+    (its Reshapes and outputs may spell that batch out; the analysis divides rows by it)."""
+    fixed = _fixed_batch(model)
+    return {name: (fixed or 1, *shape[1:]) for name, shape in calibration.point_shapes().items()}
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:

@@ -274,6 +274,10 @@ def test_fixed_batch_models_run_whole_batches_only():
     for value in (*model.graph.input, *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_value = 8
     arrays = calibration_arrays()
+    # analysed at its own batch of 8 (the Gemm's [8, 10] output is 1 row per point, not 8): the same
+    # positions, MACs and error bounds as the dynamic-batch original
+    assert [layer.positions for layer in pfp_onnx.analyze(model, arrays).layers] == \
+        [layer.positions for layer in pfp_onnx.analyze(str(MODEL), arrays).layers]
     result = pfp_onnx.compress(model, arrays, budget=0.6, holdout=0.25)
     assert result.report.sensitivity_points == 24 and result.report.verification.points == 8
     assert any("batches of exactly 8 points: 8 calibration point(s)" in note for note in result.notes)
