@@ -28,6 +28,7 @@ __all__ = [
     "multiple",
     "rounded",
     "sample_size",
+    "smallest_budget",
 ]
 
 # Bisection bracket for ε. At the top every group keeps one channel (m(ε) = 1); the reference starts at
@@ -312,8 +313,7 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
         weights_floor = kept_weights(layers, {name: 1 for name in full})
     if weights_floor > budget * weights_total:
         frozen = kept_weights([layer for layer in layers if not layer.in_groups and not layer.out_groups], {})
-        # Round up: a budget printed below the true floor would still fail.
-        smallest = math.ceil(weights_floor / weights_total * 1000 - 1e-9) / 1000
+        smallest = smallest_budget(weights_floor, weights_total)
         raise BudgetError(
             f"A budget of {budget:g} cannot be met: the smallest feasible budget for this model is {smallest:.3f} "
             f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer {unit}, "
@@ -324,6 +324,11 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
             f"(`pfp-onnx analyze` shows why each group is frozen)."
         )
     return budget, full, weights_total, weights_floor, round_to
+
+
+def smallest_budget(weights_floor: int, weights_total: int) -> float:
+    """The floor as a budget to print: rounded up to 0.001, since a budget printed below it would still fail."""
+    return math.ceil(weights_floor / weights_total * 1000 - 1e-9) / 1000
 
 
 def _check_inputs(groups: Sequence[GroupDemand], layers: Sequence[LayerSize]) -> dict[str, GroupDemand]:

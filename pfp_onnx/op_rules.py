@@ -41,7 +41,7 @@ def _rows_per_point(shape, batch: int | None) -> int | None:
     rows = _product(shape[:-1])
     if batch is not None and rows is not None and rows % batch == 0:
         return rows // batch
-    return _product(shape[1:-1])
+    return _positions(shape, 1, 1)
 
 
 def _rank(tracer: ChannelTracer, tensor: gs.Tensor, fallback: int) -> int:

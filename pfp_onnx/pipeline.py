@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from pfp_onnx.allocate import (AUTO_MIN_WIDTH, AUTO_MULTIPLE, ROUND_TO_AUTO, GroupDemand, LayerSize, allocate,
-                               allocate_uniform, multiple)
+                               allocate_uniform, multiple, smallest_budget)
 from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, points_in, read_npz, split, validate,
@@ -165,11 +165,10 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
         reasons = "; ".join(sorted({group.frozen[0] for group in analysis.groups}))[:400]
         raise ModelError(f"No channel group of {name} can be pruned safely ({reasons or 'no groups'}). "
                          "Run `pfp-onnx analyze` to see why each group is frozen.")
-    ones = {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups}
     layer_sizes = _layer_sizes(analysis, budget_of, name)
     for budget in budgets:  # fail on an impossible budget before the expensive capture
         for step in {effective_round_to(round_to, _selection_mode(method)) for method in methods}:
-            allocate(_demands(analysis, ones), layer_sizes, budget, round_to=step, unit=BUDGET_UNITS[budget_of])
+            allocate(_unscored_demands(analysis), layer_sizes, budget, round_to=step, unit=BUDGET_UNITS[budget_of])
     chosen_device = choose_device(device)
     batch_size = fixed or batch_size
     recommended = _recommended_points(analysis)
@@ -287,15 +286,14 @@ def smallest_budgets(analysis: ChannelAnalysis) -> dict[str, float | None]:
     size is open (analyse with calibration data), and for both when nothing can be pruned."""
     if not analysis.prunable_groups:
         return dict.fromkeys(BUDGET_OF)
-    ones = {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups}
     floors: dict[str, float | None] = {}
     for budget_of in BUDGET_OF:
         try:
-            whole = allocate(_demands(analysis, ones), _layer_sizes(analysis, budget_of), 1.0)
+            whole = allocate(_unscored_demands(analysis), _layer_sizes(analysis, budget_of), 1.0)
         except OptionError:
             floors[budget_of] = None
             continue
-        floors[budget_of] = math.ceil(whole.weights_floor / whole.weights_total * 1000 - 1e-9) / 1000
+        floors[budget_of] = smallest_budget(whole.weights_floor, whole.weights_total)
     return floors
 
 
@@ -392,6 +390,11 @@ def _demands(analysis: ChannelAnalysis, sensitivity: Mapping[int, np.ndarray]) -
         demands.append(GroupDemand(name=str(group.id), sensitivity=np.asarray(sensitivity[group.id], np.float64),
                                    patches=patches, kernel=kernel))
     return demands
+
+
+def _unscored_demands(analysis: ChannelAnalysis) -> list[GroupDemand]:
+    """Demands with unit sensitivities: enough to check a budget's feasibility, which depends on sizes only."""
+    return _demands(analysis, {group.id: np.ones(group.width, np.float32) for group in analysis.prunable_groups})
 
 
 def _recommended_points(analysis: ChannelAnalysis) -> int:
