@@ -31,7 +31,9 @@ float64 copy of the chunk of features; reconstruct() adds the kept sub-block and
 caller decides which layers are worth it (e.g. skip above a size limit, or use (a) there). Features of a
 whole batch are K times the batch's activation; accumulate_features() unfolds it chunk by chunk, except
 for stride-1 convs whose border is small next to their output: their Gram comes from shifted products of
-the padded input (pfp_onnx.conv_gram), with nothing unfolded.
+the padded input (pfp_onnx.conv_gram), with nothing unfolded, and until the statistics are first read it is
+held in the compact form of those products ((13 + 45)·C² numbers for a 3×3 conv over C channels, against
+81·C² for the Gram, which is then assembled once).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ class FeatureStatistics:
         self._shift: np.ndarray | None = None
         self._shifted_sum = np.zeros(features, dtype=np.float64)
         self._shifted_gram = np.zeros((features, features), dtype=np.float64) if gram else None
+        self._gram_written = False  # until then _shifted_gram is zeros (untouched pages: no memory yet)
+        self._pending: conv_gram.PatchMoments | None = None
 
     @property
     def has_gram(self) -> bool:
@@ -94,6 +98,7 @@ class FeatureStatistics:
     @property
     def count(self) -> int:
         """Number of feature rows (calibration patches) seen."""
+        self._settle()
         return self._count
 
     def update(self, features: np.ndarray) -> None:
@@ -113,6 +118,7 @@ class FeatureStatistics:
         if self._shifted_gram is not None:
             # fast: float32 BLAS (a symmetric rank-k update), summed into float64; centring keeps it accurate
             self._shifted_gram += centred.T @ centred
+            self._gram_written = True
 
     @property
     def fast(self) -> bool:
@@ -136,11 +142,40 @@ class FeatureStatistics:
         self._count += count
         self._shifted_sum += shifted_sum
         if self._shifted_gram is not None:
-            self._shifted_gram += shifted_gram
+            if self._gram_written:
+                self._shifted_gram += shifted_gram
+            else:  # the first Gram is taken as it is, not added to a matrix of zeros
+                self._shifted_gram = np.array(shifted_gram, dtype=np.float64)
+                self._gram_written = True
+
+    @property
+    def pending(self) -> conv_gram.PatchMoments | None:
+        """The conv moments being gathered in compact form (see defer)."""
+        return self._pending
+
+    def defer(self, moments: conv_gram.PatchMoments) -> None:
+        """Let `moments` (about this statistics' shift) gather a conv's patch moments chunk after chunk in
+        its compact form; they are added the first time these statistics are read (count, mean, scatter, gram),
+        so the [F, F] Gram is assembled once per layer, not once per chunk. Moments deferred earlier are
+        added now."""
+        self._settle()
+        shift = moments.feature_shift
+        if self._shift is None:
+            self._shift = shift
+        elif not np.array_equal(shift, self._shift):
+            raise ValueError("moments taken about a different shift than these statistics keep")
+        self._pending = moments
+
+    def _settle(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            count, shifted_sum, shifted_gram = pending.moments()
+            self.add_shifted(count, self._shift, shifted_sum, shifted_gram if self.has_gram else None)
 
     @property
     def mean(self) -> np.ndarray:
         """Mean feature vector [F] over all rows seen."""
+        self._settle()
         self._require_data()
         return self._shift + self._shifted_sum / self._count
 
@@ -152,6 +187,7 @@ class FeatureStatistics:
 
     def scatter_block(self, rows: np.ndarray, columns: np.ndarray) -> np.ndarray:
         """The [rows, columns] block of the centred scatter, without forming the whole matrix."""
+        self._settle()
         self._require_data()
         shifted_gram = self._gram_or_raise()
         shifted_mean = self._shifted_sum / self._count
@@ -160,6 +196,7 @@ class FeatureStatistics:
     @property
     def gram(self) -> np.ndarray:
         """Augmented Gram Σ [x; 1][x; 1]ᵀ, [F+1, F+1], the constant feature last."""
+        self._settle()
         self._require_data()
         mean = self.mean
         augmented = np.empty((self.features + 1, self.features + 1), dtype=np.float64)
@@ -271,29 +308,32 @@ def _window_sums(statistics: FeatureStatistics, activation: np.ndarray, conv: Co
 def _shifted_products(statistics: FeatureStatistics, activation: np.ndarray, conv: ConvPatches,
                       chunk_bytes: int) -> bool:
     """Fold a stride-1 conv's batch by shifted products of its padded input (pfp_onnx.conv_gram) where that
-    is cheaper than unfolding; False where it is not (or the statistics' shift differs between taps)."""
+    is cheaper than unfolding; False where it is not (or the statistics' shift differs between taps). The
+    first batch decides: later ones join the moments it began (a smaller last batch too)."""
     strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
     spatial = activation.shape[2:]
     padded, _ = padded_and_out(spatial, pads, dilations, kernel_shape)
     padded_sample = 4 * activation.shape[1] * int(np.prod(padded))
     per_chunk = min(activation.shape[0], max(1, chunk_bytes // padded_sample))
-    if not (statistics.has_gram and statistics.fast and len(spatial) == len(kernel_shape)
-            and conv_gram.worth_it((per_chunk, *activation.shape[1:]), strides=strides, pads=pads,
-                                   dilations=dilations, kernel_shape=kernel_shape)):
-        return False
-    kernel_size = int(np.prod(kernel_shape))
-    shift = statistics.shift
-    if shift is None:  # the first batch's channel means, the same for every tap, float32-representable
-        means = activation.mean(axis=(0, *range(2, activation.ndim)), dtype=np.float64)
-        shift = np.repeat(means.astype(np.float32), kernel_size).astype(np.float64)
-    per_channel = shift.reshape(-1, kernel_size)
-    if not (per_channel == per_channel[:, :1]).all():
-        return False
+    pending = statistics.pending
+    if pending is None or pending.spatial != tuple(spatial):
+        if not (statistics.has_gram and statistics.fast and len(spatial) == len(kernel_shape)
+                and conv_gram.worth_it((per_chunk, *activation.shape[1:]), strides=strides, pads=pads,
+                                       dilations=dilations, kernel_shape=kernel_shape)):
+            return False
+        kernel_size = int(np.prod(kernel_shape))
+        shift = statistics.shift
+        if shift is None:  # the first batch's channel means, the same for every tap, float32-representable
+            means = activation.mean(axis=(0, *range(2, activation.ndim)), dtype=np.float64)
+            shift = np.repeat(means.astype(np.float32), kernel_size).astype(np.float64)
+        per_channel = shift.reshape(-1, kernel_size)
+        if not (per_channel == per_channel[:, :1]).all():
+            return False
+        pending = conv_gram.PatchMoments(per_channel[:, 0], spatial, pads=pads, dilations=dilations,
+                                         kernel_shape=kernel_shape)
+        statistics.defer(pending)
     for start in range(0, activation.shape[0], per_chunk):
-        count, shifted_sum, shifted_gram = conv_gram.patch_moments(
-            activation[start:start + per_chunk], per_channel[:, 0], pads=pads, dilations=dilations,
-            kernel_shape=kernel_shape)
-        statistics.add_shifted(count, shift, shifted_sum, shifted_gram)
+        pending.add(activation[start:start + per_chunk])
     return True
 
 

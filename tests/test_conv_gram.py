@@ -102,6 +102,66 @@ def test_statistics_by_shifted_products_equal_unfolded_ones_over_streamed_batche
     assert (per_channel == per_channel[:, :1]).all()
 
 
+def test_deferred_moments_are_added_when_read_and_later_batches_carry_on(monkeypatch):
+    """Shifted moments stay in PatchMoments' compact form until the statistics are read; a read in between
+    batches adds them, later batches start new ones about the same shift, and a smaller last batch (which
+    on its own would be judged not worth shifting) joins the moments the first batch began."""
+    shape, pads, dilations, kernel_shape = CASES["3x3-same"]
+    patches = ConvPatches((1, 1), pads, dilations, kernel_shape)
+    rng = np.random.default_rng(9)
+    batches = [(np.maximum(rng.standard_normal(shape), 0) + 1).astype(np.float32) for _ in range(3)]
+    batches.append(batches[0][:1] * 2)
+    expected = accumulated(batches, patches, shifted=False, monkeypatch=monkeypatch)
+    monkeypatch.setattr(conv_gram, "worth_it", lambda shape, **kwargs: shape[0] > 1)
+    added = []
+    add = conv_gram.PatchMoments.add
+    monkeypatch.setattr(conv_gram.PatchMoments, "add", lambda self, activation: (
+        added.append(len(activation)), add(self, activation))[1])
+    statistics = FeatureStatistics(expected.features, gram=True, fast=True)
+    accumulate_features(statistics, batches[0], conv=patches)
+    assert statistics.pending is not None
+    first = statistics.pending
+    assert statistics.count == len(batches[0]) * 81  # a read adds the pending moments
+    assert statistics.pending is None
+    for batch in batches[1:]:
+        accumulate_features(statistics, batch, conv=patches)
+    assert statistics.pending is not first and added == [3, 3, 3, 1]
+    assert statistics.count == expected.count
+    np.testing.assert_allclose(statistics.mean, expected.mean, rtol=1e-6)
+    scale = np.abs(expected.scatter).max()
+    np.testing.assert_allclose(statistics.scatter, expected.scatter, rtol=0, atol=1e-5 * scale)
+
+
+def test_moments_of_another_input_size_are_kept_apart():
+    """A batch of another spatial size cannot join the pending moments (their tap distances differ): those
+    are added first, and the new size gathers its own."""
+    pads, dilations, kernel_shape = (1, 1, 1, 1), (1, 1), (3, 3)
+    patches = ConvPatches((1, 1), pads, dilations, kernel_shape)
+    rng = np.random.default_rng(10)
+    small, large = (np.maximum(rng.standard_normal(shape), 0).astype(np.float32) for shape in ((2, 3, 6, 6),
+                                                                                           (2, 3, 8, 7)))
+    statistics = FeatureStatistics(27, gram=True, fast=True)
+    statistics.defer(conv_gram.PatchMoments(small.mean(axis=(0, 2, 3)), small.shape[2:], pads=pads,
+                                            dilations=dilations, kernel_shape=kernel_shape))
+    statistics.pending.add(small)
+    statistics.defer(conv_gram.PatchMoments(small.mean(axis=(0, 2, 3)), large.shape[2:], pads=pads,
+                                            dilations=dilations, kernel_shape=kernel_shape))
+    statistics.pending.add(large)
+    shift = np.repeat(small.mean(axis=(0, 2, 3)).astype(np.float32), 9)
+    features = np.concatenate([layer_features(batch.astype(np.float64), conv=patches) for batch in (small, large)])
+    centred = features - shift
+    assert statistics.count == len(features)
+    np.testing.assert_allclose(statistics.mean, features.mean(axis=0), rtol=1e-6)
+    expected = centred.T @ centred - len(features) * np.outer(centred.mean(axis=0), centred.mean(axis=0))
+    np.testing.assert_allclose(statistics.scatter, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="different shift"):
+        statistics.defer(conv_gram.PatchMoments(np.zeros(3), small.shape[2:], pads=pads, dilations=dilations,
+                                                kernel_shape=kernel_shape))
+    with pytest.raises(ValueError, match="does not fit"):
+        conv_gram.PatchMoments(np.zeros(3), small.shape[2:], pads=pads, dilations=dilations,
+                               kernel_shape=kernel_shape).add(large)
+
+
 def test_statistics_begun_unfolded_stay_unfolded(monkeypatch):
     """A statistics whose shift differs between the taps of a channel (begun by the unfolded path) cannot
     take shifted products about it: the unfolded path carries on, and the moments stay right."""
@@ -111,7 +171,7 @@ def test_statistics_begun_unfolded_stay_unfolded(monkeypatch):
     batches = [np.maximum(rng.standard_normal(shape), 0).astype(np.float32) for _ in range(2)]
     expected = accumulated(batches, patches, shifted=False, monkeypatch=monkeypatch)
     statistics = accumulated(batches[:1], patches, shifted=False, monkeypatch=monkeypatch)
-    monkeypatch.setattr(conv_gram, "patch_moments", lambda *args, **kwargs: pytest.fail("shift differs by tap"))
+    monkeypatch.setattr(conv_gram.PatchMoments, "add", lambda *args, **kwargs: pytest.fail("shift differs by tap"))
     monkeypatch.setattr(conv_gram, "worth_it", lambda *args, **kwargs: True)
     accumulate_features(statistics, batches[1], conv=patches)
     np.testing.assert_array_equal(statistics.scatter, expected.scatter)
@@ -137,9 +197,9 @@ def test_compress_recovers_the_exact_weights_with_shifted_products(monkeypatch):
         data = {name: values[:96] for name, values in calibration.items()}
     monkeypatch.setattr(conv_gram, "MIN_GRAM_MACS", 0)  # the fixture's layers are small
     calls = []
-    patch_moments = conv_gram.patch_moments
-    monkeypatch.setattr(conv_gram, "patch_moments", lambda *args, **kwargs: (
-        calls.append(args[0].shape), patch_moments(*args, **kwargs))[1])
+    add = conv_gram.PatchMoments.add
+    monkeypatch.setattr(conv_gram.PatchMoments, "add", lambda self, activation: (
+        calls.append(activation.shape), add(self, activation))[1])
     shifted = pfp_onnx.compress(model, data, budget=0.5, recovery="lstsq")
     assert {shape[2] for shape in calls} == {28, 14}
     monkeypatch.setattr(refit, "FeatureStatistics", lambda features, *, gram, fast: FeatureStatistics(
