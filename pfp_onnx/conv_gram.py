@@ -47,8 +47,9 @@ MIN_SHIFTED_ROWS = 512
 def worth_it(activation_shape: Sequence[int], *, strides: Sequence[int], pads: Sequence[int],
              dilations: Sequence[int], kernel_shape: Sequence[int]) -> bool:
     """Whether shifted products of a chunk [N, C, *spatial] cost fewer multiply-adds than its unfolded
-    Gram (per channel pair and sample: one full pass per distinct offset plus one border pass per tap
-    pair, against K²/2 products per output position), and the Gram is large enough to matter."""
+    Gram (per channel pair and sample: one pass over the padded positions per distinct offset plus, per
+    tap, its border's data positions times the taps from it on, against K²/2 products per output
+    position), and the Gram is large enough to matter."""
     samples, channels, *spatial = activation_shape
     if any(stride != 1 for stride in strides):
         return False
@@ -58,12 +59,12 @@ def worth_it(activation_shape: Sequence[int], *, strides: Sequence[int], pads: S
     padded, out = padded_and_out(spatial, pads, dilations, kernel_shape)
     if min(out) <= 0:
         return False
-    positions, outputs = int(np.prod(padded)), int(np.prod(out))
-    offsets = int(np.prod([2 * k - 1 for k in kernel_shape])) // 2 + 1  # distinct tap distances ≥ 0
-    pairs = taps * (taps + 1) // 2
-    unfolded = taps * taps * outputs / 2
-    return (offsets * positions + pairs * (positions - outputs) < unfolded
-            and unfolded * channels * channels * samples >= MIN_GRAM_MACS)
+    geometry = _geometry(1, tuple(int(size) for size in spatial), tuple(int(pad) for pad in pads),
+                         tuple(int(step) for step in dilations), tuple(int(size) for size in kernel_shape))
+    shifted = (len(geometry.offsets) * int(np.prod(padded))
+               + sum(len(border) * (taps - k) for k, border in enumerate(geometry.borders)))
+    unfolded = taps * taps * int(np.prod(out)) / 2
+    return shifted < unfolded and unfolded * channels * channels * samples >= MIN_GRAM_MACS
 
 
 def patch_moments(activation: np.ndarray, shift: np.ndarray, *, pads: Sequence[int], dilations: Sequence[int],
@@ -97,9 +98,9 @@ class PatchMoments:
         self._dilations = tuple(int(step) for step in dilations)
         self._kernel_shape = tuple(int(size) for size in kernel_shape)
         padded, _ = padded_and_out(self.spatial, self._pads, self._dilations, self._kernel_shape)
-        tap_offsets = _tap_offsets(padded, self._dilations, self._kernel_shape)
-        kernel_size, channels = len(tap_offsets), len(self.shift)
-        self._offsets = _distinct_offsets(tap_offsets)
+        self._tap_offsets = _tap_offsets(padded, self._dilations, self._kernel_shape)
+        kernel_size, channels = len(self._tap_offsets), len(self.shift)
+        self._offsets = _distinct_offsets(self._tap_offsets)
         self.count = 0
         self._window_sums = np.zeros((kernel_size, channels), dtype=np.float64)  # Σ Y over each tap's window
         self._offset_products = np.zeros((len(self._offsets), channels, channels), dtype=np.float64)
@@ -149,10 +150,9 @@ class PatchMoments:
         self._edge_counts += geometry.edge_counts
 
     def moments(self) -> tuple[int, np.ndarray, np.ndarray]:
-        """Count, Σ(x − s) [C·K] and Σ(x − s)(x − s)ᵀ [C·K, C·K] (float64, feature index c·K + k) so far."""
+        """Count, Σ(x − s) [C·K] and Σ(x − s)(x − s)ᵀ [C·K, C·K] (float64, feature index c·K + k)."""
         kernel_size, channels = self._window_sums.shape
-        tap_offsets = _tap_offsets(padded_and_out(self.spatial, self._pads, self._dilations, self._kernel_shape)[0],
-                                   self._dilations, self._kernel_shape)
+        tap_offsets = self._tap_offsets
         index = {offset: position for position, offset in enumerate(self._offsets)}
         shift, padded_sums, counts = self.shift.astype(np.float64), self._padded_sums, self._edge_counts
         square = np.outer(shift, shift)

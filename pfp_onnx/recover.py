@@ -134,11 +134,7 @@ class FeatureStatistics:
         """Fold count rows' Σ(x − shift) and Σ(x − shift)(x − shift)ᵀ taken elsewhere (the conv Gram of
         pfp_onnx.conv_gram; None for statistics without a Gram); shift must be this statistics' shift once
         it has one."""
-        shift = np.asarray(shift, dtype=np.float64)
-        if self._shift is None:
-            self._shift = shift.copy()
-        elif not np.array_equal(shift, self._shift):
-            raise ValueError("moments taken about a different shift than these statistics keep")
+        self._take_shift(np.asarray(shift, dtype=np.float64))
         self._count += count
         self._shifted_sum += shifted_sum
         if self._shifted_gram is not None:
@@ -159,12 +155,14 @@ class FeatureStatistics:
         so the [F, F] Gram is assembled once per layer, not once per chunk. Moments deferred earlier are
         added now."""
         self._settle()
-        shift = moments.feature_shift
+        self._take_shift(moments.feature_shift)
+        self._pending = moments
+
+    def _take_shift(self, shift: np.ndarray) -> None:
         if self._shift is None:
-            self._shift = shift
+            self._shift = shift.copy()
         elif not np.array_equal(shift, self._shift):
             raise ValueError("moments taken about a different shift than these statistics keep")
-        self._pending = moments
 
     def _settle(self) -> None:
         if self._pending is not None:
