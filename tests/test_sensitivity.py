@@ -390,6 +390,22 @@ def test_bounds_ignore_an_overflowing_screen_as_a_lower_bound(monkeypatch):
     np.testing.assert_array_equal(sensitivity.dense_sensitivity(rows, weight), [1.0, 1.0])
 
 
+def test_bounds_handle_a_point_whose_every_z_is_the_float32_maximum(monkeypatch):
+    """Every z of the point is float32's maximum: its largest 1/z is subnormal, and the reciprocal of that,
+    which scales the p-norm bound, overflows to inf. The bound must still find the point's products."""
+    import pfp_onnx.sensitivity as sensitivity
+
+    weight = np.array([[1.0, 1.0], [1.0, 2.0]], dtype=np.float32)
+    rows = np.array([[np.finfo(np.float32).max, 1.0]], dtype=np.float32)
+    results = []
+    for screen_fraction, bound_min_filters in ((0.0, 10**9), (0.0, 0)):
+        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", screen_fraction)
+        monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", bound_min_filters)
+        results.append(sensitivity.dense_sensitivity(rows, weight))
+    np.testing.assert_array_equal(results[1], results[0])
+    assert results[1][0] == pytest.approx(1.0) and results[1][1] > 0
+
+
 @pytest.mark.parametrize("fraction, min_filters", [(1.0, 10**9), (0.0, 0)], ids=["screen", "bounds"])
 def test_bounds_keep_products_whose_bound_overflows(monkeypatch, fraction, min_filters):
     """A subnormal weight beside a huge activation: the running max over a tiny weight needs a threshold
