@@ -31,7 +31,7 @@ from pfp_onnx.report import CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, choose_device
 from pfp_onnx.select import Selection, select_channels
-from pfp_onnx.verify import Verification, blame, check_runs, runtime_failure, verify
+from pfp_onnx.verify import ReferenceOutputs, Verification, blame, check_runs, runtime_failure, verify
 from pfp_onnx.version import __version__
 
 MODES = ("deterministic", "randomized", "hybrid")
@@ -124,6 +124,7 @@ class Prepared:
     recommended_points: int
     notes: tuple[str, ...]
     seconds: dict[str, float]
+    reference: ReferenceOutputs = field(default_factory=ReferenceOutputs)  # the original's held-out outputs
 
 
 def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
@@ -229,8 +230,9 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
         "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(round_to),
         "pfp_onnx.budget_of": prepared.budget_of})
-    check_runs(pruned, next(prepared.sensitivity_part.batches(_fixed_batch(proto) or 1)), prepared.device,
-               original=prepared.original, name=prepared.name)
+    if prepared.holdout_part is None:  # otherwise verification runs it, and blames a failure the same way
+        check_runs(pruned, next(prepared.sensitivity_part.batches(_fixed_batch(proto) or 1)), prepared.device,
+                   original=prepared.original, name=prepared.name)
     seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
     epsilon = None if math.isnan(allocation.epsilon) else allocation.epsilon
     verification = None
@@ -240,7 +242,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         try:
             advance = _stage_progress(progress, "verify", prepared.holdout_part.count)
             verification = verify(proto, pruned, _counted(holdout_batches(prepared.batch_size), advance),
-                                  prepared.device, epsilon=epsilon)
+                                  prepared.device, epsilon=epsilon, reference=prepared.reference)
         except ONNXRUNTIME_ERRORS as exc:
             raise blame(exc, prepared.original, prepared.name, holdout_batches(prepared.batch_size),
                         prepared.device) from exc

@@ -1,7 +1,8 @@
 """Compare the original and the pruned model on held-out points, the way Polygraphy compares runners.
 
 Both models stream over the same batches; only per-point statistics are kept, so memory stays bounded
-by one batch.
+by one batch — and by REFERENCE_BYTES of the original's outputs, which a sweep keeps between the rows it
+verifies against them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,47 @@ from pfp_onnx.model import first_line
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, create_session
 
 TINY = 1e-12
+# The original's outputs on the held-out points are kept for later verifications up to this size (a
+# classifier's logits are a few KB; a segmentation map of every point is not kept).
+REFERENCE_BYTES = 64 * 2**20
+
+
+class ReferenceOutputs:
+    """The original model's outputs on the held-out batches, kept by the first verification that runs it
+    over all of them while they stay under REFERENCE_BYTES: later verifications against the same batches
+    (a sweep's rows) neither build the original's session nor run it again."""
+
+    def __init__(self) -> None:
+        self._kept: list[list[np.ndarray]] = []
+        self._bytes = 0
+        self._too_large = False
+        self.complete = False
+
+    @property
+    def batches(self) -> list[list[np.ndarray]] | None:
+        """Per batch, the outputs in graph order; None until a verification has kept them all."""
+        return self._kept if self.complete else None
+
+    def start(self) -> None:
+        """A verification runs the original over the batches from the first (an earlier one may have
+        stopped half-way)."""
+        self._kept, self._bytes = [], 0
+
+    def keep(self, outputs: list[np.ndarray]) -> None:
+        """Keep one more batch's outputs, in order."""
+        if self._too_large:
+            return
+        self._bytes += sum(np.asarray(output).nbytes for output in outputs)
+        self._too_large = self._bytes > REFERENCE_BYTES
+        if self._too_large:
+            self._kept = []
+        else:
+            self._kept.append(outputs)
+
+    def finish(self) -> None:
+        """The batches are over: what was kept is all of them, unless it grew too large (then every
+        verification runs the original)."""
+        self.complete = not self._too_large
 
 
 @dataclass(frozen=True)
@@ -93,33 +135,46 @@ def blame(exc: Exception, model: onnx.ModelProto, name: str, batches: Iterable[M
         "for this model.")
 
 
-
 def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable[Mapping[str, np.ndarray]],
-           device: Device, *, epsilon: float | None = None,
-           epsilons: Iterable[float] = ()) -> Verification:
+           device: Device, *, epsilon: float | None = None, epsilons: Iterable[float] = (),
+           reference: ReferenceOutputs | None = None) -> Verification:
     """Relative output error ‖y' − y‖ / ‖y‖ per point and output, top-1 agreement and accuracy.
 
     A point's error is its worst over the outputs; `epsilons` ask for the empirical (ε, δ) of PFP's
     guarantee: δ = the fraction of points outside (1 ± ε). Batches carrying `labels` give accuracy.
+    `reference` keeps (or already holds) the original's outputs on these same batches.
     """
-    sessions = [create_session(model, device) for model in (original, pruned)]
+    kept = reference.batches if reference is not None else None
+    if reference is not None and kept is None:
+        reference.start()
+    original_session = create_session(original, device) if kept is None else None
+    pruned_session = create_session(pruned, device)
     names = [output.name for output in original.graph.output]
     errors: dict[str, list[np.ndarray]] = {name: [] for name in names}
     max_abs = dict.fromkeys(names, 0.0)
     top1: list[tuple[np.ndarray, np.ndarray]] = []
     labels: list[np.ndarray] = []
-    for batch in batches:
+    for index, batch in enumerate(batches):
         if LABELS in batch:
             labels.append(np.asarray(batch[LABELS]))
-        reference, candidate = (session.run(names, model_feeds(batch)) for session in sessions)
-        for name, want, got in zip(names, reference, candidate):
+        feeds = model_feeds(batch)
+        if kept is None:
+            wanted = original_session.run(names, feeds)
+            if reference is not None:
+                reference.keep(wanted)
+        else:
+            wanted = kept[index]
+        candidate = pruned_session.run(names, feeds)
+        for name, want, got in zip(names, wanted, candidate):
             want, got = np.asarray(want, np.float64), np.asarray(got, np.float64)
             difference = (got - want).reshape(len(want), -1)
             norms = np.linalg.norm(want.reshape(len(want), -1), axis=1)
             errors[name].append(np.linalg.norm(difference, axis=1) / np.maximum(norms, TINY))
             max_abs[name] = max(max_abs[name], float(np.abs(difference).max(initial=0.0)))
-        if reference[0].ndim == 2 and reference[0].shape[1] > 1:
-            top1.append((reference[0].argmax(axis=1), candidate[0].argmax(axis=1)))
+        if wanted[0].ndim == 2 and wanted[0].shape[1] > 1:
+            top1.append((wanted[0].argmax(axis=1), candidate[0].argmax(axis=1)))
+    if reference is not None and kept is None:
+        reference.finish()
     per_output = {name: np.concatenate(parts) for name, parts in errors.items()}
     worst_per_point = np.max(np.stack(list(per_output.values())), axis=0)
     comparisons = tuple(OutputComparison(name, max_abs[name], float(values.max()), float(values.mean()))

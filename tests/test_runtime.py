@@ -119,10 +119,11 @@ def _fixture_and_points():
         return onnx.load(str(MODEL)), {"input": archive["input"][:24]}
 
 
-@pytest.mark.parametrize("broken", ["capture", "pruned"])
-def test_a_derived_model_failing_where_the_original_runs_is_reported_as_a_bug(monkeypatch, broken):
+@pytest.mark.parametrize("broken, holdout", [("capture", 0.25), ("pruned", 0.25), ("pruned", 0.0)])
+def test_a_derived_model_failing_where_the_original_runs_is_reported_as_a_bug(monkeypatch, broken, holdout):
     """When onnxruntime fails on a model pfp-onnx made (the capture model, the pruned model) while the user's
-    model runs on the same points, the error is a RuntimeError that asks for a bug report, not a user error."""
+    model runs on the same points, the error is a RuntimeError that asks for a bug report, not a user error.
+    A pruned model is first run by verification, or without held-out points by a check of its own."""
     import onnx
     from onnx import helper
 
@@ -146,5 +147,5 @@ def test_a_derived_model_failing_where_the_original_runs_is_reported_as_a_bug(mo
         monkeypatch.setattr(pipeline, "rewrite", lambda *args, **kwargs: spoiled(rewrite(*args, **kwargs)))
     model, data = _fixture_and_points()
     with pytest.raises(RuntimeError, match="bug in pfp-onnx") as raised:
-        pfp_onnx.compress(model, data, budget=0.6, holdout=0.25, recovery="none")
+        pfp_onnx.compress(model, data, budget=0.6, holdout=holdout, recovery="none")
     assert not isinstance(raised.value, PfpError)

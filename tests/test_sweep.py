@@ -10,6 +10,7 @@ import onnx
 import pytest
 
 import pfp_onnx
+from pfp_onnx import verify
 from pfp_onnx.baselines import norm_scores
 from pfp_onnx.errors import OptionError
 from pfp_onnx.groups import analyse_channel_groups
@@ -59,6 +60,22 @@ def test_pfp_beats_l1_uniform_on_the_fixture():
     accuracy = {(row.method, row.budget): row.accuracy for row in rows}
     for budget in (0.8, 0.6, 0.4):
         assert accuracy[("pfp/pfp/none", budget)] >= accuracy[("l1/uniform/none", budget)]
+
+
+@pytest.mark.parametrize("limit", [verify.REFERENCE_BYTES, 0])
+def test_sweep_runs_the_original_on_the_held_out_points_once(monkeypatch, limit):
+    """The first row keeps the original's held-out outputs, and the later rows verify against them without
+    a session of their own for it; rows are the same as when nothing is kept (limit 0: outputs too large)."""
+    monkeypatch.setattr(verify, "REFERENCE_BYTES", limit)
+    built = []
+    create_session = verify.create_session
+    monkeypatch.setattr(verify, "create_session", lambda model, device: (
+        built.append(model.graph.name), create_session(model, device))[1])
+    methods = [Method("pfp", "pfp", recovery="none"), Method("l1", "uniform", recovery="lstsq")]
+    rows = pfp_onnx.sweep(str(MODEL), str(DATA), budgets=[0.7, 0.4], methods=methods)
+    assert len(built) == (5 if limit else 8)  # a pruned model per row, and the original once (or per row)
+    monkeypatch.setattr(verify, "REFERENCE_BYTES", 0 if limit else verify.REFERENCE_BYTES)
+    assert pfp_onnx.sweep(str(MODEL), str(DATA), budgets=[0.7, 0.4], methods=methods) == rows
 
 
 def test_sweep_command_writes_csv_and_plot(tmp_path):
