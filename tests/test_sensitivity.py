@@ -359,20 +359,26 @@ def test_a_wave_that_gives_up_sends_the_rest_of_the_batch_to_the_dense_path(monk
     assert dense == [(0, 128)]
 
 
-def test_bounds_evaluate_products_whose_scaled_factors_are_dropped(monkeypatch):
-    """Every product of channel 0 is far below the screen's bound a · max_f |W| · max_f inv_z (its largest
-    weight sits on a filter with a large z, and the filter with the tiny z barely reads it), so all its
-    scaled factors fall under BOUND_SMALLEST and drop out of the p-norm: its upper bound must still admit
-    the product that holds its max."""
+def every_product_then_bounds(monkeypatch, rows, weight):
+    """dense_sensitivity from every product, then from bound-then-verify alone (no screen, no seed)."""
     import pfp_onnx.sensitivity as sensitivity
 
-    weight = np.array([[1.0, 0.5], [1e-3, 1e-3]], dtype=np.float32)
-    rows = np.ones((1, 2), dtype=np.float32)  # z⁺ = 1.5 and 0.002: max inv_z is 500
     results = []
     for screen_fraction, bound_min_filters in ((0.0, 10**9), (0.0, 0)):
         monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", screen_fraction)
         monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", bound_min_filters)
         results.append(sensitivity.dense_sensitivity(rows, weight))
+    return results
+
+
+def test_bounds_evaluate_products_whose_scaled_factors_are_dropped(monkeypatch):
+    """Every product of channel 0 is far below the screen's bound a · max_f |W| · max_f inv_z (its largest
+    weight sits on a filter with a large z, and the filter with the tiny z barely reads it), so all its
+    scaled factors fall under BOUND_SMALLEST and drop out of the p-norm: its upper bound must still admit
+    the product that holds its max."""
+    weight = np.array([[1.0, 0.5], [1e-3, 1e-3]], dtype=np.float32)
+    rows = np.ones((1, 2), dtype=np.float32)  # z⁺ = 1.5 and 0.002: max inv_z is 500
+    results = every_product_then_bounds(monkeypatch, rows, weight)
     np.testing.assert_array_equal(results[1], results[0])
     np.testing.assert_allclose(results[1], [1 / 1.5, 0.5], rtol=1e-6)
 
@@ -393,15 +399,9 @@ def test_bounds_ignore_an_overflowing_screen_as_a_lower_bound(monkeypatch):
 def test_bounds_handle_a_point_whose_every_z_is_the_float32_maximum(monkeypatch):
     """Every z of the point is float32's maximum: its largest 1/z is subnormal, and the reciprocal of that,
     which scales the p-norm bound, overflows to inf. The bound must still find the point's products."""
-    import pfp_onnx.sensitivity as sensitivity
-
     weight = np.array([[1.0, 1.0], [1.0, 2.0]], dtype=np.float32)
     rows = np.array([[np.finfo(np.float32).max, 1.0]], dtype=np.float32)
-    results = []
-    for screen_fraction, bound_min_filters in ((0.0, 10**9), (0.0, 0)):
-        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", screen_fraction)
-        monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", bound_min_filters)
-        results.append(sensitivity.dense_sensitivity(rows, weight))
+    results = every_product_then_bounds(monkeypatch, rows, weight)
     np.testing.assert_array_equal(results[1], results[0])
     assert results[1][0] == pytest.approx(1.0) and results[1][1] > 0
 
