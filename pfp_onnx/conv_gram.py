@@ -97,10 +97,10 @@ class PatchMoments:
         self._pads = tuple(int(pad) for pad in pads)
         self._dilations = tuple(int(step) for step in dilations)
         self._kernel_shape = tuple(int(size) for size in kernel_shape)
-        padded, _ = padded_and_out(self.spatial, self._pads, self._dilations, self._kernel_shape)
-        self._tap_offsets = _tap_offsets(padded, self._dilations, self._kernel_shape)
+        # tap distances depend on the input size alone: one sample's cached geometry has them
+        geometry = _geometry(1, self.spatial, self._pads, self._dilations, self._kernel_shape)
+        self._tap_offsets, self._offsets = geometry.tap_offsets, geometry.offsets
         kernel_size, channels = len(self._tap_offsets), len(self.shift)
-        self._offsets = _distinct_offsets(self._tap_offsets)
         self.count = 0
         self._window_sums = np.zeros((kernel_size, channels), dtype=np.float64)  # Σ Y over each tap's window
         self._offset_products = np.zeros((len(self._offsets), channels, channels), dtype=np.float64)
@@ -222,7 +222,8 @@ def _geometry(samples: int, spatial: tuple[int, ...], pads: tuple[int, ...], dil
     edge = np.flatnonzero(reads_padding.any(axis=1))
     indicator = reads_padding[edge].astype(np.float32)  # 0/1: float32 sums over it are BLAS products
     counts = (reads_padding[edge].T.astype(np.int64) @ reads_padding[edge].astype(np.int64)).astype(np.float64)
-    offsets = _distinct_offsets(tap_offsets)
+    offsets = sorted({int(later - earlier) for index, earlier in enumerate(tap_offsets)  # distances ≥ 0
+                      for later in tap_offsets[index:]})
     geometry = _Geometry(padded, interior, int(np.prod(out)), length, tap_offsets, offsets, borders, indicator,
                          counts, windows[edge])
     for array in (tap_offsets, *borders, *geometry[-3:]):
@@ -258,11 +259,6 @@ def _shifted_products(rows: np.ndarray, length: int, offsets: Sequence[int]) -> 
         np.matmul(rows[start:stop].T, shifted[:stop - start], out=part)
         total += part
     return total.reshape(channels, count, channels).transpose(1, 0, 2)
-
-
-def _distinct_offsets(tap_offsets: np.ndarray) -> list[int]:
-    """The distinct distances ≥ 0 between two taps, increasing."""
-    return sorted({int(later - earlier) for index, earlier in enumerate(tap_offsets) for later in tap_offsets[index:]})
 
 
 def _tap_offsets(padded: Sequence[int], dilations: Sequence[int], kernel_shape: Sequence[int]) -> np.ndarray:

@@ -35,12 +35,12 @@ class ReferenceOutputs:
         self._kept: list[list[np.ndarray]] = []
         self._bytes = 0
         self._too_large = False
-        self.complete = False
+        self._complete = False
 
     @property
     def batches(self) -> list[list[np.ndarray]] | None:
         """Per batch, the outputs in graph order; None until a verification has kept them all."""
-        return self._kept if self.complete else None
+        return self._kept if self._complete else None
 
     def start(self) -> None:
         """A verification runs the original over the batches from the first (an earlier one may have
@@ -61,7 +61,7 @@ class ReferenceOutputs:
     def finish(self) -> None:
         """The batches are over: what was kept is all of them, unless it grew too large (then every
         verification runs the original)."""
-        self.complete = not self._too_large
+        self._complete = not self._too_large
 
 
 @dataclass(frozen=True)
