@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+import time
 from dataclasses import asdict
 
 import click
@@ -35,22 +36,39 @@ def _user_errors(command):
 
 
 def _progress_printer(quiet: bool):
-    """A progress bar on stderr for the capture and verify passes; nothing when quiet or when stderr is not a
-    terminal."""
+    """A progress bar on stderr for the capture and verify passes, with the time each has taken and, once a
+    batch is done, an estimate of the time left; nothing when quiet or when stderr is not a terminal."""
     if quiet or not sys.stderr.isatty():
         return None
+    started: dict[str, float] = {}
+    shown = [0]  # length of the line on screen, so that a shorter one blanks what is left of it
 
     def show(stage: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if done == 0 or stage not in started:  # a stage reports 0 points when it starts (a sweep, once per row)
+            started[stage] = now
+        elapsed = now - started[stage]
         if total:
             filled = min(BAR_WIDTH, BAR_WIDTH * done // total)
-            line = f"{stage} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} points"
+            line = f"{stage} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} points  {_clock(elapsed)}"
+            if 0 < done < total:
+                line += f", about {_clock(elapsed * (total - done) / done)} left"
         else:
-            line = f"{stage}: {done} points"
-        click.echo(f"\r{line}", err=True, nl=False)
+            line = f"{stage}: {done} points  {_clock(elapsed)}"
+        click.echo(f"\r{line.ljust(shown[0])}", err=True, nl=False)
+        shown[0] = len(line)
         if total and done >= total:
             click.echo("", err=True)
+            shown[0] = 0
 
     return show
+
+
+def _clock(seconds: float) -> str:
+    """m:ss (h:mm:ss from an hour)."""
+    minutes, second = divmod(int(round(seconds)), 60)
+    hours, minute = divmod(minutes, 60)
+    return f"{hours}:{minute:02d}:{second:02d}" if hours else f"{minute}:{second:02d}"
 
 
 BAR_WIDTH = 30

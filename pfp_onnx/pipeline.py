@@ -42,7 +42,7 @@ BUDGET_OF = ("weights", "macs")
 BUDGET_UNITS = {"weights": "weights", "macs": "MACs"}
 SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
 
-Progress = Callable[[str, int, "int | None"], None]  # (stage, points done, points total if known)
+Progress = Callable[[str, int, "int | None"], None]  # (stage, points done, points total if known); 0 at its start
 ModelSource = "str | os.PathLike | onnx.ModelProto"
 DataSource = "str | os.PathLike | Mapping[str, np.ndarray] | Callable[[], Iterable[Mapping[str, np.ndarray]]]"
 
@@ -344,9 +344,12 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
 
 
 def _stage_progress(progress: Progress | None, stage: str, total: int | None):
+    """The stage's advance function; the stage is reported at 0 points at once, so that a display can start
+    its clock (and show something) before the first batch, which may take a while, is done."""
     if progress is None:
         return None
     done = [0]
+    progress(stage, 0, total)
 
     def advance(points: int) -> None:
         done[0] += points

@@ -117,17 +117,34 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     assert cli_main._progress_printer(quiet=False) is None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert cli_main._progress_printer(quiet=True) is None
+    clock = iter([1000.0, 1010.0, 1040.0, 5000.0, 5000.5])
+    monkeypatch.setattr(cli_main.time, "monotonic", lambda: next(clock))
     show = cli_main._progress_printer(quiet=False)
+    show("capture", 0, 400)
     show("capture", 100, 400)
     show("capture", 400, 400)
     err = capsys.readouterr().err
-    assert "capture [#######.......................] 100/400 points" in err
-    assert err.endswith("[" + "#" * 30 + "] 400/400 points\n")
+    assert "\rcapture [" + "." * 30 + "] 0/400 points  0:00\r" in err  # shown before the first batch
+    # 100 points in 10 s: 300 more take about 30 s
+    assert "capture [#######.......................] 100/400 points  0:10, about 0:30 left\r" in err
+    # the finished line is padded over the longer one before it, and ends the line
+    assert err.endswith("[" + "#" * 30 + "] 400/400 points  0:40" + " " * len(", about 0:30 left") + "\n")
+    # a stage starting again (a sweep's next row) restarts its clock
+    show("verify", 0, None)
+    show("verify", 64, None)
+    assert capsys.readouterr().err == "\rverify: 0 points  0:00\rverify: 64 points  0:00"
+
+
+def test_progress_clock_reads_minutes_and_hours():
+    from pfp_onnx_cli.main import _clock
+
+    assert [_clock(s) for s in (0, 9.4, 59.6, 61, 3599, 3600, 36000 + 62)] == \
+        ["0:00", "0:09", "1:00", "1:01", "59:59", "1:00:00", "10:01:02"]
 
 
 def test_progress_covers_capture_then_verify():
     """compress reports every point of the capture pass, then every held-out point of verification, each
-    counting up to its own total."""
+    counting up from 0 (said when the stage starts) to its own total."""
     import pfp_onnx
 
     events = []
@@ -139,4 +156,4 @@ def test_progress_covers_capture_then_verify():
         mine = [(done, total) for name, done, total in events if name == stage]
         assert all(total == points for _, total in mine)
         assert [done for done, _ in mine] == sorted({done for done, _ in mine}) and mine[-1][0] == points
-        assert len(mine) == -(-points // 64)  # one report per batch
+        assert mine[0][0] == 0 and len(mine) == 1 + -(-points // 64)  # the start, then one report per batch
