@@ -79,7 +79,9 @@ def _run_options(command):
     for option in reversed([
         click.option("--holdout", type=float, default=0.2, show_default=True,
                      help="Fraction of the calibration points held out to verify the pruned model."),
-        click.option("--batch-size", type=int, default=32, show_default=True, help="Points per onnxruntime run."),
+        click.option("--batch-size", type=int, default=32, show_default=True,
+                     help="Points per onnxruntime run (fewer, with a note, where a capture batch would not fit in "
+                          "half the free memory)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and for sampling."),
         click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                      help="Execution provider: CUDA when onnxruntime can use it (auto), or force one."),

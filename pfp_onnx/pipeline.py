@@ -23,6 +23,7 @@ from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, points_in
                            whole_batches)
 from pfp_onnx.errors import DataError, ModelError, OptionError
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
+from pfp_onnx.memory import available_bytes, capture_bytes_per_point, fitting_batch_size
 from pfp_onnx.model import (check_model, free_graph_weights, load_model, parameter_count, with_metadata,
                             with_unique_node_names)
 from pfp_onnx.recover import FeatureStatistics
@@ -171,16 +172,19 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
         for step in {effective_round_to(round_to, _selection_mode(method)) for method in methods}:
             allocate(_unscored_demands(analysis), layer_sizes, budget, round_to=step, unit=BUDGET_UNITS[budget_of])
     chosen_device = choose_device(device)
-    batch_size = fixed or batch_size
     recommended = _recommended_points(analysis)
     notes = [chosen_device.note]
+    needs_sensitivity = any("pfp" in (method.criterion, method.allocation) for method in methods)
+    statistics = new_statistics(analysis, recovery) if recovery != "none" else {}
+    if needs_sensitivity or statistics:
+        batch_size, note = _capture_batch_size(analysis, fixed or batch_size, fixed=fixed is not None)
+        notes += [note] if note else []
+    batch_size = fixed or batch_size
     if left_out + held_left_out:
         notes.append(f"{name} runs batches of exactly {fixed} points: {left_out + held_left_out} calibration "
                      f"point(s) that do not fill a batch were left out"
                      + ("" if holdout_part is not None or not holdout else ", and so was verification"))
     seconds = {"analyse": time.perf_counter() - started}
-    needs_sensitivity = any("pfp" in (method.criterion, method.allocation) for method in methods)
-    statistics = new_statistics(analysis, recovery) if recovery != "none" else {}
     sensitivity = None
     if needs_sensitivity or statistics:
         stage_start = time.perf_counter()
@@ -335,6 +339,27 @@ def _run_shapes(calibration: CalibrationData | StreamedData, model: onnx.ModelPr
     (its Reshapes and outputs may spell that batch out; the analysis divides rows by it)."""
     fixed = _fixed_batch(model)
     return {name: (fixed or 1, *shape[1:]) for name, shape in calibration.point_shapes().items()}
+
+
+def _capture_batch_size(analysis: ChannelAnalysis, batch_size: int, *, fixed: bool) -> tuple[int, str | None]:
+    """The batch size capture can afford in the memory left (pfp_onnx.memory), and a note when that is not
+    the one asked for (or, for a model exported with a fixed batch, when its batch may not fit)."""
+    per_point = capture_bytes_per_point(analysis)
+    available = available_bytes()
+    fitting = fitting_batch_size(batch_size, per_point, available)
+    if fitting >= batch_size:
+        return batch_size, None
+    needs = (f"a capture batch holds about {_megabytes(per_point)} a point (the input of every layer that reads a "
+             f"prunable channel, and the sign parts of its convs), so {batch_size} points would take about "
+             f"{_megabytes(per_point * batch_size)}, more than half of the {_megabytes(available)} this machine "
+             "has free")
+    if fixed:
+        return batch_size, f"{needs}, and the model runs batches of exactly {batch_size}: it may run out of memory"
+    return fitting, f"{needs}: batches of {fitting} point{'s' if fitting > 1 else ''} are used instead"
+
+
+def _megabytes(count: int) -> str:
+    return f"{count / 2**30:.1f} GB" if count >= 2**30 else f"{max(1, round(count / 2**20))} MB"
 
 
 def _fixed_batch(model: onnx.ModelProto) -> int | None:

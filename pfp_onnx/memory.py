@@ -1,0 +1,65 @@
+"""How many calibration points fit in one capture batch.
+
+A capture batch holds, for every point at once, the input of every layer that reads a prunable group and
+both sign parts of each scored conv's output (pfp_onnx.conv_parts): tens of MB a point for a 224×224
+ResNet, GBs for a segmentation model at full resolution. At the default batch size such a model would
+be killed by the operating system without a word, so the batch is lowered, and the user told, when it
+would not fit in the memory the machine has left.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from pfp_onnx.groups import ChannelAnalysis
+
+__all__ = ["CAPTURE_SHARE", "available_bytes", "capture_bytes_per_point", "fitting_batch_size"]
+
+# The share of the available memory one capture batch may take: onnxruntime's own activations, its copy of
+# the weights and the scorers' temporaries need the rest.
+CAPTURE_SHARE = 0.5
+FLOAT_BYTES = 4
+
+
+def capture_bytes_per_point(analysis: ChannelAnalysis) -> int:
+    """An upper estimate of what one point adds to a capture batch: each captured layer input once, and two
+    output-sized parts for every conv that may get them."""
+    prunable = {group.id for group in analysis.prunable_groups}
+    inputs: dict[str, int] = {}
+    parts = 0
+    for layer in analysis.layers:
+        if not prunable & set(layer.in_groups):
+            continue
+        shape = analysis.shapes.get(layer.input)
+        if shape and all(dim is not None for dim in shape[1:]):
+            inputs[layer.input] = int(np.prod(shape[1:], dtype=np.int64))
+        else:  # rows of unknown length: count the channels the layer reads, once per output position
+            inputs[layer.input] = layer.in_units * layer.in_block * (layer.positions or 1)
+        if layer.conv is not None and not layer.conv.transposed and layer.sensitivity_probe:
+            parts += 2 * layer.out_units * (layer.positions or 1)
+    return FLOAT_BYTES * (sum(inputs.values()) + parts)
+
+
+def available_bytes() -> int | None:
+    """Memory the system can still give this process without swapping (Linux's MemAvailable), or None
+    where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def fitting_batch_size(batch_size: int, per_point: int, available: int | None) -> int:
+    """batch_size, or the largest batch (at least 1) whose capture fits in CAPTURE_SHARE of `available`."""
+    if available is None or per_point <= 0:
+        return batch_size
+    return max(1, min(batch_size, int(CAPTURE_SHARE * available) // per_point))

@@ -1,0 +1,115 @@
+"""The capture batch is lowered, and the user told, when it would not fit in the memory left."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import pfp_onnx
+from pfp_onnx import memory, pipeline
+from pfp_onnx.capture import _run_bound, consumer_probes
+from pfp_onnx.conv_parts import with_conv_parts
+from pfp_onnx.groups import analyse_channel_groups
+from pfp_onnx.runtime import choose_device, create_session
+from test_cli import DATA, MODEL
+from zoo import chain, input_shapes
+
+
+def test_bytes_per_point_of_a_small_chain():
+    """zoo.chain's prunable groups are read by conv2 (pool1, [8, 6, 6]), conv3 (leaky2, [10, 3, 3]), gemm1
+    (flatten, [54]), gemm2 (relu4, [12]) and logits (relu5, [10]); conv2 and conv3 may each get two sign
+    parts of their outputs ([10, 3, 3] and [6, 3, 3])."""
+    model = chain()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    inputs = 8 * 6 * 6 + 10 * 3 * 3 + 54 + 12 + 10
+    parts = 2 * 10 * 3 * 3 + 2 * 6 * 3 * 3
+    assert memory.capture_bytes_per_point(analysis) == 4 * (inputs + parts)
+
+
+def test_bytes_per_point_bound_what_the_capture_session_returns():
+    """On the digits ResNet, the estimate is at least what the capture session really hands back a point,
+    and exceeds it only by the parts of the convs that do not get them (1×1 convs over few channels)."""
+    model = onnx.load(str(MODEL))
+    arrays = dict(np.load(DATA))
+    analysis = analyse_channel_groups(model, {"input": (1, *arrays["input"].shape[1:])})
+    probes = consumer_probes(onnx.load(str(MODEL)), analysis)
+    capture_model, parts = with_conv_parts(model, [probe.layer for probe in probes])
+    names = sorted({probe.layer.input for probe in probes}) + [name for pair in parts.values() for name in pair]
+    session = create_session(capture_model, choose_device("cpu"), outputs=names)
+    returned = sum(value.nbytes for value in _run_bound(session, names, {"input": arrays["input"][:4]}).values()) // 4
+    without_parts = sum(2 * 4 * layer.out_units * layer.positions for layer in (probe.layer for probe in probes)
+                        if layer.conv is not None and layer.node not in parts)
+    assert memory.capture_bytes_per_point(analysis) == returned + without_parts
+
+
+@pytest.mark.parametrize("batch, per_point, available, expected", [
+    (32, 100, None, 32),          # memory unknown: as asked
+    (32, 100, 10_000, 32),        # 50 would fit
+    (32, 1_000, 10_000, 5),       # half of 10,000 holds 5 points
+    (32, 10**9, 10_000, 1),       # not even one: one at a time
+    (32, 0, 10_000, 32),
+])
+def test_fitting_batch_size(batch, per_point, available, expected):
+    assert memory.fitting_batch_size(batch, per_point, available) == expected
+
+
+def test_available_bytes_reads_the_machine():
+    available = memory.available_bytes()
+    assert available is None or available > 0
+
+
+def _with_room_for(points: int, monkeypatch) -> int:
+    """Make the machine report memory for `points` capture points (CAPTURE_SHARE of it); return the
+    digits model's bytes per point."""
+    model = onnx.load(str(MODEL))
+    arrays = dict(np.load(DATA))
+    per_point = memory.capture_bytes_per_point(
+        analyse_channel_groups(model, {"input": (1, *arrays["input"].shape[1:])}))
+    monkeypatch.setattr(pipeline, "available_bytes", lambda: int(points * per_point / memory.CAPTURE_SHARE))
+    return per_point
+
+
+def test_a_batch_that_does_not_fit_is_lowered_with_a_note(monkeypatch):
+    """With room for 10 points, capture runs batches of 10 (not the 32 asked for), says so, and prunes
+    exactly what compress with --batch-size 10 prunes."""
+    expected = pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, recovery="none", batch_size=10)
+    _with_room_for(10, monkeypatch)
+    events = []
+    result = pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, recovery="none", batch_size=32,
+                               progress=lambda stage, done, total: events.append((stage, done)))
+    assert any("so 32 points would take about" in note and "batches of 10 points are used instead" in note
+               for note in result.notes)
+    captured = [done for stage, done in events if stage == "capture"]
+    assert captured[:3] == [0, 10, 20]  # the start, then every batch of 10
+    assert {group: selection.kept.tolist() for group, selection in result.selections.items()} == \
+        {group: selection.kept.tolist() for group, selection in expected.selections.items()}
+    assert result.model.SerializeToString() == expected.model.SerializeToString()
+
+
+def test_a_batch_that_fits_is_kept_without_a_note(monkeypatch):
+    _with_room_for(32, monkeypatch)
+    result = pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, recovery="none", batch_size=32)
+    assert not any("a capture batch holds" in note for note in result.notes)
+
+
+def test_a_fixed_batch_that_may_not_fit_is_kept_and_said(monkeypatch):
+    """A model exported with a batch of 8 can only run 8 points at once: the batch stays, with a warning."""
+    model = onnx.load(str(MODEL))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 8
+    _with_room_for(2, monkeypatch)
+    events = []
+    result = pfp_onnx.compress(model, str(DATA), budget=0.5, recovery="none",
+                               progress=lambda stage, done, total: events.append((stage, done)))
+    assert any("runs batches of exactly 8: it may run out of memory" in note for note in result.notes)
+    assert [done for stage, done in events if stage == "capture"][:2] == [0, 8]
+
+
+def test_no_capture_no_check(monkeypatch):
+    """A norm baseline without recovery captures nothing, so no batch is lowered."""
+    _with_room_for(1, monkeypatch)
+    result = pfp_onnx.compress(str(MODEL), str(DATA), budget=0.5, criterion="l1", allocation="uniform",
+                               recovery="none")
+    assert not any("a capture batch holds" in note for note in result.notes)
+    assert result.report.verification.points == 100
