@@ -30,14 +30,14 @@ def capture_bytes_per_point(analysis: ChannelAnalysis) -> int:
     inputs: dict[str, int] = {}
     parts = 0
     for layer in analysis.layers:
-        if not prunable & set(layer.in_groups):
+        if not prunable & set(layer.in_groups) or not layer.sensitivity_probe:  # what capture reads
             continue
         shape = analysis.shapes.get(layer.input)
         if shape and all(dim is not None for dim in shape[1:]):
             inputs[layer.input] = int(np.prod(shape[1:], dtype=np.int64))
         else:  # rows of unknown length: count the channels the layer reads, once per output position
             inputs[layer.input] = layer.in_units * layer.in_block * (layer.positions or 1)
-        if layer.conv is not None and not layer.conv.transposed and layer.sensitivity_probe:
+        if layer.conv is not None and not layer.conv.transposed:
             parts += 2 * layer.out_units * (layer.positions or 1)
     return FLOAT_BYTES * (sum(inputs.values()) + parts)
 

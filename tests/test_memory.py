@@ -13,7 +13,8 @@ from pfp_onnx.conv_parts import with_conv_parts
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.runtime import choose_device, create_session
 from test_cli import DATA, MODEL
-from zoo import chain, input_shapes
+from architectures import ARCHITECTURES
+from zoo import chain, input_shapes, random_inputs
 
 
 def test_bytes_per_point_of_a_small_chain():
@@ -27,20 +28,37 @@ def test_bytes_per_point_of_a_small_chain():
     assert memory.capture_bytes_per_point(analysis) == 4 * (inputs + parts)
 
 
-def test_bytes_per_point_bound_what_the_capture_session_returns():
-    """On the digits ResNet, the estimate is at least what the capture session really hands back a point,
-    and exceeds it only by the parts of the convs that do not get them (1×1 convs over few channels)."""
-    model = onnx.load(str(MODEL))
-    arrays = dict(np.load(DATA))
-    analysis = analyse_channel_groups(model, {"input": (1, *arrays["input"].shape[1:])})
-    probes = consumer_probes(onnx.load(str(MODEL)), analysis)
+def _returned_and_missing_parts(model: onnx.ModelProto, feeds: dict[str, np.ndarray], analysis) -> tuple[int, int]:
+    """Bytes a point of the capture session really returns, and the parts of the convs it gave none."""
+    probes = consumer_probes(onnx.ModelProto.FromString(model.SerializeToString()), analysis)
     capture_model, parts = with_conv_parts(model, [probe.layer for probe in probes])
     names = sorted({probe.layer.input for probe in probes}) + [name for pair in parts.values() for name in pair]
     session = create_session(capture_model, choose_device("cpu"), outputs=names)
-    returned = sum(value.nbytes for value in _run_bound(session, names, {"input": arrays["input"][:4]}).values()) // 4
-    without_parts = sum(2 * 4 * layer.out_units * layer.positions for layer in (probe.layer for probe in probes)
-                        if layer.conv is not None and layer.node not in parts)
-    assert memory.capture_bytes_per_point(analysis) == returned + without_parts
+    points = len(next(iter(feeds.values())))
+    returned = sum(value.nbytes for value in _run_bound(session, names, feeds).values()) // points
+    missing = sum(2 * 4 * layer.out_units * layer.positions for layer in (probe.layer for probe in probes)
+                  if layer.conv is not None and not layer.conv.transposed and layer.node not in parts)
+    return returned, missing
+
+
+def test_bytes_per_point_bound_what_the_capture_session_returns():
+    """On the digits ResNet, the estimate is what the capture session really hands back a point, plus the
+    parts of the convs that do not get them (1×1 convs over few channels)."""
+    model = onnx.load(str(MODEL))
+    arrays = dict(np.load(DATA))
+    analysis = analyse_channel_groups(model, {"input": (1, *arrays["input"].shape[1:])})
+    returned, missing = _returned_and_missing_parts(model, {"input": arrays["input"][:4]}, analysis)
+    assert memory.capture_bytes_per_point(analysis) == returned + missing
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "convtranspose_head", "unet_fpn", "densenet", "nhwc_tf2onnx"])
+def test_bytes_per_point_on_other_architectures(name):
+    """Depthwise convs (not captured), a ConvTranspose (captured, no parts), concatenations and an NHWC
+    export: the same account holds."""
+    model = ARCHITECTURES[name]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    returned, missing = _returned_and_missing_parts(model, random_inputs(model, 3, seed=0), analysis)
+    assert memory.capture_bytes_per_point(analysis) == returned + missing
 
 
 @pytest.mark.parametrize("batch, per_point, available, expected", [
