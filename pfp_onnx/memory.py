@@ -1,15 +1,17 @@
 """How many calibration points fit in one capture batch.
 
 A capture batch holds, for every point at once, the input of every layer that reads a prunable group and
-both sign parts of each scored conv's output (pfp_onnx.conv_parts): tens of MB a point for a 224×224
-ResNet, GBs for a segmentation model at full resolution. At the default batch size such a model would
+both sign parts of each scored conv's output (pfp_onnx.conv_parts): about 20 MB a point for a 224×224
+ResNet-18, GBs for a segmentation model at full resolution. At the default batch size such a model would
 be killed by the operating system without a word, so the batch is lowered, and the user told, when it
-would not fit in the memory the machine has left.
+would not fit in the memory left (on the machine, or under the container's cgroup limit: inside a container
+MemAvailable is the host's).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +23,8 @@ __all__ = ["CAPTURE_SHARE", "available_bytes", "capture_bytes_per_point", "fitti
 # the weights and the scorers' temporaries need the rest.
 CAPTURE_SHARE = 0.5
 FLOAT_BYTES = 4
+# cgroup v1 spells "no limit" as the largest page-aligned 64-bit value; anything this large is no limit.
+UNLIMITED = 2**60
 
 
 def capture_bytes_per_point(analysis: ChannelAnalysis) -> int:
@@ -42,19 +46,40 @@ def capture_bytes_per_point(analysis: ChannelAnalysis) -> int:
     return FLOAT_BYTES * (sum(inputs.values()) + parts)
 
 
-def available_bytes() -> int | None:
-    """Memory the system can still give this process without swapping (Linux's MemAvailable), or None
-    where it cannot be read."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+def available_bytes(root: Path = Path("/")) -> int | None:
+    """Memory this process can still take: what the system has free without swapping (Linux's MemAvailable),
+    or less where a container's memory limit (cgroup v2 or v1) leaves less; None where nothing says."""
+    candidates = [_meminfo_available(root / "proc/meminfo"),
+                  _cgroup_room(root / "sys/fs/cgroup/memory.max", root / "sys/fs/cgroup/memory.current"),
+                  _cgroup_room(root / "sys/fs/cgroup/memory/memory.limit_in_bytes",
+                               root / "sys/fs/cgroup/memory/memory.usage_in_bytes")]
+    known = [value for value in candidates if value is not None]
+    if known:
+        return min(known)
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _meminfo_available(path: Path) -> int | None:
+    try:
+        for line in path.read_text(encoding="ascii").splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        pass
+    return None
+
+
+def _cgroup_room(limit_path: Path, usage_path: Path) -> int | None:
+    """limit − usage of a cgroup, or None when it has no limit ("max", or v1's near-2⁶³ "unlimited")."""
+    try:
+        limit, usage = limit_path.read_text().strip(), int(usage_path.read_text().strip())
+        if limit == "max" or int(limit) >= UNLIMITED:
+            return None
+        return max(0, int(limit) - usage)
+    except (OSError, ValueError, UnicodeDecodeError):
         return None
 
 

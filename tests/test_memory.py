@@ -77,6 +77,40 @@ def test_available_bytes_reads_the_machine():
     assert available is None or available > 0
 
 
+def _fake_root(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+MEMINFO = "MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n"
+
+
+@pytest.mark.parametrize("cgroup, expected", [
+    ({}, 20_000_000 * 1024),                                                        # no cgroup: MemAvailable
+    ({"sys/fs/cgroup/memory.max": "max\n", "sys/fs/cgroup/memory.current": "5000\n"}, 20_000_000 * 1024),
+    ({"sys/fs/cgroup/memory.max": "4294967296\n", "sys/fs/cgroup/memory.current": "1073741824\n"},
+     3 * 2**30),                                                                    # a v2 container limit of 4 GiB
+    ({"sys/fs/cgroup/memory/memory.limit_in_bytes": "9223372036854771712\n",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": "10106851328\n"}, 20_000_000 * 1024),  # v1, unlimited
+    ({"sys/fs/cgroup/memory/memory.limit_in_bytes": "2147483648\n",
+      "sys/fs/cgroup/memory/memory.usage_in_bytes": "3000000000\n"}, 0),         # v1, over its limit already
+    ({"sys/fs/cgroup/memory.max": "oops\n", "sys/fs/cgroup/memory.current": "1\n"}, 20_000_000 * 1024),
+])
+def test_available_bytes_heeds_a_container_limit(tmp_path, cgroup, expected):
+    """Inside a container, MemAvailable is the host's: a cgroup memory limit leaves the process less."""
+    root = _fake_root(tmp_path, {"proc/meminfo": MEMINFO, **cgroup})
+    assert memory.available_bytes(root) == expected
+
+
+def test_available_bytes_from_a_cgroup_alone(tmp_path):
+    root = _fake_root(tmp_path, {"proc/meminfo": "MemTotal: 1 kB\n", "sys/fs/cgroup/memory.max": "1000\n",
+                                 "sys/fs/cgroup/memory.current": "400\n"})
+    assert memory.available_bytes(root) == 600
+
+
 def _with_room_for(points: int, monkeypatch) -> int:
     """Make the machine report memory for `points` capture points (CAPTURE_SHARE of it); return the
     digits model's bytes per point."""
