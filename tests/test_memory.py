@@ -12,8 +12,8 @@ from pfp_onnx.capture import _run_bound, consumer_probes
 from pfp_onnx.conv_parts import with_conv_parts
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.runtime import choose_device, create_session
-from test_cli import DATA, MODEL
 from architectures import ARCHITECTURES
+from test_cli import DATA, MODEL
 from zoo import chain, input_shapes, random_inputs
 
 
@@ -41,7 +41,7 @@ def _returned_and_missing_parts(model: onnx.ModelProto, feeds: dict[str, np.ndar
     return returned, missing
 
 
-def test_bytes_per_point_bound_what_the_capture_session_returns():
+def test_bytes_per_point_are_what_the_capture_session_returns():
     """On the digits ResNet, the estimate is what the capture session really hands back a point, plus the
     parts of the convs that do not get them (1×1 convs over few channels)."""
     model = onnx.load(str(MODEL))
