@@ -37,6 +37,13 @@ class ConsumerProbe:
         return self.scorer.sensitivity.reshape(self.layer.in_units, self.layer.in_block).max(axis=1)
 
 
+def scored_layers(analysis: ChannelAnalysis) -> list[Layer]:
+    """The layers whose inputs capture reads: every layer that reads a prunable group, but depthwise convs
+    (one channel per filter says nothing of a channel's share)."""
+    prunable = {group.id for group in analysis.prunable_groups}
+    return [layer for layer in analysis.layers if layer.sensitivity_probe and prunable & set(layer.in_groups)]
+
+
 def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[ConsumerProbe]:
     """One probe per layer that reads a prunable group; each weight is prepared once for all batches."""
     constants = {name: tensor for name, tensor in to_graph(model).tensors().items()
@@ -44,9 +51,7 @@ def consumer_probes(model: onnx.ModelProto, analysis: ChannelAnalysis) -> list[C
     prunable = {group.id for group in analysis.prunable_groups}
     probes = []
     buffer = UnfoldBuffer()  # one for every conv: they unfold one after the other
-    for layer in analysis.layers:
-        if not layer.sensitivity_probe or not prunable & set(layer.in_groups):
-            continue
+    for layer in scored_layers(analysis):
         spans, start = [], 0
         for group_id in layer.in_groups:
             width = analysis.group(group_id).width

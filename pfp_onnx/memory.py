@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pfp_onnx.capture import scored_layers
 from pfp_onnx.groups import ChannelAnalysis
 
 __all__ = ["CAPTURE_SHARE", "available_bytes", "capture_bytes_per_point", "fitting_batch_size"]
@@ -30,12 +31,9 @@ UNLIMITED = 2**60
 def capture_bytes_per_point(analysis: ChannelAnalysis) -> int:
     """An upper estimate of what one point adds to a capture batch: each captured layer input once, and two
     output-sized parts for every conv that may get them."""
-    prunable = {group.id for group in analysis.prunable_groups}
     inputs: dict[str, int] = {}
     parts = 0
-    for layer in analysis.layers:
-        if not prunable & set(layer.in_groups) or not layer.sensitivity_probe:  # what capture reads
-            continue
+    for layer in scored_layers(analysis):
         shape = analysis.shapes.get(layer.input)
         if shape and all(dim is not None for dim in shape[1:]):
             inputs[layer.input] = int(np.prod(shape[1:], dtype=np.int64))

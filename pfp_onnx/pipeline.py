@@ -176,10 +176,10 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     notes = [chosen_device.note]
     needs_sensitivity = any("pfp" in (method.criterion, method.allocation) for method in methods)
     statistics = new_statistics(analysis, recovery) if recovery != "none" else {}
-    if needs_sensitivity or statistics:
-        batch_size, note = _capture_batch_size(analysis, fixed or batch_size, fixed=fixed is not None)
-        notes += [note] if note else []
     batch_size = fixed or batch_size
+    if needs_sensitivity or statistics:
+        batch_size, note = _capture_batch_size(analysis, batch_size, fixed=fixed is not None)
+        notes += [note] if note else []
     if left_out + held_left_out:
         notes.append(f"{name} runs batches of exactly {fixed} points: {left_out + held_left_out} calibration "
                      f"point(s) that do not fill a batch were left out"
