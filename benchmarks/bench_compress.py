@@ -13,11 +13,14 @@ Models: the checked-in MNIST ResNet-20 (fixtures/mnist_resnet.onnx with the firs
 fixtures/mnist_calib.npz); --model resnet56-cifar, a CIFAR-style ResNet-56 (3 stages × 9 basic blocks,
 16/32/64 channels, 32×32 input); --model resnet18-imagenet, the ImageNet ResNet-18 topology (224×224
 input); --model resnet50-imagenet, ResNet-50 (bottleneck blocks). The last three are built here with
-onnx.helper, with random weights, BatchNorm with random statistics, and random inputs.
+onnx.helper, with random weights, BatchNorm with random statistics, and random inputs. --onnx FILE --npz FILE
+takes any model with one input named "input" and its calibration data instead, such as the same ImageNet
+topologies trained on upscaled digits by benchmarks/train_resnet.py.
 
     python benchmarks/bench_compress.py                                  # MNIST ResNet-20, 256 points
     python benchmarks/bench_compress.py --model resnet56-cifar --points 128 --repeats 50
     python benchmarks/bench_compress.py --model resnet18-imagenet --points 32 --skip-torch
+    python benchmarks/bench_compress.py --onnx /tmp/trained/resnet50.onnx --npz /tmp/trained/resnet50_calib.npz
 """
 
 from __future__ import annotations
@@ -59,11 +62,20 @@ TORCH_CHUNK_BYTES = 256 * 2**20  # bound on one [points, F, C, K, P] contributio
 
 
 def mnist_resnet20(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    fixture = np.load(ROOT / "fixtures" / "mnist_calib.npz")
-    if points > len(fixture["input"]):
-        raise SystemExit(f"the MNIST fixture has {len(fixture['input'])} points; ask for at most that many")
-    data = {"input": fixture["input"][:points], "labels": fixture["labels"][:points]}
-    return onnx.load(ROOT / "fixtures" / "mnist_resnet.onnx"), data
+    return from_files(ROOT / "fixtures" / "mnist_resnet.onnx", ROOT / "fixtures" / "mnist_calib.npz", points)
+
+
+def from_files(model_path: Path, data_path: Path, points: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """A model whose one input is named "input" and the first `points` points of an .npz holding "input" (and
+    optionally "labels"), such as benchmarks/train_resnet.py writes."""
+    model = onnx.load(model_path)
+    initializers = {init.name for init in model.graph.initializer}
+    if [value.name for value in model.graph.input if value.name not in initializers] != ["input"]:
+        raise SystemExit(f"{model_path}: the benchmark feeds one input named 'input'")
+    with np.load(data_path) as fixture:
+        if points > len(fixture["input"]):
+            raise SystemExit(f"{data_path} has {len(fixture['input'])} points; ask for at most that many")
+        return model, {name: fixture[name][:points] for name in ("input", "labels") if name in fixture}
 
 
 def resnet56_cifar(points: int, seed: int) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
@@ -318,9 +330,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", choices=MODELS, default="mnist-resnet20", help="which ResNet to compress")
+    parser.add_argument("--onnx", type=Path, help="compress this model instead (one input, named 'input'; with --npz)")
+    parser.add_argument("--npz", type=Path, help="its calibration data, an .npz with 'input' (benchmarks/train_resnet.py)")
     parser.add_argument("--points", type=int, default=None,
                         help="calibration points; None means 256 for mnist-resnet20, 64 for resnet56-cifar, "
-                             "32 for the ImageNet ResNets")
+                             "32 for the ImageNet ResNets and --onnx")
     parser.add_argument("--batch-size", type=int, default=32, help="points per onnxruntime run, everywhere")
     parser.add_argument("--budget", type=float, default=0.5, help="budget of the timed compress runs")
     parser.add_argument("--budgets", default="0.7,0.5,0.3", help="budgets whose inference latency is measured")
@@ -336,11 +350,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for the random model and data")
     args = parser.parse_args()
 
-    points = args.points or DEFAULT_POINTS[args.model]
-    model, data = MODELS[args.model](points, args.seed)
+    if (args.onnx is None) != (args.npz is None):
+        parser.error("--onnx and --npz go together")
+    name = args.onnx.stem if args.onnx else args.model
+    points = args.points or (DEFAULT_POINTS["resnet50-imagenet"] if args.onnx else DEFAULT_POINTS[args.model])
+    model, data = from_files(args.onnx, args.npz, points) if args.onnx else MODELS[args.model](points, args.seed)
     device = choose_device("cpu")
     budgets = [float(value) for value in args.budgets.split(",")]
-    print(f"bench_compress: {args.model}, {points} calibration points, batch size {args.batch_size}, "
+    print(f"bench_compress: {name}, {points} calibration points, batch size {args.batch_size}, "
           f"{os.cpu_count()} CPUs, onnxruntime {ort.__version__}, numpy {np.__version__}, "
           f"torch {torch.__version__ if torch else 'absent'}, python {platform.python_version()}")
 
