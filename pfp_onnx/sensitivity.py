@@ -30,7 +30,7 @@ import numpy as np
 from pfp_onnx import max_times
 from pfp_onnx.conv_geometry import padded_and_out, zero_padded
 from pfp_onnx.grid_screen import grid_candidates, grid_seed, inverse_at, largest_inverse_of_parts
-from pfp_onnx.max_times import MaxTimesScorer, inverse_of_parts
+from pfp_onnx.max_times import MaxTimesScorer, inverse_of_parts, touched_positions
 
 __all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "UnfoldBuffer", "conv_sensitivity",
            "conv_transpose_sensitivity", "dense_sensitivity"]
@@ -127,7 +127,7 @@ class ConvScorer:
                 self._scorer.seed_from(*_compact(plus, minus, *grid_seed(points, largest, **geometry)))
             found = grid_candidates(points, largest, self._scorer.row_threshold()[:, 0], **geometry)
             if found is not None:
-                self._scorer.fold_candidates(*_compact(plus, minus, *found), by_row=True)
+                self._scorer.fold_candidates(*_compact(plus, minus, *found), by_row=True, loose=True)
                 return
         self._scorer.update(self._unfold(points, out_shape), inverse_of_parts(plus, minus))
 
@@ -284,12 +284,8 @@ def _compact(plus: np.ndarray, minus: np.ndarray, row: np.ndarray, position: np.
              value: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """MaxTimesScorer.fold_candidates' arguments for products at (row, position): the inverse z's of each
     position they touch, read once (by row: [positions, 2F]), and the products' indices into them."""
-    touched = np.zeros(plus.shape[0] * plus.shape[2], dtype=bool)  # a mark per position: no sort
-    touched[position] = True
-    columns = np.flatnonzero(touched)
-    index = np.empty(len(touched), dtype=np.intp)
-    index[columns] = np.arange(len(columns))
-    return inverse_at(plus, minus, columns), row, index[position], value
+    columns, index = touched_positions(position, plus.shape[0] * plus.shape[2])
+    return inverse_at(plus, minus, columns), row, index, value
 
 
 def _sign_split(points: np.ndarray) -> list[np.ndarray]:
