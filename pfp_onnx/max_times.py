@@ -319,10 +319,12 @@ class MaxTimesScorer:
             screen = _screen_bound(flat, largest_inverse, start, stop)
             with np.errstate(over="ignore", invalid="ignore"):  # inf · 0 (a dead row): NaN, never a candidate
                 screen *= self._largest_magnitude[:, None]
-            lower = np.zeros_like(root)
-            np.multiply(root, screen, out=lower, where=np.isfinite(screen))
-            floor = np.maximum(lower.reshape(-1, channels, stop - start).max(axis=(0, 2)) / slack,
-                               self.sensitivity)  # [C]
+                best = np.multiply(root, screen).reshape(-1, channels, stop - start).max(axis=(0, 2))  # [C]
+            if not np.isfinite(best).all():  # rare: a screen that overflowed is no lower bound, so mask it
+                lower = np.zeros_like(root)
+                np.multiply(root, screen, out=lower, where=np.isfinite(screen))
+                best = lower.reshape(-1, channels, stop - start).max(axis=(0, 2))
+            floor = np.maximum(best / slack, self.sensitivity)
             # A zero bound means a zero contribution, never a candidate.
             threshold = np.maximum(floor / (1 + BOUND_MARGIN), SMALLEST_POSITIVE).astype(np.float32)
             np.maximum(root, BOUND_SMALLEST, out=root)
@@ -464,7 +466,7 @@ def _stacked(weight: np.ndarray) -> np.ndarray:
 def _power(values: np.ndarray) -> np.ndarray:
     """values ** BOUND_POWER of float32 values in [0, 1], in place, by repeated squaring; values below
     BOUND_SMALLEST become 0 (their powers would be subnormal or vanish, and are slow to multiply)."""
-    values[values < BOUND_SMALLEST] = 0
+    np.multiply(values, values >= BOUND_SMALLEST, out=values)  # a masked store was ~10x slower
     for _ in range(BOUND_SQUARINGS):
         np.multiply(values, values, out=values)
     return values
