@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pfp_onnx.conv_geometry import tap_window
-from pfp_onnx.max_times import MAX_THREADS, Z_EPS, nonzero_2d, parallel_map
+from pfp_onnx.max_times import MAX_THREADS, Z_EPS, inverse_in_place, nonzero_2d, parallel_map
 
 __all__ = ["GRID_MAX_FRACTION", "grid_candidates", "grid_seed", "inverse_at", "largest_inverse_of_parts"]
 
@@ -120,10 +120,7 @@ def inverse_at(plus: np.ndarray, minus: np.ndarray, columns: np.ndarray) -> np.n
     """inverse_of_parts(plus, minus)[:, columns].T ([len(columns), 2F]), read at those columns only."""
     positions = plus.shape[2]
     point, position = np.divmod(columns, positions)
-    z = np.concatenate([plus[point, :, position], minus[point, :, position]], axis=1)
-    inverse = np.zeros_like(z)
-    np.divide(1.0, z, out=inverse, where=z > Z_EPS)
-    return inverse
+    return inverse_in_place(np.concatenate([plus[point, :, position], minus[point, :, position]], axis=1))
 
 
 class _Grid:

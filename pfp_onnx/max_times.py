@@ -17,7 +17,8 @@ from typing import TypeVar
 
 import numpy as np
 
-__all__ = ["MaxTimesScorer", "inverse_of_parts", "nonzero_2d", "parallel_map", "touched_positions"]
+__all__ = ["MaxTimesScorer", "inverse_in_place", "inverse_of_parts", "nonzero_2d", "parallel_map",
+           "touched_positions"]
 
 T = TypeVar("T")
 
@@ -133,7 +134,7 @@ class MaxTimesScorer:
         their positions. inverse_z, when given, are their 1/z± [2F, P] from z± computed elsewhere
         (inverse_of_parts of pfp_onnx.conv_parts' outputs); otherwise z± come from BLAS."""
         if inverse_z is None:
-            inverse_z = _inverse(self._z(flat))  # [2F, P]
+            inverse_z = inverse_in_place(self._z(flat))  # [2F, P]
         largest_inverse = inverse_z.max(axis=0)  # [P]
         if not self._seeded and SCREEN_MAX_FRACTION > 0:
             self._seed(flat, inverse_z, largest_inverse)
@@ -493,25 +494,33 @@ def nonzero_2d(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def inverse_of_parts(plus: np.ndarray, minus: np.ndarray) -> np.ndarray:
-    """_inverse of z⁺ and |z⁻| [N, F, P'] stacked as [2F, N·P'] (one pass; the transposes are read in place)."""
+    """inverse_in_place of z⁺ and |z⁻| [N, F, P'] stacked as [2F, N·P'] (one pass; the transposes are read in place)."""
     samples, filters, positions = plus.shape
-    inverse = np.zeros((2, filters, samples, positions), dtype=np.float32)
+    inverse = np.empty((2, filters, samples, positions), dtype=np.float32)
     for part, out in zip((plus, minus), inverse):
-        by_filter = part.transpose(1, 0, 2)
-        np.divide(1.0, by_filter, out=out, where=by_filter > Z_EPS)
-    return inverse.reshape(2 * filters, -1)
+        with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+            np.divide(1.0, part.transpose(1, 0, 2), out=out)
+    return _drop_negligible(inverse).reshape(2 * filters, -1)
 
 
-def _inverse(z: np.ndarray) -> np.ndarray:
-    """1/z of nonnegative z, in place, with 0 where z ≤ eps (such denominators count as +infinity).
+def inverse_in_place(z: np.ndarray) -> np.ndarray:
+    """1/z of nonnegative z (a contiguous array), in place, with 0 where z ≤ eps (such denominators count
+    as +infinity).
 
     Divided first, sorted out after: eps is 2⁻²³, so 1/z ≥ 2²³ exactly when z ≤ eps (1/z of the next float
-    above eps rounds to 2²³ − 1), and −0 or a negative z gives a value ≤ 0 (twice as fast as masking the
-    division)."""
+    above eps rounds to 2²³ − 1), and −0 or a negative z gives a value ≤ 0 (a masked division was ~4.5×
+    slower)."""
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         np.divide(1.0, z, out=z)
-    z[~((z < INVERSE_LIMIT) & (z > 0))] = 0
-    return z
+    return _drop_negligible(z)
+
+
+def _drop_negligible(inverse: np.ndarray) -> np.ndarray:
+    """Zero, in place, every 1/z that is not in (0, 2²³) (see inverse_in_place): through the bits, since
+    inf · 0 would be NaN (~5× faster than a masked store)."""
+    bits = inverse.view(np.uint32)
+    np.multiply(bits, (inverse < INVERSE_LIMIT) & (inverse > 0), out=bits)
+    return inverse
 
 
 INVERSE_LIMIT = np.float32(1 / Z_EPS)  # 2²³

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pfp_onnx import max_times
+from pfp_onnx.grid_screen import inverse_at
 from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, dense_sensitivity
 
 EPS = np.finfo(np.float32).eps
@@ -656,10 +657,15 @@ def test_inverse_is_zero_exactly_where_z_is_negligible():
     subnormals) and every non-finite result must end as 0, every z above eps as the plain float32 1/z."""
     eps = np.float32(max_times.Z_EPS)
     above = np.nextafter(eps, np.float32(1))
-    z = np.array([0.0, -0.0, eps, np.nextafter(eps, np.float32(0)), 1e-44, 1e-30, above, 1.0, 3e38, np.inf, -1.0],
-                 dtype=np.float32)
-    with np.errstate(divide="ignore", over="ignore"):
+    z = np.array([0.0, -0.0, eps, np.nextafter(eps, np.float32(0)), 1e-44, 1e-30, above, 1.0, 3e38, np.inf, -1.0,
+                  np.nan], dtype=np.float32)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         plain = np.float32(1) / z
-    expected = np.where(z > eps, plain, np.float32(0))
-    np.testing.assert_array_equal(max_times._inverse(z.copy()), expected)
-    assert max_times._inverse(np.array([above]))[0] == np.float32(1) / above > 0
+        expected = np.where(z > eps, plain, np.float32(0))
+    np.testing.assert_array_equal(max_times.inverse_in_place(z.copy()).view(np.uint32), expected.view(np.uint32))
+    assert max_times.inverse_in_place(np.array([above]))[0] == np.float32(1) / above > 0
+    # The parts' inverse (whole, and read at some columns) follows the same rule: z⁺ [1, 12, 1], |z⁻| reversed.
+    plus, minus = z.reshape(1, -1, 1), z[::-1].reshape(1, -1, 1)
+    both = np.concatenate([expected, expected[::-1]])
+    np.testing.assert_array_equal(max_times.inverse_of_parts(plus, minus)[:, 0].view(np.uint32), both.view(np.uint32))
+    np.testing.assert_array_equal(inverse_at(plus, minus, np.array([0]))[0].view(np.uint32), both.view(np.uint32))
