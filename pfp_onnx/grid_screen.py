@@ -27,6 +27,8 @@ __all__ = ["GRID_MAX_FRACTION", "grid_candidates", "grid_seed", "inverse_at", "l
 # Measured: 1/8 let every chunk of MNIST's and ResNet-56's 64-channel convs through (3–6% survive; 1/32
 # sent all of MNIST's and 80% of ResNet-56's to the unfolded path), and their scoring took 25–45% less.
 GRID_MAX_FRACTION = 1 / 8
+# inverse_at reads at least this many columns a thread.
+INVERSE_AT_MIN_COLUMNS = 1024
 # Temporaries of one block of largest_inverse_of_parts.
 LARGEST_INVERSE_BYTES = 4 * 2**20
 # Inputs with up to this many (position, tap) pairs keep a table of where each tap takes each position
@@ -60,9 +62,13 @@ def grid_candidates(points: np.ndarray, largest_inverse: np.ndarray, threshold: 
     found = parallel_map(screen, range(0, samples, per_block))
     if any(item is None for item in found):
         return None
-    point, channel = np.divmod(np.concatenate([item[0] for item in found]), channels)
-    place = np.concatenate([item[1] for item in found])
-    return grid.expand(point, channel, place, values[point, channel, place], largest_inverse, threshold)
+
+    def expand(index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # each block's survivors on a thread
+        point, channel = np.divmod(found[index][0], channels)
+        place = found[index][1]
+        return grid.expand(point, channel, place, values[point, channel, place], largest_inverse, threshold)
+
+    return tuple(np.concatenate(parts) for parts in zip(*parallel_map(expand, range(len(found)))))
 
 
 def grid_seed(points: np.ndarray, largest_inverse: np.ndarray, *, kernel_shape: Sequence[int],
@@ -118,9 +124,19 @@ _INF = np.uint32(np.float32(np.inf).view(np.uint32))
 
 def inverse_at(plus: np.ndarray, minus: np.ndarray, columns: np.ndarray) -> np.ndarray:
     """inverse_of_parts(plus, minus)[:, columns].T ([len(columns), 2F]), read at those columns only."""
-    positions = plus.shape[2]
+    filters, positions = plus.shape[1:]
     point, position = np.divmod(columns, positions)
-    return inverse_in_place(np.concatenate([plus[point, :, position], minus[point, :, position]], axis=1))
+    inverse = np.empty((len(columns), 2 * filters), dtype=np.float32)
+    step = max(INVERSE_AT_MIN_COLUMNS, -(-len(columns) // MAX_THREADS))
+
+    def read(first: int) -> None:  # gathers of scattered columns: both cores
+        rows = slice(first, first + step)
+        inverse[rows, :filters] = plus[point[rows], :, position[rows]]
+        inverse[rows, filters:] = minus[point[rows], :, position[rows]]
+        inverse_in_place(inverse[rows])
+
+    parallel_map(read, range(0, len(columns), step))
+    return inverse
 
 
 class _Grid:

@@ -143,7 +143,12 @@ def test_largest_inverse_on_the_bits_handles_every_special_value():
     assert expected[0] == 0 and np.any(expected > 0)
 
 
-def test_inverse_at_reads_the_inverse_at_columns():
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_inverse_at_reads_the_inverse_at_columns(chunks, monkeypatch):
+    """Read in one go, or in chunks of 2 columns on threads."""
+    if chunks > 1:
+        monkeypatch.setattr(grid_screen, "INVERSE_AT_MIN_COLUMNS", 1)
+        monkeypatch.setattr(grid_screen, "MAX_THREADS", chunks)
     plus, minus = _parts(6)
     columns = np.array([0, 1, 7, 13, 39])
     np.testing.assert_array_equal(inverse_at(plus, minus, columns), inverse_of_parts(plus, minus)[:, columns].T)
