@@ -100,6 +100,8 @@ class MaxTimesScorer:
       layer seeds its running max with the exact g at each row's most promising position.
     - when the screen leaves too many products (over SCREEN_MAX_FRACTION, or for many filters, over the
       point where the BLAS bound is cheaper): every product (few filters) or bound-then-verify (many).
+    A screen's survivors meet a tighter, tiered bound before their exact evaluation (fold_candidates): on a
+    trained ResNet it rules out three quarters of them for a few gathers each.
     A caller that screens elsewhere (pfp_onnx.grid_screen, on a conv's input values) uses row_threshold,
     seed_from and fold_candidates instead of update.
     Every path evaluates a product with the same float32 operations, so they agree bit for bit.
