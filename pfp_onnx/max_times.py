@@ -50,8 +50,8 @@ BOUND_CACHE_BYTES = 64 * 2**20
 # Weights up to this size also keep [|W⁺|; |W⁻|] whole (2× their size); larger ones are cut per block.
 STACKED_CACHE_BYTES = 32 * 2**20
 # The tiered bound of fold_candidates evaluates exactly this many filters on each side: the largest weights of
-# a candidate's row and the largest 1/z of its position (2 left 13% of a trained ResNet-18's grid candidates
-# in its 64-channel convs, 1 left 32%, 4 left 5% at twice the gathers).
+# a candidate's row and the largest 1/z of its position (of a trained ResNet-18's grid candidates in its
+# 64-channel convs, 1 left 44-48%, 2 left 23-26%, 3 left 14-16% but took as long in all).
 TIERS = 2
 # It runs when there are at least this many candidates per position they touch (finding each position's
 # largest 1/z costs a few passes over its 2F values, about what an exact check of one candidate costs).
@@ -122,9 +122,12 @@ class MaxTimesScorer:
         # Layers of ordinary size keep [|W⁺|, |W⁻|] whole (one GEMM for z, gathers of contiguous rows): only
         # weights above STACKED_CACHE_BYTES, such as a huge dense layer, are cut block by block.
         self._stacked = _stacked(self.weight) if self.weight.nbytes <= STACKED_CACHE_BYTES else None
-        # The largest stacked weights of each row, for fold_candidates' tiered bound.
-        self._row_tiers = None if self._stacked is None or 2 * filters <= 2 * TIERS else _tiers(self._stacked)
         self._seeded = False
+
+    @functools.cached_property
+    def _row_tiers(self) -> tuple[np.ndarray, np.ndarray]:
+        """The largest stacked weights of each row, for fold_candidates' tiered bound (read on first use)."""
+        return _tiers(self._stacked)
 
     @property
     def seeded(self) -> bool:
@@ -338,14 +341,15 @@ class MaxTimesScorer:
             position += start
             self.fold_candidates(inverse_z, row, position, flat[row, position])
 
-    def _tiered_bound(self, inverse: np.ndarray, position_tiers: tuple[np.ndarray, np.ndarray], row: np.ndarray,
-                      position: np.ndarray) -> np.ndarray:
+    def _tiered_bound(self, inverse: np.ndarray, row_tiers: tuple[np.ndarray, np.ndarray],
+                      position_tiers: tuple[np.ndarray, np.ndarray], row: np.ndarray, position: np.ndarray
+                      ) -> np.ndarray:
         """An upper bound of max_f |W±[f, row]| · inverse[position, f] that is the same float32 product for
         the TIERS largest weights of the row and the TIERS largest 1/z of the position, and for every other
         filter the product of the largest weight and the largest 1/z left over (float32 rounding is monotonic,
         so no filter's product exceeds it)."""
         filters = inverse.shape[1]
-        row_columns, row_largest = self._row_tiers
+        row_columns, row_largest = row_tiers
         position_columns, position_largest = position_tiers
         flat_inverse, flat_weight = inverse.reshape(-1), self._stacked.reshape(-1)
         bound = row_largest[row, TIERS] * position_largest[position, TIERS]
@@ -380,20 +384,21 @@ class MaxTimesScorer:
         channels = len(self.sensitivity)
         step = max(1, VERIFY_BYTES // (8 * self.filters))  # [step, 2F] products stay in cache
         share = max(step, -(-len(row) // MAX_THREADS))
-        tiered = (loose and by_row and self._row_tiers is not None
+        tiered = (loose and by_row and self._stacked is not None and self.filters > TIERS
                   and len(row) >= TIER_MIN_CANDIDATES * len(inverse))
-        if tiered:
-            position_tiers = _tiers(inverse)
+        if tiered:  # both read here, not on the threads
+            tiers = self._row_tiers, _tiers(inverse)
+        chunk = TIER_STEP if tiered else share
 
         def verify_share(begin: int) -> np.ndarray:
             best_by_channel = np.zeros(channels, dtype=np.float32)
             end = min(begin + share, len(row))
-            for outer in range(begin, end, TIER_STEP if tiered else end - begin):
-                stop = min(outer + (TIER_STEP if tiered else end - begin), end)
+            for outer in range(begin, end, chunk):
+                stop = min(outer + chunk, end)
                 r, at, v = row[outer:stop], position[outer:stop], value[outer:stop]
                 if tiered:
                     with np.errstate(over="ignore"):  # an infinite bound is simply kept
-                        keep = self._tiered_bound(inverse, position_tiers, r, at) * v > np.maximum(
+                        keep = self._tiered_bound(inverse, *tiers, r, at) * v > np.maximum(
                             self.sensitivity, best_by_channel)[r % channels]
                     r, at, v = r[keep], at[keep], v[keep]
                 for first in range(0, len(r), step):

@@ -47,7 +47,7 @@ def test_tiered_bound_is_never_below_the_exact_max_and_exact_at_a_tier():
     scorer = MaxTimesScorer(weight)
     inverse = _awkward(rng, (positions, 2 * filters))
     row, position = (a.ravel() for a in np.meshgrid(np.arange(rows), np.arange(positions)))
-    bound = scorer._tiered_bound(inverse, max_times._tiers(inverse), row, position)
+    bound = scorer._tiered_bound(inverse, scorer._row_tiers, max_times._tiers(inverse), row, position)
     products = scorer._magnitudes(row) * inverse[position]
     exact = products.max(axis=1)
     assert np.all(bound >= exact)
