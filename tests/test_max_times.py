@@ -123,3 +123,66 @@ def test_conv_scorer_scores_the_same_with_and_without_shortcuts(monkeypatch, pad
         expected = run(OFF, with_parts)
         assert expected.min() > 0
         np.testing.assert_array_equal(run(ON, with_parts), expected)
+
+
+@pytest.mark.parametrize("stacked_whole", [True, False], ids=["stacked whole", "rows in blocks"])
+@pytest.mark.parametrize("screen_fraction", [0.0, 1 / 8])
+def test_compiled_tiles_change_no_float(monkeypatch, stacked_whole, screen_fraction):
+    """The compiled tiles (pfp_onnx.max_tiles) over partial tiles, chunks of tiles on threads and blocks of
+    rows: the same floats as every product in numpy, with zeros, ties and overflowing values."""
+    from pfp_onnx import max_tiles
+
+    rng = np.random.default_rng(11)
+    weight = rng.standard_normal((20, 6, 3, 3)).astype(np.float32)
+    weight[rng.random(weight.shape) < 0.2] = 0
+    batches = [_awkward(rng, (2, 6, 7, 7)) for _ in range(3)]
+
+    def run(**settings):
+        _set(monkeypatch, {"SCREEN_MAX_FRACTION": screen_fraction, **settings})
+        scorer = ConvScorer(weight, strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
+        for batch in batches:
+            scorer.update(batch)
+        return scorer.sensitivity
+
+    every_product = run(BOUND_MIN_FILTERS=10**9, TILE_MIN_PRODUCTS=10**18)
+    monkeypatch.setattr(max_tiles, "TILE", 5)  # 98 positions a batch: 19 full tiles and one of 3
+    blocks = {} if stacked_whole else dict(STACKED_CACHE_BYTES=0, MAX_TIMES_BYTES=8 * 20 * 7)  # rows by 7
+    tiles = run(TILE_MIN_PRODUCTS=0, **blocks)
+    assert every_product.min() > 0
+    np.testing.assert_array_equal(tiles.view(np.uint32), every_product.view(np.uint32))
+
+
+def test_compiled_tiles_skip_rows_that_cannot_raise_the_running_max():
+    """A row whose every screen bound is at most its channel's running max leaves it as it is, and a row with a
+    product above it raises it to that product exactly."""
+    from pfp_onnx.max_tiles import fold_tiles
+
+    stacked = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)  # rows (channels) × stacked filters
+    inverse = np.array([[0.5, 0.25, 1.0], [1.0, 0.5, 0.125]], dtype=np.float32)  # [2F, P]
+    flat = np.array([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]], dtype=np.float32)
+    running = np.array([10.0, 0.0], dtype=np.float32)
+    fold_tiles(stacked, inverse, flat, stacked.max(axis=1), inverse.max(axis=0), running, 0, 0, 3)
+    assert running.tolist() == [10.0, 2.0]  # channel 1: max of 2 · [1, 0.5, 0.125] · 1
+    running = np.zeros(2, dtype=np.float32)
+    fold_tiles(stacked, inverse, flat, stacked.max(axis=1), inverse.max(axis=0), running, 0, 1, 3)
+    assert running.tolist() == [3.0, 1.0]  # positions 1 and 2 only
+
+
+def test_compiled_kernels_work_without_a_cache(monkeypatch):
+    """Where numba can write no cache it refuses cache=True (RuntimeError): the kernel is then compiled without."""
+    import numba
+
+    from pfp_onnx import max_tiles
+
+    njit, options = numba.njit, []
+
+    def refusing(*arguments, **keywords):
+        options.append(keywords)
+        if keywords.get("cache"):
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(*arguments, **keywords)
+
+    monkeypatch.setattr(numba, "njit", refusing)
+    square = max_tiles.compiled(nogil=True)(lambda x: x * x)
+    assert square(3.0) == 9.0
+    assert options == [{"cache": True, "nogil": True}, {"nogil": True}]

@@ -265,9 +265,11 @@ def test_chunking_does_not_change_the_result(monkeypatch):
     np.testing.assert_array_equal(dense_sensitivity(dense_activation, weight[:, :, 0, 0]), dense_whole)
 
 
-@pytest.mark.parametrize("screen_fraction, bound_min_filters", [
-    (0.0, 10**9), (0.0, 0), (1.0, 10**9), (1 / 8, 0), (1 / 8, 10**9), (0.002, 0)])
-def test_kernels_agree_bit_for_bit_over_streamed_batches(monkeypatch, screen_fraction, bound_min_filters):
+@pytest.mark.parametrize("screen_fraction, bound_min_filters, tile_min_products", [
+    (0.0, 10**9, 10**18), (0.0, 0, 10**18), (1.0, 10**9, 10**18), (1 / 8, 0, 10**18), (1 / 8, 10**9, 10**18),
+    (0.002, 0, 10**18), (0.0, 0, 0), (0.002, 0, 0)])
+def test_kernels_agree_bit_for_bit_over_streamed_batches(monkeypatch, screen_fraction, bound_min_filters,
+                                                         tile_min_products):
     """Sparse ReLU-like activations fed in batches, as a capture does: whichever path each batch takes
     (a screen kept, a screen abandoned for the dense paths, every product, bounds), the running maxima
     are the same floats."""
@@ -278,17 +280,18 @@ def test_kernels_agree_bit_for_bit_over_streamed_batches(monkeypatch, screen_fra
     batches = [np.maximum(rng.standard_normal((3, 8, 9, 9)), 0.8).astype(np.float32) - 0.8 for _ in range(4)]
     batches.append(rng.standard_normal((2, 8, 9, 9)).astype(np.float32))  # signed: a⁺ and a⁻
 
-    def run(fraction, min_filters):
+    def run(fraction, min_filters, tiles):
         monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", fraction)
         monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", min_filters)
+        monkeypatch.setattr(max_times, "TILE_MIN_PRODUCTS", tiles)
         scorer = sensitivity.ConvScorer(weight, strides=[1, 1], pads=[1, 1, 1, 1], dilations=[1, 1])
         for batch in batches:
             scorer.update(batch)
         return scorer.sensitivity
 
-    result = run(screen_fraction, bound_min_filters)
+    result = run(screen_fraction, bound_min_filters, tile_min_products)
     assert result.min() > 0
-    np.testing.assert_array_equal(result, run(0.0, 10**9))  # every product, checked against loops above
+    np.testing.assert_array_equal(result, run(0.0, 10**9, 10**18))  # every product, checked against loops above
 
 
 @pytest.mark.parametrize("screen_fraction", [1.0, 0.2, 0.1])
@@ -361,14 +364,17 @@ def test_a_wave_that_gives_up_sends_the_rest_of_the_batch_to_the_dense_path(monk
 
 
 def every_product_then_bounds(monkeypatch, rows, weight):
-    """dense_sensitivity from every product, then from bound-then-verify alone (no screen, no seed)."""
+    """dense_sensitivity from every product, then from bound-then-verify alone (no screen, no seed), then from
+    the compiled tiles alone; the last two must be the first's floats."""
     import pfp_onnx.sensitivity as sensitivity
 
     results = []
-    for screen_fraction, bound_min_filters in ((0.0, 10**9), (0.0, 0)):
-        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", screen_fraction)
+    for bound_min_filters, tile_min_products in ((10**9, 10**18), (0, 10**18), (0, 0)):
+        monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 0.0)
         monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", bound_min_filters)
+        monkeypatch.setattr(max_times, "TILE_MIN_PRODUCTS", tile_min_products)
         results.append(sensitivity.dense_sensitivity(rows, weight))
+    np.testing.assert_array_equal(results[2], results[0])
     return results
 
 
@@ -384,7 +390,8 @@ def test_bounds_evaluate_products_whose_scaled_factors_are_dropped(monkeypatch):
     np.testing.assert_allclose(results[1], [1 / 1.5, 0.5], rtol=1e-6)
 
 
-def test_bounds_ignore_an_overflowing_screen_as_a_lower_bound(monkeypatch):
+@pytest.mark.parametrize("tile_min_products", [10**18, 0], ids=["bounds", "tiles"])
+def test_bounds_ignore_an_overflowing_screen_as_a_lower_bound(monkeypatch, tile_min_products):
     """Row 0 gives channel 0 a screen bound of inf (a huge activation times the large inv_z of filter 1,
     which does not read channel 0) and a p-norm of 0: inf · 0 must not poison channel 0's threshold, so
     that row 1, where channel 0 scores 1, is still evaluated."""
@@ -394,6 +401,7 @@ def test_bounds_ignore_an_overflowing_screen_as_a_lower_bound(monkeypatch):
     rows = np.array([[3e38, 1e-3], [1.0, 0.0]], dtype=np.float32)
     monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 0.0)  # no seed: the bounds alone decide
     monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", 0)
+    monkeypatch.setattr(max_times, "TILE_MIN_PRODUCTS", tile_min_products)
     np.testing.assert_array_equal(sensitivity.dense_sensitivity(rows, weight), [1.0, 1.0])
 
 
@@ -407,8 +415,9 @@ def test_bounds_handle_a_point_whose_every_z_is_the_float32_maximum(monkeypatch)
     assert results[1][0] == pytest.approx(1.0) and results[1][1] > 0
 
 
-@pytest.mark.parametrize("fraction, min_filters", [(1.0, 10**9), (0.0, 0)], ids=["screen", "bounds"])
-def test_bounds_keep_products_whose_bound_overflows(monkeypatch, fraction, min_filters):
+@pytest.mark.parametrize("fraction, min_filters, tile_min_products", [
+    (1.0, 10**9, 10**18), (0.0, 0, 10**18), (0.0, 0, 0)], ids=["screen", "bounds", "tiles"])
+def test_bounds_keep_products_whose_bound_overflows(monkeypatch, fraction, min_filters, tile_min_products):
     """A subnormal weight beside a huge activation: the running max over a tiny weight needs a threshold
     beyond float32, and the next point's bound a · max inv_z overflows to inf. The screen and the p-norm
     bound must still evaluate that point (its g is 1), as every-product scoring does."""
@@ -418,9 +427,10 @@ def test_bounds_keep_products_whose_bound_overflows(monkeypatch, fraction, min_f
     first = np.array([[1e-7, 3.4e38]], dtype=np.float32)  # z ≈ 5.8e-7: channel 1 scores ≈ 0.83
     second = np.array([[0.0, 3.4e38]], dtype=np.float32)  # channel 1 alone: it scores 1
     results = []
-    for screen_fraction, bound_min_filters in ((0.0, 10**9), (fraction, min_filters)):
+    for screen_fraction, bound_min_filters, tiles in ((0.0, 10**9, 10**18), (fraction, min_filters, tile_min_products)):
         monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", screen_fraction)
         monkeypatch.setattr(max_times, "BOUND_MIN_FILTERS", bound_min_filters)
+        monkeypatch.setattr(max_times, "TILE_MIN_PRODUCTS", tiles)
         scorer = sensitivity.DenseScorer(weight)
         scorer.update(first)
         assert 0.8 < scorer.sensitivity[1] < 0.9
