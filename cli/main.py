@@ -12,17 +12,24 @@ import click
 
 from pfp_onnx import PfpError, analyze, compress, evaluate
 from pfp_onnx.baselines import CRITERIA
+from pfp_onnx.crash_report import versions, write_crash_report
 from pfp_onnx.errors import OptionError
-from pfp_onnx.model import check_output_path, save_model
+from pfp_onnx.model import check_output_path, default_output_path, remove_model, save_model
 from pfp_onnx.pipeline import ALLOCATIONS, BUDGET_OF, MODES, smallest_budgets
 from pfp_onnx.refit import RECOVERIES
-from pfp_onnx.report import render_table, render_verification, write_json
+from pfp_onnx.report import analysis_dict, render_analysis, render_table, render_verification, write_json
 from pfp_onnx.runtime import DEVICES
 from pfp_onnx.sweep import parse_methods, plot, sweep, write_csv
 
 
-def _user_errors(command):
-    """A user error becomes one paragraph on stderr and exit status 2, never a traceback."""
+# Exit statuses: 2 a user error (the message says what to do), 70 a bug in pfp-onnx (EX_SOFTWARE of
+# sysexits.h; a crash report is written), 130 interrupted by the user.
+USER_ERROR_STATUS, BUG_STATUS, INTERRUPTED_STATUS = 2, 70, 130
+
+
+def _handled_errors(command):
+    """Every failure ends in one paragraph on stderr, never a traceback: a user error says what to do
+    (status 2); anything else is a bug in pfp-onnx, reported with the path of a crash report to attach."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -30,7 +37,21 @@ def _user_errors(command):
             return command(*args, **kwargs)
         except PfpError as error:
             click.echo(f"Error: {' '.join(str(error).split())}", err=True)
-            sys.exit(2)
+            sys.exit(USER_ERROR_STATUS)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("Interrupted; nothing was written.", err=True)
+            sys.exit(INTERRUPTED_STATUS)
+        except Exception as error:  # a bug: say so plainly, keep the details for the report
+            params = click.get_current_context().params
+            report = write_crash_report(error, sys.argv, params.get("model") or params.get("original"))
+            click.echo(f"Error: pfp-onnx failed unexpectedly ({type(error).__name__}: "
+                       f"{' '.join(str(error).split())[:300]}). This is a bug in pfp-onnx, not in your model or "
+                       f"data; nothing was written. Please report it with the crash report {report} (the "
+                       f"traceback, the command line and the model's operators and shapes, no weights). "
+                       f"{versions()}.", err=True)
+            sys.exit(BUG_STATUS)
 
     return wrapper
 
@@ -123,7 +144,8 @@ def main() -> None:
 @click.option("--budget", required=True, type=float,
               help="Fraction of the Conv/Gemm/MatMul weights (or MACs, --budget-of) to keep, in (0, 1].")
 @_budget_of_option
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, readable=False), help="Where to write the pruned model.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, readable=False),
+              help="Where to write the pruned model.  [default: beside MODEL, as MODEL's name with .pruned.onnx]")
 @click.option("--mode", type=click.Choice(MODES), default="deterministic", show_default=True,
               help="Keep the most sensitive channels, or sample them by sensitivity (randomized, hybrid).")
 @click.option("--criterion", type=click.Choice(CRITERIA), default="pfp", show_default=True,
@@ -144,23 +166,30 @@ def main() -> None:
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, readable=False), help="Also write the report as JSON.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print every frozen reason and each output's errors.")
-@_user_errors
+@_handled_errors
 def compress_command(model, data, budget, budget_of, output, mode, criterion, allocation, recovery, holdout,
                      batch_size, seed, device, exclude, exclude_ops, round_to, external_data, report_path, quiet,
                      verbose):
     """Prune MODEL to keep BUDGET of its layer weights (or MACs) and write a smaller dense ONNX model."""
-    output_path = check_output_path(output, model, data)
+    output_path = check_output_path(output or default_output_path(model), model, data)
+    replacing = output is None and output_path.exists()
     if report_path is not None:
-        check_output_path(report_path, model, data, output, option="--report")
+        check_output_path(report_path, model, data, output_path, option="--report")
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
                       recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
                       exclude=exclude, exclude_ops=exclude_ops, round_to=round_to, budget_of=budget_of,
                       progress=_progress_printer(quiet))
     save_model(result.model, output_path, external_data=external_data)
-    if report_path is not None:
-        write_json(result.report, report_path)
+    try:
+        if report_path is not None:
+            write_json(result.report, report_path)
+    except BaseException:  # the command writes both or neither
+        remove_model(output_path)
+        raise
     if not quiet:
-        for note in result.notes:
+        notes = result.notes + ((f"replaced the existing {output_path}, the default output beside the input "
+                                 "(-o writes elsewhere)",) if replacing else ())
+        for note in notes:
             click.echo(f"note: {note}", err=True)
         sys.stderr.flush()
         click.echo(render_table(result.report, verbose=verbose))
@@ -172,30 +201,15 @@ def compress_command(model, data, budget, budget_of, output, mode, criterion, al
 @click.option("--data", "data", type=click.Path(dir_okay=False, readable=False),
               help="Optional calibration .npz to make dynamic sizes concrete.")
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON.")
-@_user_errors
+@_handled_errors
 def analyze_command(model, data, as_json):
     """Show MODEL's channel groups: which can be pruned, and why the others are frozen."""
     analysis = analyze(model, data)
     floors = smallest_budgets(analysis)
     if as_json:
-        click.echo(json.dumps({"groups": [asdict(group) for group in analysis.groups],
-                               "layers": [asdict(layer) for layer in analysis.layers],
-                               "weights_total": analysis.weights_total,
-                               "weights_in_prunable_groups": analysis.weights_in_prunable_groups,
-                               "smallest_budget": floors}, indent=2))
-        return
-    click.echo(f"{'group':>5}  {'width':>5}  {'producers':<30} {'consumers':<30} status")
-    for group in analysis.groups:
-        status = "prunable" if group.prunable else "frozen: " + "; ".join(group.frozen)
-        click.echo(f"{group.id:>5}  {group.width:>5}  {', '.join(group.producers):<30.30} "
-                   f"{', '.join(group.consumers):<30.30} {status}")
-    share = analysis.weights_in_prunable_groups / analysis.weights_total if analysis.weights_total else 0.0
-    click.echo(f"\n{share:.1%} of the {analysis.weights_total:,} Conv/Gemm/MatMul weights sit in prunable groups")
-    if floors["weights"] is not None:
-        macs = ("give --data to count MACs" if floors["macs"] is None
-                else f"--budget-of macs: {floors['macs']:g}")
-        click.echo(f"smallest feasible --budget: {floors['weights']:g} ({macs}; every prunable group keeping one "
-                   "channel, --round-to 1)")
+        click.echo(json.dumps(analysis_dict(analysis, floors), indent=2))
+    else:
+        click.echo(render_analysis(analysis, floors))
 
 
 @main.command("evaluate")
@@ -208,7 +222,7 @@ def analyze_command(model, data, as_json):
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Points per onnxruntime run.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_user_errors
+@_handled_errors
 def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_json):
     """Compare PRUNED with ORIGINAL: accuracy, top-1 agreement, output error and the empirical (ε, δ)."""
     result = evaluate(original, pruned, data, batch_size=batch_size, device=device,
@@ -229,7 +243,7 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 @_budget_of_option
 @_run_options
 @_round_to_option
-@_user_errors
+@_handled_errors
 def sweep_command(model, data, budgets, methods, csv_path, plot_path, budget_of, holdout, batch_size, seed, device,
                   round_to):
     """Compress MODEL at every budget with every method (one capture) and tabulate held-out accuracy."""

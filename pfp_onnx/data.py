@@ -16,6 +16,7 @@ import onnx
 from onnx import helper
 
 from pfp_onnx.errors import DataError
+from pfp_onnx.model import static_dims
 from pfp_onnx.npz import LoadWhole, NpzArray
 
 LABELS = "labels"
@@ -144,8 +145,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             continue
         tensor_type = info.type.tensor_type
         dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
-        dims = tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in tensor_type.shape.dim)
-        specs.append(InputSpec(info.name, dtype, dims))
+        specs.append(InputSpec(info.name, dtype, static_dims(tensor_type)))
     return specs
 
 

@@ -21,9 +21,10 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from pfp_onnx.errors import OptionError
-from pfp_onnx.model import infer_shapes, to_graph, with_input_shapes
+from pfp_onnx.model import infer_shapes, static_dims, to_graph, with_input_shapes
 
 Shape = tuple  # of int | None
+MAX_SHAPE_ENTRIES = 16  # integer constants up to this size take part in shape arithmetic
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,43 @@ class ChannelAnalysis:
     @property
     def weights_in_prunable_groups(self) -> int:
         """Weights of layers with at least one prunable side: what pruning can reach at all."""
+        return self.weights_losing_outputs + self.weights_losing_inputs_only
+
+    @property
+    def weights_losing_outputs(self) -> int:
+        """Weights of layers that can lose output channels (filters, neurons): the channels pruning removes."""
+        prunable = {group.id for group in self.prunable_groups}
+        return sum(layer.weights for layer in self.layers if prunable & set(layer.out_groups))
+
+    @property
+    def weights_losing_inputs_only(self) -> int:
+        """Weights of layers whose outputs are frozen but whose inputs can lose channels: they shrink only
+        with the layers before them (a classifier reading a prunable feature map, say)."""
         prunable = {group.id for group in self.prunable_groups}
         return sum(layer.weights for layer in self.layers
-                   if prunable & set(layer.in_groups + layer.out_groups))
+                   if prunable & set(layer.in_groups) and not prunable & set(layer.out_groups))
+
+    @property
+    def weights_untouched(self) -> int:
+        """Weights of layers with no prunable side: whatever the budget, they stay whole."""
+        return self.weights_total - self.weights_losing_outputs - self.weights_losing_inputs_only
+
+    def group_weights(self, group_id: int) -> int:
+        """The layer weights that make or read this group's channels: its filters and its input slices."""
+        width = self.groups[group_id].width
+        held = 0
+        for layer in self.layers:
+            if group_id in layer.out_groups:
+                held += layer.weights // layer.out_units * width
+            if group_id in layer.in_groups:
+                held += layer.weights // layer.in_units * width
+        return held
+
+    def largest_frozen_groups(self) -> list[ChannelGroup]:
+        """Frozen groups that hold layer weights, most weights first: where a rule would win the most."""
+        held = {group.id: self.group_weights(group.id) for group in self.groups if group.frozen}
+        return sorted((self.groups[group_id] for group_id, weights in held.items() if weights),
+                      key=lambda group: (-held[group.id], group.id))
 
 
 @dataclass(frozen=True)
@@ -148,6 +183,21 @@ class Channels:
     axis: int
     rank: int
     block: int = 1
+
+
+@dataclass(frozen=True)
+class Dim:
+    """One entry of a shape the graph computes (Shape → Slice/Gather → Concat → a Reshape's target).
+
+    Pruning changes such an entry only where it is the size of a channel axis: `channels` names that axis
+    (the entry follows the pruned width by itself, block · Σ kept). An entry copied from a constant keeps
+    the constant's `source`, (node, input index, position), where a count of channels can be rewritten;
+    None once the value has passed through a tensor that something else also reads.
+    """
+
+    value: int | None
+    channels: Channels | None = None
+    source: tuple[str, int, int] | None = None
 
 
 @dataclass
@@ -176,6 +226,8 @@ class ChannelTracer:
         self._parts: dict[int, tuple[int, int]] = {}  # a refined group → its two halves
         self._channels: dict[str, Channels] = {}
         self._claimed: set[int] = set()
+        self._dims: dict[str, tuple[Dim, ...]] = {}  # shape-valued tensors, entry by entry
+        self._dims_read: set[int] = set()
 
     # ---- reading the graph -------------------------------------------------------------------------
     def constant(self, tensor: gs.Tensor) -> np.ndarray | None:
@@ -196,14 +248,41 @@ class ChannelTracer:
         batch = leading.pop() if len(leading) == 1 else None
         return int(batch) if isinstance(batch, (int, np.integer)) and batch > 0 else None
 
+    def learn_shape(self, tensor: gs.Tensor, shape: Shape | None) -> None:
+        """Record a shape a rule computed where ONNX inference left it open (a Reshape's computed target)."""
+        if shape is not None and self.shapes.get(tensor.name) is None:
+            self.shapes[tensor.name] = tuple(shape)
+
     def channels(self, tensor: gs.Tensor) -> Channels | None:
         found = self._channels.get(tensor.name)
         if found is None:
             return None
         return replace(found, groups=self._resolve(found.groups))
 
+    def same_channels(self, first: Channels, second: Channels) -> bool:
+        """Whether two records name the same groups, in the same order, as they stand now."""
+        return self._resolve(first.groups) == self._resolve(second.groups)
+
     def width(self, channels: Channels) -> int:
         return sum(self._states[group].width for group in self._resolve(channels.groups))
+
+    def dims(self, node: gs.Node, input_index: int) -> tuple[Dim, ...] | None:
+        """The entries of a shape-valued input: a small integer constant, or what shape arithmetic computed."""
+        tensor = node.inputs[input_index]
+        values = self.constant(tensor)
+        if values is not None:
+            if values.dtype.kind not in "iu" or values.ndim > 1 or values.size > MAX_SHAPE_ENTRIES:
+                return None
+            return tuple(Dim(int(value), source=(node.name, input_index, position) if values.ndim else None)
+                         for position, value in enumerate(values.reshape(-1)))
+        found = self._dims.get(tensor.name)
+        if found is not None and (len(tensor.outputs) > 1 or tensor.name in self.graph_outputs):
+            found = tuple(replace(dim, source=None) for dim in found)  # a rewrite would reach the other readers
+        return found
+
+    def measured_channels(self, tensor: gs.Tensor) -> list[Channels]:
+        """The channel axes whose sizes a shape-valued tensor holds: they change when channels are pruned."""
+        return [dim.channels for dim in self._dims.get(tensor.name, ()) if dim.channels is not None]
 
     def is_used(self, tensor: gs.Tensor) -> bool:
         return bool(tensor.outputs) or tensor.name in self.graph_outputs
@@ -212,6 +291,14 @@ class ChannelTracer:
     def claim(self, *input_indices: int) -> None:
         """Mark inputs the rule has handled; unclaimed channel inputs freeze their groups."""
         self._claimed.update(input_indices)
+
+    def read_dims(self, *input_indices: int) -> None:
+        """Mark shape-valued inputs the rule has followed; any other that holds a channel count freezes it."""
+        self._dims_read.update(input_indices)
+
+    def follow_dims(self, tensor: gs.Tensor, dims: tuple[Dim, ...]) -> None:
+        """Record the entries of a shape-valued output."""
+        self._dims[tensor.name] = tuple(dims)
 
     def new_group(self, width: int, producer: str | None = None, slices: list[WeightSlice] = (),
                   frozen: str | None = None) -> int:
@@ -275,9 +362,10 @@ class ChannelTracer:
                 state.consumers.append(node.name)
             offset += state.width
 
-    def add_size_fix(self, node: gs.Node, input_index: int, position: int, groups: tuple[int, ...],
+    def add_size_fix(self, node: gs.Node | str, input_index: int, position: int, groups: tuple[int, ...],
                      block: int = 1, attribute: str | None = None) -> None:
-        self._fixes.append(SizeFix(node.name, input_index, position, groups, block, attribute))
+        name = node if isinstance(node, str) else node.name
+        self._fixes.append(SizeFix(name, input_index, position, groups, block, attribute))
 
     def add_layer(self, layer: Layer) -> None:
         self._layers.append(layer)
@@ -296,7 +384,7 @@ class ChannelTracer:
     # ---- the walk ----------------------------------------------------------------------------------
     def run(self, rules: dict) -> ChannelAnalysis:
         for node in self.graph.nodes:
-            self._claimed = set()
+            self._claimed, self._dims_read = set(), set()
             rule = rules.get(node.op) if node.domain in (None, "", "ai.onnx") else None
             if rule is None:
                 self.freeze_inputs(node, f"{node.op} '{node.name}' has no channel rule")
@@ -306,23 +394,27 @@ class ChannelTracer:
                     found = self.channels(tensor)
                     if found is not None and index not in self._claimed:
                         self.freeze(found, f"used as input {index} of {node.op} '{node.name}'")
+            for index, tensor in enumerate(node.inputs):
+                for measured in self.measured_channels(tensor) if index not in self._dims_read else ():
+                    self.freeze(measured, f"{node.op} '{node.name}' reads the size of the channel axis "
+                                          f"(input {index}), which pfp-onnx does not follow")
             if node.name in self.exclude_nodes or node.op in self.exclude_ops:
                 for tensor in list(node.inputs) + list(node.outputs):
-                    found = self.channels(tensor)
-                    if found is not None:
-                        self.freeze(found, f"{node.op} '{node.name}' is excluded by the user")
+                    self._freeze_all(tensor, f"{node.op} '{node.name}' is excluded by the user")
             # Subgraphs (If/Loop/Scan) read outer tensors implicitly, outside node.inputs.
             for subgraph in node.subgraphs(recursive=True):
                 for inner in subgraph.nodes:
                     for tensor in inner.inputs:
-                        found = self.channels(tensor)
-                        if found is not None:
-                            self.freeze(found, f"read inside a subgraph of {node.op} '{node.name}'")
+                        self._freeze_all(tensor, f"read inside a subgraph of {node.op} '{node.name}'")
         for output in self.graph.outputs:
-            found = self.channels(output)
-            if found is not None:
-                self.freeze(found, f"reaches graph output '{output.name}'")
+            self._freeze_all(output, f"reaches graph output '{output.name}'")
         return self._result()
+
+    def _freeze_all(self, tensor: gs.Tensor, reason: str) -> None:
+        """Freeze the channels a tensor carries and those whose count it holds as a value."""
+        found = self.channels(tensor)
+        for channels in ([found] if found is not None else []) + self.measured_channels(tensor):
+            self.freeze(channels, reason)
 
     def _result(self) -> ChannelAnalysis:
         leaves = sorted(group for group, state in self._states.items()
@@ -414,8 +506,7 @@ def tensor_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
         tensor_type = info.type.tensor_type
         if not tensor_type.HasField("shape"):
             continue
-        shapes[info.name] = tuple(dim.dim_value if dim.HasField("dim_value") else None
-                                  for dim in tensor_type.shape.dim)
+        shapes[info.name] = static_dims(tensor_type)
     return shapes
 
 

@@ -201,6 +201,13 @@ def _copy_fields(source, target, *, skip: set[str]) -> None:
             setattr(target, field.name, value)
 
 
+def static_dims(tensor_type: onnx.TypeProto.Tensor) -> tuple[int | None, ...]:
+    """A tensor type's dims, None where the size is open: a named dim, a missing one, or a non-positive
+    value (Paddle writes a dynamic batch as dim_value -1; onnxruntime accepts any size there)."""
+    return tuple(dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+                 for dim in tensor_type.shape.dim)
+
+
 def with_input_shapes(model: onnx.ModelProto, input_shapes: dict[str, tuple[int, ...]]) -> onnx.ModelProto:
     """A copy of the model's graph (its skeleton) whose inputs have the given concrete shapes,
     with every intermediate shape inferred.
@@ -382,6 +389,21 @@ def check_output_path(output: str | os.PathLike, model_path: str | os.PathLike |
     if output.is_dir():
         raise OutputError(f"The output path '{output}' is a folder; give a file name such as model.pruned.onnx.")
     return output
+
+
+def default_output_path(model_path: str | os.PathLike) -> Path:
+    """Where compress writes without -o: beside the input, its name with .pruned.onnx (model.onnx →
+    model.pruned.onnx), so the input is never overwritten and a re-run replaces its own output."""
+    model_path = Path(model_path)
+    stem = model_path.stem if model_path.suffix.lower() == ".onnx" else model_path.name
+    return model_path.with_name(f"{stem}.pruned.onnx")
+
+
+def remove_model(output: str | os.PathLike) -> None:
+    """Remove a model save_model wrote, with its external data file if it has one."""
+    output = Path(output)
+    for path in (output, output.with_name(f"{output.name}.data")):
+        path.unlink(missing_ok=True)
 
 
 def save_model(model: onnx.ModelProto, output: str | os.PathLike, *, external_data: bool = False) -> None:

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pfp_onnx.groups import ChannelAnalysis
 from pfp_onnx.verify import Verification
 
 
@@ -55,7 +56,14 @@ class CompressReport:
 
 
 def write_json(report: CompressReport, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(report.to_dict(), indent=2, default=_plain) + "\n")
+    """Written whole or not at all: a temporary file beside the target, then renamed over it."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(json.dumps(report.to_dict(), indent=2, default=_plain) + "\n")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _plain(value):
@@ -124,4 +132,53 @@ def render_verification(check: Verification) -> str:
         lines.append(f"  top-1 agreement with the original: {check.top1_agreement:.1%}")
     if check.accuracy_original is not None:
         lines.append(f"  accuracy: original {check.accuracy_original:.1%} → pruned {check.accuracy_pruned:.1%}")
+    return "\n".join(lines)
+
+
+LARGEST_FROZEN_SHOWN = 5
+
+
+def analysis_dict(analysis: ChannelAnalysis, floors: dict[str, float | None]) -> dict:
+    """What `analyze --json` prints: every group (with the layer weights it holds) and layer, and the
+    weights by what pruning can do to their layers."""
+    return {"groups": [{**asdict(group), "weights": analysis.group_weights(group.id)} for group in analysis.groups],
+            "layers": [asdict(layer) for layer in analysis.layers],
+            "weights_total": analysis.weights_total,
+            "weights_losing_outputs": analysis.weights_losing_outputs,
+            "weights_losing_inputs_only": analysis.weights_losing_inputs_only,
+            "weights_untouched": analysis.weights_untouched,
+            "weights_in_prunable_groups": analysis.weights_in_prunable_groups,
+            "largest_frozen_groups": [group.id for group in analysis.largest_frozen_groups()],
+            "smallest_budget": floors}
+
+
+def render_analysis(analysis: ChannelAnalysis, floors: dict[str, float | None]) -> str:
+    """What `analyze` prints: first where the layer weights stand (a layer that can only lose input
+    channels shrinks far less than one that loses filters) and the frozen groups that hold the most, then
+    every group."""
+    total = analysis.weights_total
+    lines = [f"{total:,} Conv/Gemm/MatMul weights, in layers that"]
+    for weights, what in ((analysis.weights_losing_outputs, "can lose output channels"),
+                          (analysis.weights_losing_inputs_only, "can lose only input channels"),
+                          (analysis.weights_untouched, "cannot be pruned")):
+        lines.append(f"  {what:<30} {weights:>12,}  {_ratio(weights, total)}")
+    largest = analysis.largest_frozen_groups()
+    if largest:
+        lines.append("largest frozen groups:")
+    for group in largest[:LARGEST_FROZEN_SHOWN]:
+        more = f" (+{len(group.frozen) - 1} more)" if len(group.frozen) > 1 else ""
+        lines.append(f"  group {group.id} ({group.width} channels, {analysis.group_weights(group.id):,} weights): "
+                     f"{group.frozen[0]}{more}")
+    if len(largest) > LARGEST_FROZEN_SHOWN:
+        lines.append(f"  … {len(largest) - LARGEST_FROZEN_SHOWN} more below")
+    if floors["weights"] is not None:
+        macs = ("give --data to count MACs" if floors["macs"] is None
+                else f"--budget-of macs: {floors['macs']:g}")
+        lines.append(f"smallest feasible --budget: {floors['weights']:g} ({macs}; every prunable group keeping one "
+                     "channel, --round-to 1)")
+    lines += ["", f"{'group':>5}  {'width':>5}  {'producers':<30} {'consumers':<30} status"]
+    for group in analysis.groups:
+        status = "prunable" if group.prunable else "frozen: " + "; ".join(group.frozen)
+        lines.append(f"{group.id:>5}  {group.width:>5}  {', '.join(group.producers):<30.30} "
+                     f"{', '.join(group.consumers):<30.30} {status}")
     return "\n".join(lines)

@@ -33,7 +33,7 @@ def recovery_oracle(result) -> onnx.ModelProto:
 
 
 CASES = [("zoo", "chain"), ("zoo", "residual"), ("zoo", "mlp3d"), ("zoo", "constant_nodes_dynamic"),
-         ("zoo", "shape_ops"), ("zoo", "legacy_axes"),
+         ("zoo", "shape_ops"), ("zoo", "legacy_axes"), ("zoo", "paddle_batch"),
          ("arch", "densenet"), ("arch", "mobilenet_v2"), ("arch", "split_slice")]
 
 

@@ -218,6 +218,22 @@ def constant_nodes_dynamic() -> onnx.ModelProto:
     return b.build()
 
 
+def paddle_batch() -> onnx.ModelProto:
+    """A Paddle export's signature: the dynamic batch written as dim_value -1 (not a dim_param), weights in
+    Constant nodes, a depthwise/pointwise pair and a dense head. Capture once ran batches of -1 points, i.e.
+    none, and least squares found no statistics to re-fit with."""
+    b = _GraphBuilder("paddle_batch", seed=16, constant_nodes=True)
+    x = b.input("x", [-1, 3, 12, 16])
+    h = b.node("Relu", [b.batch_norm("bn1", b.conv("conv1", x, 3, 16, bias=False, pads=[1] * 4), 16)], "relu1")
+    dw = b.weight("dw.weight", (16, 1, 3, 3), fan_in=9)
+    h = b.node("Relu", [b.conv("dw", h, 16, 16, weight=dw, group=16, pads=[1] * 4)], "relu_dw")
+    h = b.node("Relu", [b.conv("pw", h, 16, 24, kernel=1)], "relu_pw")
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [h], "gap")], "flatten")
+    b.gemm("logits", h, 24, 4)
+    b.output("logits", [-1, 4])
+    return b.build()
+
+
 def shared_weight() -> onnx.ModelProto:
     """One weight and one bias initializer read by two Convs: conv_a (from the input) and conv_b."""
     b = _GraphBuilder("shared_weight", seed=6)
@@ -488,12 +504,27 @@ def resize_sizes() -> onnx.ModelProto:
     return b.build()
 
 
+def concat_flatten() -> onnx.ModelProto:
+    """Two convs concatenated on channels, then flattened into a dense layer: after the Concat conv_b's
+    channel c sits at offset 4 + c, and after the Flatten it owns the 4 features (4 + c)·4 … (4 + c)·4 + 3."""
+    b = _GraphBuilder("concat_flatten", seed=17)
+    x = b.input("x", ["N", 3, 4, 4])
+    a = b.node("Relu", [b.conv("conv_a", x, 3, 4, strides=[2, 2], pads=[1] * 4)], "relu_a")  # [N,4,2,2]
+    h = b.node("Relu", [b.conv("conv_b", x, 3, 5, strides=[2, 2], pads=[1] * 4)], "relu_b")  # [N,5,2,2]
+    h = b.node("Flatten", [b.node("Concat", [a, h], "concat", axis=1)], "flatten", axis=1)     # [N,36]
+    h = b.node("Relu", [b.gemm("dense", h, 36, 6)], "relu_dense")
+    b.gemm("logits", h, 6, 3)
+    b.output("logits", ["N", 3])
+    return b.build()
+
+
 ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "chain": chain,
     "residual": residual,
     "reshape_variants": reshape_variants,
     "mlp3d": mlp3d,
     "constant_nodes_dynamic": constant_nodes_dynamic,
+    "paddle_batch": paddle_batch,
     "shared_weight": shared_weight,
     "branches": branches,
     "frozen_cases": frozen_cases,
@@ -504,16 +535,18 @@ ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "legacy_axes": legacy_axes,
     "frozen_shape_ops": frozen_shape_ops,
     "resize_sizes": resize_sizes,
+    "concat_flatten": concat_flatten,
 }
 
 
 def input_shapes(model: onnx.ModelProto, batch: int = 1) -> dict[str, tuple[int, ...]]:
-    """Concrete input shapes: a dynamic first dim becomes `batch`, any other dynamic dim DYNAMIC_SIZE."""
+    """Concrete input shapes: a dynamic first dim (a dim_param, or a dim_value of -1 as Paddle writes it)
+    becomes `batch`, any other dynamic dim DYNAMIC_SIZE."""
     shapes = {}
     for graph_input in model.graph.input:
         dims = graph_input.type.tensor_type.shape.dim
         shapes[graph_input.name] = tuple(
-            dim.dim_value if dim.HasField("dim_value") else (batch if index == 0 else DYNAMIC_SIZE)
+            dim.dim_value if dim.dim_value > 0 else (batch if index == 0 else DYNAMIC_SIZE)
             for index, dim in enumerate(dims))
     return shapes
 
@@ -524,3 +557,88 @@ def random_inputs(model: onnx.ModelProto, count: int, seed: int) -> dict[str, np
     initializers = {init.name for init in model.graph.initializer}
     return {name: rng.standard_normal(shape).astype(np.float32)
             for name, shape in input_shapes(model, batch=count).items() if name not in initializers}
+
+
+# ---- exporters' shape arithmetic -------------------------------------------------------------------
+def paddle_flatten() -> onnx.ModelProto:
+    """What Paddle2ONNX writes around a PP-LCNet / MobileNetV3 head (PaddleOCR's text-direction classifier):
+    weights in Constant nodes, a dynamic batch of dim_value -1, conv biases added as Reshape(bias [C],
+    [1, C, 1, 1]), HardSwish written out, a squeeze-excite gate, and the flatten after global pooling
+    computed from Shape with the width a constant:
+
+    conv1 + bias → HardSwish → SE (GAP → squeeze + bias → Relu → excite + bias → HardSigmoid → Mul)
+    → conv_last (1×1) + bias → Relu → GAP [N,12,1,1]
+    → Reshape to Concat(Cast(Slice(Cast(Shape, int32), 0:1), int64), Cast([12] int32, int64)) [N,12]
+    → MatMul + bias → logits.
+    """
+    b = _GraphBuilder("paddle_flatten", seed=18, constant_nodes=True)
+    x = b.input("x", [-1, 3, 8, 16])
+
+    def conv_bias(name: str, data: str, in_channels: int, out_channels: int, kernel: int, **attrs) -> str:
+        h = b.conv(name, data, in_channels, out_channels, kernel, bias=False, **attrs)
+        shape = b.constant(f"{name}.bias_shape", [1, out_channels, 1, 1], dtype=np.int64)
+        bias = b.node("Reshape", [b.bias(f"{name}.bias", (out_channels,)), shape], f"{name}.bias_4d")
+        return b.node("Add", [h, bias], f"{name}.add")
+
+    h = conv_bias("conv1", x, 3, 8, 3, pads=[1] * 4, strides=[2, 2])                    # [N,8,4,8]
+    clipped = b.node("Clip", [b.node("Add", [h, b.constant("hswish.three", 3.0)], "hswish.add"),
+                              b.constant("hswish.min", 0.0), b.constant("hswish.max", 6.0)], "hswish.clip")
+    h = b.node("Div", [b.node("Mul", [h, clipped], "hswish.mul"), b.constant("hswish.six", 6.0)], "hswish")
+    gate = conv_bias("se.squeeze", b.node("GlobalAveragePool", [h], "se.gap"), 8, 2, 1)
+    gate = conv_bias("se.excite", b.node("Relu", [gate], "se.relu"), 2, 8, 1)
+    h = b.node("Mul", [h, b.node("HardSigmoid", [gate], "se.gate", alpha=0.2, beta=0.5)], "se.scale")
+    h = b.node("Relu", [conv_bias("conv_last", h, 8, 12, 1)], "relu_last")
+    pooled = b.node("GlobalAveragePool", [h], "gap")                                     # [N,12,1,1]
+    shape = b.node("Cast", [b.node("Shape", [pooled], "shape")], "shape_int32", to=TensorProto.INT32)
+    bounds = [b.constant(f"batch.{key}", [value], dtype=np.int64)
+              for key, value in (("starts", 0), ("ends", 1), ("axes", 0), ("steps", 1))]
+    batch = b.node("Cast", [b.node("Slice", [shape] + bounds, "batch")], "batch_int64", to=TensorProto.INT64)
+    width = b.node("Cast", [b.constant("width", [12], dtype=np.int32)], "width_int64", to=TensorProto.INT64)
+    h = b.node("Reshape", [pooled, b.node("Concat", [batch, width], "flat_shape", axis=-1)], "flat")
+    b.node("Add", [b.matmul("fc", h, 12, 4), b.bias("fc.bias", (4,))], "logits")
+    b.output("logits", [-1, 4])
+    return b.build()
+
+
+def tf2onnx_head() -> onnx.ModelProto:
+    """What tf2onnx writes for a Keras head on an NHWC input with dynamic sizes: Transposes around the conv,
+    its bias added as Reshape(bias, [1, C, 1, 1]), and three spellings of the flatten after the mean over
+    H and W ([N,C,1,1]), summed: Reshape [-1, 1, 1, C] (the NHWC transpose of size-1 axes) → Flatten;
+    Squeeze(2, 3); and a target from Shape → Gather(NHWC order) → Cast(int32) → Slice(0:1) → Concat with
+    the width → Cast(int64). The three MatMuls share one weight. A second conv's map goes NHWC before a
+    flatten of 2×2 positions: its channels are strided there, and freeze.
+    """
+    b = _GraphBuilder("tf2onnx_head", seed=19)
+    x = b.input("x", ["N", "H", "W", 3])
+    nchw = b.node("Transpose", [x], "to_nchw", perm=[0, 3, 1, 2])
+    bias = b.node("Reshape", [b.bias("conv.bias", (8,)), b.constant("conv.bias_shape", [1, 8, 1, 1], dtype=np.int64)],
+                  "conv.bias_4d")
+    h = b.node("Relu", [b.node("Add", [b.conv("conv", nchw, 3, 8, bias=False, pads=[1] * 4), bias], "conv.add")],
+               "relu")
+    pooled = b.node("GlobalAveragePool", [h], "mean")                                    # [N,8,1,1]
+    weight = b.weight("dense.weight", (8, 4), fan_in=8)
+    nhwc = b.node("Reshape", [pooled, b.constant("nhwc_shape", [-1, 1, 1, 8], dtype=np.int64)], "to_nhwc")
+    heads = [b.node("MatMul", [b.node("Flatten", [nhwc], "flatten"), weight], "dense_flat")]
+    squeezed = b.node("Squeeze", [pooled, b.constant("squeeze.axes", [2, 3], dtype=np.int64)], "squeeze")
+    heads.append(b.node("MatMul", [squeezed, weight], "dense_squeezed"))
+    shape = b.node("Gather", [b.node("Shape", [pooled], "shape"), b.constant("nhwc_order", [0, 2, 3, 1],
+                                                                             dtype=np.int64)], "shape_nhwc")
+    shape = b.node("Cast", [shape], "shape_int32", to=TensorProto.INT32)
+    bounds = [b.constant(f"batch.{key}", [value], dtype=np.int64) for key, value in
+              (("starts", 0), ("ends", 1), ("axes", 0))]
+    target = b.node("Concat", [b.node("Slice", [shape] + bounds, "batch"),
+                               b.constant("width", [8], dtype=np.int32)], "flat_shape_int32", axis=0)
+    target = b.node("Cast", [target], "flat_shape", to=TensorProto.INT64)
+    heads.append(b.node("MatMul", [b.node("Reshape", [nhwc, target], "flat"), weight], "dense_shaped"))
+    g = b.node("Relu", [b.conv("conv_map", nchw, 3, 6, kernel=2, strides=[4, 4])], "relu_map")
+    g = b.node("Transpose", [b.node("MaxPool", [g], "pool", kernel_shape=[2, 2], strides=[2, 2])], "map_nhwc",
+               perm=[0, 2, 3, 1])
+    heads.append(b.matmul("dense_map", b.node("Reshape", [g, b.constant("map_shape", [-1, 24], dtype=np.int64)],
+                                              "flat_map"), 24, 4))
+    total = b.node("Add", [b.node("Add", heads[:2], "sum_a"), b.node("Add", heads[2:], "sum_b")], "sum")
+    b.node("Add", [total, b.bias("dense.bias", (4,))], "out")
+    b.output("out", ["N", 4])
+    return b.build()
+
+
+ZOO.update({"paddle_flatten": paddle_flatten, "tf2onnx_head": tf2onnx_head})
