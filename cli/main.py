@@ -154,7 +154,11 @@ def main() -> None:
               help="Channels per group: PFP's error-bound allocation, or the same fraction everywhere.")
 @click.option("--recovery", type=click.Choice(RECOVERIES), default="lstsq", show_default=True,
               help="Training-free recovery of the layers reading pruned channels: fold the removed channels' "
-                   "mean into the bias, or re-fit kept weights by least squares on the calibration data.")
+                   "mean into the bias, re-fit kept weights by least squares on the original's activations "
+                   "(lstsq), or on the pruned model's own, layer after layer (sequential).")
+@click.option("--refit-passes", type=click.IntRange(min=1), default=None, metavar="N",
+              help="sequential: passes over the calibration points (fewer is faster; layers re-fitted in one "
+                   "pass do not see each other's re-fit).  [default: one per layer depth]")
 @_run_options
 @click.option("--exclude", "exclude", multiple=True, metavar="NODE",
               help="Keep this node's channels untouched (repeatable).")
@@ -167,7 +171,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print every frozen reason and each output's errors.")
 @_handled_errors
-def compress_command(model, data, budget, budget_of, output, mode, criterion, allocation, recovery, holdout,
+def compress_command(model, data, budget, budget_of, output, mode, criterion, allocation, recovery, refit_passes,
+                     holdout,
                      batch_size, seed, device, exclude, exclude_ops, round_to, external_data, report_path, quiet,
                      verbose):
     """Prune MODEL to keep BUDGET of its layer weights (or MACs) and write a smaller dense ONNX model."""
@@ -178,7 +183,7 @@ def compress_command(model, data, budget, budget_of, output, mode, criterion, al
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
                       recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
                       exclude=exclude, exclude_ops=exclude_ops, round_to=round_to, budget_of=budget_of,
-                      progress=_progress_printer(quiet))
+                      refit_passes=refit_passes, progress=_progress_printer(quiet))
     save_model(result.model, output_path, external_data=external_data)
     try:
         if report_path is not None:

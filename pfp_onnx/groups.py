@@ -7,8 +7,10 @@ freeze groups that reach anything the rules cannot prove safe.
 
 A tensor's channel axis is an ordered list of groups: one group after a layer, several after a Concat.
 A Split (or an Add aligning two differently composed tensors) *refines* a group: its channels are cut
-into two groups at a boundary, and every slice recorded so far is cut with it. The result, a
-ChannelAnalysis, is the one model of the graph that capture, allocation and rewrite all use.
+into two groups at a boundary, and every slice recorded so far is cut with it. Shape-valued tensors
+(a reshape target computed from Shape) are followed entry by entry (Dim): a channel count read as a
+number must be proved to follow the pruned width, or its groups freeze. The result, a ChannelAnalysis,
+is the one model of the graph that capture, allocation and rewrite all use.
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ carry an input's channels (pass-through, possibly moving the channel axis), coup
 constants to slice or counts to rewrite, or freeze. Any input carrying channels that a rule does not
 claim freezes its groups, so forgetting a case is always safe. Operators absent from RULES freeze every
 group they touch.
+
+Shape and the integer arithmetic exporters build reshape targets with (Gather, Slice, Cast, Unsqueeze,
+Concat) compute values, not channels: their entries wrap the channel rule (_computes_shapes) and record
+each entry's origin (groups.Dim). An entry that is a channel axis' size and reaches anything but a
+Reshape that proves it right freezes that axis' groups, just as an unclaimed input does.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from typing import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from pfp_onnx.groups import Channels, ChannelTracer, ConvGeometry, Layer, WeightSlice
+from pfp_onnx.groups import Channels, ChannelTracer, ConvGeometry, Dim, Layer, WeightSlice
 
 Rule = Callable[[gs.Node, ChannelTracer], None]
+# Shape arithmetic: the entries of a node's shape-valued inputs (None for an empty input) → its output's.
+ShapeArithmetic = Callable[[gs.Node, ChannelTracer, list], tuple[Dim, ...] | None]
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -205,6 +212,8 @@ def _dense(node: gs.Node, tracer: ChannelTracer, *, in_by_out: bool, bias_index:
             slices.append((bias_index, bias.ndim - 1, "param"))
     output = node.outputs[0]
     output_shape = tracer.shape(output)
+    if output_shape is None and data_shape is not None:
+        output_shape = tuple(data_shape[:-1]) + (out_units,)
     out_groups: tuple[int, ...] = ()
     if slices is not None:
         rank = _rank(tracer, output, len(data_shape) if data_shape else 2)
@@ -313,11 +322,34 @@ def elementwise(node: gs.Node, tracer: ChannelTracer) -> None:
         if values is not None and shape[position] == width:
             tracer.add_slice(main, node, index, position, "param")
             continue
+        if values is None and shape is not None and _reshaped_constant(tracer, main, tensor, position, width):
+            continue
         what = f"a constant of shape {tuple(shape)}" if values is not None else f"untracked '{tensor.name}'"
         tracer.freeze(main, f"{node.op} '{node.name}' combines the channels with {what}")
         return
     output_rank = _rank(tracer, node.outputs[0], main.rank)
     tracer.follow(node.outputs[0], _moved(main, _channel_position(main, output_rank), output_rank))
+
+
+def _reshaped_constant(tracer: ChannelTracer, channels: Channels, tensor: gs.Tensor, position: int,
+                       width: int) -> bool:
+    """A per-channel constant that the graph reshapes before using it (Paddle and tf2onnx write a conv
+    bias as Reshape(bias [C], [1, C, 1, 1])): cut it as a parameter, rewrite the count in the target if
+    there is one. False, recording nothing, for any other tensor."""
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is None or producer.op != "Reshape" or len(tensor.outputs) != 1 or tensor.name in tracer.graph_outputs:
+        return False
+    source, target, shape = tracer.constant(producer.inputs[0]), tracer.dims(producer, 1), tracer.shape(tensor)
+    if source is None or source.ndim != 1 or source.size != width or target is None or len(target) != len(shape) \
+            or _product(shape) != width or any(entry.channels is not None for entry in target):
+        return False
+    entry = target[position]
+    if entry.value == width and entry.source is not None:
+        tracer.add_size_fix(*entry.source, channels.groups, channels.block)
+    elif entry.value != -1:
+        return False
+    tracer.add_slice(channels, producer, 0, 0, "param")
+    return True
 
 
 # ---- operators that move, select or combine channels -----------------------------------------------
@@ -503,50 +535,199 @@ def unsqueeze(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     tracer.follow(node.outputs[0], _moved(incoming, kept_positions[incoming.axis], rank))
 
 
-def _flatten_from_channel_axis(tracer: ChannelTracer, node: gs.Node, incoming: Channels) -> Channels | None:
-    """[..., C, d1, d2] → [..., C·d1·d2]: channel c then owns d1·d2 consecutive features."""
-    shape = tracer.shape(node.inputs[0])
-    inner = None if shape is None else _product(shape[incoming.axis + 1:])
-    if inner is None:
-        return None
-    return Channels(incoming.groups, incoming.axis, incoming.axis + 1, incoming.block * inner)
-
-
 @_reads_channels(0)
 def flatten(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
-    axis = int(node.attrs.get("axis", 1)) % max(incoming.rank, 1)
-    flat = _flatten_from_channel_axis(tracer, node, incoming) if axis == incoming.axis else None
-    if flat is None:
-        tracer.freeze(incoming, f"Flatten '{node.name}' does not start at the channel axis with known sizes")
+    """Flatten is a reshape to [d0 ⋯ d(axis−1), the rest]: from the channel axis on, channel c owns the
+    block of features after it; from before it, only when the axes in between have size 1 (tf2onnx's
+    NHWC [N, 1, 1, C])."""
+    shape = tracer.shape(node.inputs[0])
+    axis = int(node.attrs.get("axis", 1))
+    axis = axis + incoming.rank if axis < 0 else axis
+    output_shape = tracer.shape(node.outputs[0])
+    if output_shape is None and shape is not None:
+        output_shape = (_product(shape[:axis]), _product(shape[axis:]))
+    landing = _channel_landing(shape, output_shape, incoming, tracer.width(incoming))
+    if landing is None:
+        tracer.freeze(incoming, f"Flatten '{node.name}' does not keep the channels in whole blocks")
         return
-    tracer.follow(node.outputs[0], _moved(flat, 1, 2))
+    tracer.follow(node.outputs[0], Channels(incoming.groups, landing[0], 2, landing[1]))
 
 
 @_reads_channels(0, 1)
 def reshape(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
-    """Reshapes that flatten from the channel axis on, or append size-1 axes after it."""
-    target = tracer.constant(node.inputs[1])
-    input_shape, output_shape = tracer.shape(node.inputs[0]), tracer.shape(node.outputs[0])
-    axis, width = incoming.axis, tracer.width(incoming)
-    fine = (target is not None and target.ndim == 1 and input_shape is not None and output_shape is not None
-            and None not in output_shape[1:] and not (node.attrs.get("allowzero", 0) and 0 in target)
-            and tuple(input_shape[:axis])[1:] == tuple(output_shape[:axis])[1:] and len(output_shape) > axis)
-    carried = None
-    if fine and len(output_shape) == axis + 1:
-        carried = _flatten_from_channel_axis(tracer, node, incoming)
-    elif fine and output_shape[axis] == width * incoming.block and _product(output_shape[axis + 1:]) == 1 \
-            and _product(input_shape[axis + 1:]) == 1:
-        carried = _moved(incoming, axis, len(output_shape))
-    if carried is None or output_shape[axis] != width * carried.block:
+    """Reshapes that keep each channel's entries one run along one axis: flattening from the channel axis
+    on, merging the axes after it, dropping or adding size-1 axes (Paddle's and tf2onnx's flatten after a
+    global pool). The target, constant or computed from Shape, must follow the pruned width."""
+    input_shape, target = tracer.shape(node.inputs[0]), tracer.dims(node, 1)
+    output_shape = tracer.shape(node.outputs[0])
+    if output_shape is None:  # ONNX's data propagation leaves computed targets open before opset 13
+        output_shape = _target_shape(input_shape, target, node.attrs.get("allowzero", 0))
+        tracer.learn_shape(node.outputs[0], output_shape)
+    landing = _channel_landing(input_shape, output_shape, incoming, tracer.width(incoming))
+    if landing is None:
         tracer.freeze(incoming, f"Reshape '{node.name}' does not keep the channels in whole blocks")
         return
-    entry = int(target[axis])
-    if entry == width * carried.block:
-        tracer.add_size_fix(node, 1, axis, incoming.groups, carried.block)
-    elif entry != -1 and not (entry == 0 and carried.block == incoming.block):
-        tracer.freeze(incoming, f"Reshape '{node.name}' has a target shape pfp-onnx cannot rewrite")
+    axis, block = landing
+    problem = _target_problem(tracer, node, target, output_shape, incoming, axis, block)
+    if problem is not None:
+        tracer.freeze(incoming, problem)
         return
-    tracer.follow(node.outputs[0], carried)
+    entry = target[axis]
+    if entry.channels is None and entry.value == tracer.width(incoming) * block:
+        tracer.add_size_fix(*entry.source, incoming.groups, block)
+    tracer.read_dims(1)
+    tracer.follow(node.outputs[0], Channels(incoming.groups, axis, len(output_shape), block))
+
+
+def _target_shape(input_shape, target: tuple[Dim, ...] | None, allowzero: int):
+    """The shape a Reshape's target gives its output (0 copies the input's size, -1 takes what is left;
+    None where the target's entry is unknown, a dynamic batch read by Shape)."""
+    if input_shape is None or target is None:
+        return None
+    sizes = [entry.value for entry in target]
+    if not allowzero:
+        sizes = [input_shape[position] if size == 0 and position < len(input_shape) else size
+                 for position, size in enumerate(sizes)]
+    if sizes.count(-1) > 1 or -1 in sizes and None in sizes:
+        return None
+    if -1 in sizes:
+        total, known = _product(input_shape), _product([size for size in sizes if size != -1])
+        if total is None or not known or total % known:
+            return None
+        sizes[sizes.index(-1)] = total // known
+    return tuple(sizes)
+
+
+def _channel_landing(input_shape, output_shape, incoming: Channels, width: int) -> tuple[int, int] | None:
+    """(output axis, entries per channel along it) when a reshape leaves channel c's entries at positions
+    c·block … c·block + block − 1 of one output axis; None when they spread over several axes."""
+    if input_shape is None or output_shape is None:
+        return None
+    per_channel = _product(input_shape[incoming.axis + 1:])
+    if per_channel is None:
+        return None
+    per_channel *= incoming.block
+    for axis in range(len(output_shape)):
+        after = _product(output_shape[axis + 1:])
+        if after is None or per_channel % after or output_shape[axis] != width * (per_channel // after):
+            continue
+        if _same_product(input_shape[:incoming.axis], output_shape[:axis]):
+            return axis, per_channel // after
+    return None
+
+
+def _same_product(first, second) -> bool:
+    """Whether two runs of leading dims hold as many entries (an unknown batch leading both cancels)."""
+    if first and second and first[0] is None and second[0] is None:
+        first, second = first[1:], second[1:]
+    size = _product(first)
+    return size is not None and size == _product(second)
+
+
+def _target_problem(tracer: ChannelTracer, node: gs.Node, target: tuple[Dim, ...] | None, output_shape,
+                    incoming: Channels, axis: int, block: int) -> str | None:
+    """Why a Reshape's target would not give the pruned shape, or None when it does: its entry for the
+    channel axis is -1, a 0 copying that same axis, the axis' size read by Shape, or a constant count that
+    can be rewritten; every other entry stays what it is."""
+    name = f"Reshape '{node.name}'"
+    if target is None or len(target) != len(output_shape):
+        return f"{name} has a target shape pfp-onnx cannot follow"
+    copies = not node.attrs.get("allowzero", 0)  # 0 copies the input's size there
+    for position, entry in enumerate(target):
+        if position != axis and (entry.channels is not None or copies and entry.value == 0
+                                 and position == incoming.axis):
+            return f"{name} has a target entry {position} that counts channels but is not the channel axis"
+    entry = target[axis]
+    if entry.channels is not None:
+        if tracer.same_channels(entry.channels, incoming) and entry.channels.block == block:
+            return None
+        return f"{name} takes the width of its channel axis from another tensor's channels"
+    if entry.value == -1 or copies and entry.value == 0 and axis == incoming.axis and block == incoming.block:
+        return None
+    sources = [other.source for other in target]
+    if entry.value == tracer.width(incoming) * block and entry.source is not None and sources.count(entry.source) == 1:
+        return None
+    return f"{name} has a target shape pfp-onnx cannot rewrite"
+
+
+# ---- shape arithmetic ------------------------------------------------------------------------------
+# Exporters compute reshape targets from Shape: torch's `x.view(x.size(0), -1)` is Shape → Gather → Unsqueeze
+# → Concat, Paddle's flatten Shape → Slice → Concat with the width as a constant, tf2onnx's the same behind
+# Casts. These rules compute such values entry by entry (groups.Dim), so that Reshape can check them.
+def shape_of(node: gs.Node, tracer: ChannelTracer) -> None:
+    """Shape reads no values: its input's channels go on, and its entries are the input's sizes, the
+    channel axis' among them (whose readers must follow the pruned width, or freeze it)."""
+    tracer.claim(0)
+    incoming = tracer.channels(node.inputs[0])
+    shape = tracer.shape(node.inputs[0])
+    if shape is None and incoming is not None:
+        shape = (None,) * incoming.rank
+    if shape is None:
+        return
+    dims = [Dim(size, incoming if incoming is not None and axis == incoming.axis else None)
+            for axis, size in enumerate(shape)]
+    # opset 15's start and end clamp as Python's slices do
+    tracer.follow_dims(node.outputs[0], tuple(dims[node.attrs.get("start", 0):node.attrs.get("end", len(dims))]))
+
+
+def _computes_shapes(arithmetic: ShapeArithmetic, rule: Rule | None = None) -> Rule:
+    """An operator that also does shape arithmetic. Where every input is a shape value or a small integer
+    constant, `arithmetic` gives the output's entries (None when it cannot: then the channel counts those
+    inputs hold freeze); otherwise `rule` handles channels, or, without one, the channels freeze."""
+    def apply(node: gs.Node, tracer: ChannelTracer) -> None:
+        inputs = [None if tensor.is_empty() else tracer.dims(node, index) for index, tensor in enumerate(node.inputs)]
+        if all(dims is not None for dims, tensor in zip(inputs, node.inputs) if not tensor.is_empty()) \
+                and not any(tracer.channels(tensor) for tensor in node.inputs):
+            tracer.claim(*range(len(node.inputs)))
+            result = arithmetic(node, tracer, inputs)
+            if result is not None:
+                tracer.follow_dims(node.outputs[0], result)
+                tracer.read_dims(*range(len(node.inputs)))
+        elif rule is not None:
+            rule(node, tracer)
+        else:
+            tracer.freeze_inputs(node, f"{node.op} '{node.name}' has no channel rule")
+    return apply
+
+
+INTEGER_TYPES = (2, 3, 4, 5, 6, 7, 12, 13)  # onnx.TensorProto's (u)int8 … (u)int64
+
+
+def _same_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    """Identity, and Cast to an integer type (tf2onnx and Paddle cast shapes to int32 and back)."""
+    return inputs[0] if node.op != "Cast" or node.attrs.get("to") in INTEGER_TYPES else None
+
+
+def _gather_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    indices = tracer.constant(node.inputs[1])
+    if indices is None or indices.ndim > 1 or int(node.attrs.get("axis", 0)) not in (0, -1):
+        return None
+    if any(not -len(inputs[0]) <= index < len(inputs[0]) for index in indices.reshape(-1)):
+        return None
+    return tuple(inputs[0][int(index)] for index in indices.reshape(-1))  # negative indices wrap, as in ONNX
+
+
+def _slice_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    starts, ends = _int_list(tracer, node, 1, "starts"), _int_list(tracer, node, 2, "ends")
+    axes, steps = _int_list(tracer, node, 3, "axes") or [0], _int_list(tracer, node, 4, None) or [1]
+    if not starts or not ends or len(starts) != 1 or axes not in ([0], [-1]) or steps[0] == 0:
+        return None
+    return inputs[0][starts[0]:ends[0]:steps[0]]  # ONNX clamps the bounds as Python's slices do
+
+
+def _unsqueeze_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    """A scalar made a 1-element vector (the pieces torch's exporter concatenates)."""
+    return inputs[0] if tracer.shape(node.inputs[0]) == () and tracer.shape(node.outputs[0]) == (1,) else None
+
+
+def _squeeze_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    return inputs[0] if tracer.shape(node.inputs[0]) == (1,) and tracer.shape(node.outputs[0]) == () else None
+
+
+def _concat_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    if any(len(tracer.shape(tensor) or ()) != 1 for tensor in node.inputs):
+        return None
+    return tuple(dim for dims in inputs for dim in dims)
 
 
 def _opset(tracer: ChannelTracer) -> int:
@@ -555,8 +736,7 @@ def _opset(tracer: ChannelTracer) -> int:
 
 ELEMENTWISE_UNARY = ("Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
                      "Softplus", "Softsign", "Celu", "ThresholdedRelu", "Mish", "Gelu", "Erf", "Abs", "Neg",
-                     "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Dropout", "Identity",
-                     "Cast")
+                     "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Dropout")
 POOLING = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool")
 ELEMENTWISE_NARY = ("Add", "Sub", "Mul", "Div", "PRelu", "Sum", "Max", "Min", "Mean", "Pow")
 REDUCTIONS = ("ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -571,17 +751,21 @@ RULES: dict[str, Rule] = {
     "InstanceNormalization": channel_normalization,
     "Flatten": flatten,
     "Reshape": reshape,
-    "Concat": concat,
+    "Concat": _computes_shapes(_concat_values, concat),
     "Split": split,
-    "Slice": slice_,
+    "Slice": _computes_shapes(_slice_values, slice_),
     "Resize": resize,
     "Upsample": resize,
     "Pad": pad,
     "Softmax": softmax,
     "LogSoftmax": softmax,
     "Transpose": transpose,
-    "Squeeze": squeeze,
-    "Unsqueeze": unsqueeze,
+    "Squeeze": _computes_shapes(_squeeze_values, squeeze),
+    "Unsqueeze": _computes_shapes(_unsqueeze_values, unsqueeze),
+    "Identity": _computes_shapes(_same_values, passthrough),
+    "Cast": _computes_shapes(_same_values, passthrough),
+    "Shape": shape_of,
+    "Gather": _computes_shapes(_gather_values),
     **{op: elementwise for op in ELEMENTWISE_NARY},
     **{op: passthrough for op in ELEMENTWISE_UNARY},
     **{op: spatial for op in POOLING},

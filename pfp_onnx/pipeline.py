@@ -32,6 +32,7 @@ from pfp_onnx.report import CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, choose_device
 from pfp_onnx.select import Selection, select_channels
+from pfp_onnx.sequential import ALL_DEPTHS, sequential_replacements
 from pfp_onnx.verify import ReferenceOutputs, Verification, blame, check_runs, runtime_failure, verify
 from pfp_onnx.version import __version__
 
@@ -89,7 +90,8 @@ class Method:
     criterion: str = "pfp"  # pfp | l1 | l2 | random
     allocation: str = "pfp"  # pfp | uniform
     mode: str = "deterministic"  # deterministic | randomized | hybrid (PFP sampling)
-    recovery: str = "lstsq"  # none | bias | lstsq (training-free, after selection; lstsq won on both fixtures)
+    recovery: str = "lstsq"  # none | bias | lstsq | sequential (training-free, after selection)
+    refit_passes: int | None = None  # sequential: passes over the points (None: one per layer depth)
 
     def check(self) -> Method:
         for value, allowed, option in ((self.criterion, CRITERIA, "--criterion"),
@@ -97,6 +99,9 @@ class Method:
                                        (self.recovery, RECOVERIES, "--recovery")):
             if value not in allowed:
                 raise OptionError(f"Unknown {option} '{value}'; use one of {', '.join(allowed)}.")
+        if self.refit_passes is not None and (isinstance(self.refit_passes, bool) or int(self.refit_passes) < 1
+                                              or int(self.refit_passes) != self.refit_passes):
+            raise OptionError(f"--refit-passes takes a whole number of at least 1; got {self.refit_passes}.")
         return self
 
     @property
@@ -230,6 +235,11 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     changes = None
     if method.recovery != "none":
         changes = replacements(proto, analysis, selections, prepared.statistics, method.recovery)
+    refit_seconds = {}
+    if method.recovery == "sequential":
+        stage_start = time.perf_counter()
+        changes = _sequential(prepared, selections, changes, method, progress)
+        refit_seconds["refit"] = time.perf_counter() - stage_start
     pruned = with_metadata(rewrite(proto, analysis, selections, changes), {
         "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
         "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.round_to": str(round_to),
@@ -237,7 +247,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     if prepared.holdout_part is None:  # otherwise verification runs it, and blames a failure the same way
         check_runs(pruned, next(prepared.sensitivity_part.batches(_fixed_batch(proto) or 1)), prepared.device,
                    original=prepared.original, name=prepared.name)
-    seconds = dict(prepared.seconds, rewrite=time.perf_counter() - started)
+    seconds = dict(prepared.seconds, **refit_seconds)
+    seconds["rewrite"] = time.perf_counter() - started - sum(refit_seconds.values())
     epsilon = None if math.isnan(allocation.epsilon) else allocation.epsilon
     verification = None
     if prepared.holdout_part is not None:
@@ -266,11 +277,29 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     return CompressResult(pruned, report, analysis, selections, notes, changes or {}, proto)
 
 
+def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes: dict, method: Method,
+                progress: Progress | None) -> dict:
+    """Re-fit the one-pass weights on the pruned model's own activations (pfp_onnx.sequential), each pass
+    reported as a stage of its own."""
+    points = prepared.sensitivity_part
+
+    def on_pass(index: int, count: int):
+        return _stage_progress(progress, f"refit {index + 1}/{count}", points.count)
+
+    try:
+        return sequential_replacements(prepared.model, prepared.original, prepared.analysis, selections, changes,
+                                       lambda: points.batches(prepared.batch_size), prepared.device,
+                                       passes=method.refit_passes or ALL_DEPTHS, on_pass=on_pass)
+    except ONNXRUNTIME_ERRORS as exc:
+        raise blame(exc, prepared.original, prepared.name, points.batches(prepared.batch_size),
+                    prepared.device) from exc
+
+
 def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
              criterion: str = "pfp", allocation: str = "pfp", recovery: str = "lstsq", holdout: float = 0.2,
              batch_size: int = 32, seed: int = 0, device: str = "auto", exclude: Sequence[str] = (),
              exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights",
-             progress: Progress | None = None) -> CompressResult:
+             refit_passes: int | None = None, progress: Progress | None = None) -> CompressResult:
     """Prune `model` to keep `budget` of its prunable-layer weights (budget_of="macs": of their
     multiply-accumulates per point), guided by PFP sensitivities.
 
@@ -279,7 +308,7 @@ def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str =
     pruned widths multiples of 8 where that makes them fast (pfp_onnx.allocate.multiple); 1 keeps PFP's
     exact counts.
     """
-    method = Method(criterion, allocation, mode, recovery).check()
+    method = Method(criterion, allocation, mode, recovery, refit_passes).check()
     prepared = prepare(model, data, budgets=[budget], methods=[method], holdout=holdout, batch_size=batch_size,
                        seed=seed, device=device, exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
                        budget_of=budget_of, progress=progress)

@@ -17,7 +17,9 @@ from pfp_onnx.model import from_graph, to_graph
 from pfp_onnx.recover import ConvPatches, FeatureStatistics, compensate_bias, reconstruct
 from pfp_onnx.select import Selection
 
-RECOVERIES = ("none", "bias", "lstsq")
+# In increasing order of what they collect and cost: sequential starts from lstsq's one-pass weights.
+RECOVERIES = ("none", "bias", "lstsq", "sequential")
+LEAST_SQUARES = ("lstsq", "sequential")
 # Above this many input features (C·K) a layer's Gram matrix ((C·K+1)² float64, 32 MB at 2048) is not
 # collected, and least squares falls back to bias compensation for that layer; all Gram matrices
 # together stay under GRAM_TOTAL_BYTES (the first layers in graph order get theirs).
@@ -33,11 +35,14 @@ def recoverable_layers(analysis: ChannelAnalysis) -> list[Layer]:
 
 
 def bias_site(node: gs.Node) -> tuple[gs.Node, int] | None:
-    """Where a layer's per-filter bias lives: its own input 2, or for MatMul the constant of the Add that
-    alone consumes its output (a [F] vector). None when there is none yet."""
+    """Where a layer's per-filter bias lives: its own input 2 when that is a constant of one value per
+    filter, or for MatMul the constant of the Add that alone consumes its output (a [F] vector). None when
+    there is none yet, or only a broadcast one (with_zero_biases makes it per-filter)."""
+    filters = _filters(node)
     if node.op != "MatMul":
-        return (node, 2) if len(node.inputs) > 2 and not node.inputs[2].is_empty() else None
-    filters = np.asarray(node.inputs[1].values).shape[-1]
+        if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant) and node.inputs[2].values.size == filters:
+            return node, 2
+        return None
     users = node.outputs[0].outputs
     if len(users) == 1 and users[0].op == "Add":
         for index, tensor in enumerate(users[0].inputs):
@@ -46,13 +51,20 @@ def bias_site(node: gs.Node) -> tuple[gs.Node, int] | None:
     return None
 
 
+def _filters(node: gs.Node) -> int:
+    weight = np.asarray(node.inputs[1].values)
+    if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)):
+        return weight.shape[0]
+    return weight.shape[-1]
+
+
 def new_statistics(analysis: ChannelAnalysis, recovery: str) -> dict[str, FeatureStatistics]:
     """Per recoverable layer, the moments to collect: means always, Gram matrices for lstsq within limits."""
     statistics, gram_bytes = {}, 0
     for layer in recoverable_layers(analysis):
         features = layer.in_units * layer.in_block * layer.kernel
         size = 8 * (features + 1) ** 2
-        gram = recovery == "lstsq" and features <= GRAM_FEATURE_LIMIT and gram_bytes + size <= GRAM_TOTAL_BYTES
+        gram = recovery in LEAST_SQUARES and features <= GRAM_FEATURE_LIMIT and gram_bytes + size <= GRAM_TOTAL_BYTES
         gram_bytes += size if gram else 0
         statistics[layer.node] = FeatureStatistics(features, gram=gram, fast=True)
     return statistics
@@ -78,16 +90,19 @@ def replacements(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: 
     result = {}
     for name, stats in statistics.items():
         layer, node = layers[name], nodes[name]
-        kept, scale = _kept_features(analysis, selections, layer)
+        kept, scale = kept_features(analysis, selections, layer)
         features = layer.in_units * layer.in_block * layer.kernel
         if len(kept) == features:
             continue
+        site = bias_site(node)
+        if site is None:  # no per-filter bias to correct (with_zero_biases found none it could add)
+            continue
         weight = np.asarray(node.inputs[1].values)
-        matrix = _as_out_by_features(weight, layer)
-        bias_node, bias_index = bias_site(node)
+        matrix = as_out_by_features(weight, layer)
+        bias_node, bias_index = site
         old_bias = np.asarray(bias_node.inputs[bias_index].values)
         bias = old_bias.astype(np.float64).reshape(-1)
-        if recovery == "lstsq" and stats.has_gram:
+        if recovery in LEAST_SQUARES and stats.has_gram:
             matrix, bias = reconstruct(matrix, bias, stats, kept, ridge=ridge)
         else:
             removed = np.setdiff1d(np.arange(features), kept)
@@ -96,12 +111,12 @@ def replacements(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: 
             matrix[:, removed] = 0
         matrix = np.array(matrix, dtype=np.float64)
         matrix[:, kept] /= scale
-        result[(name, 1)] = _from_out_by_features(matrix, weight, layer).astype(weight.dtype)
+        result[(name, 1)] = from_out_by_features(matrix, weight, layer).astype(weight.dtype)
         result[(bias_node.name, bias_index)] = bias.reshape(old_bias.shape).astype(old_bias.dtype)
     return result
 
 
-def _kept_features(analysis: ChannelAnalysis, selections: Mapping[int, Selection],
+def kept_features(analysis: ChannelAnalysis, selections: Mapping[int, Selection],
                    layer: Layer) -> tuple[np.ndarray, np.ndarray]:
     """Feature indices (c·block·K + j) the pruned layer still reads, and each one's selection scale."""
     per_channel = layer.in_block * layer.kernel
@@ -121,13 +136,13 @@ def _kept_features(analysis: ChannelAnalysis, selections: Mapping[int, Selection
     return np.concatenate(kept), np.concatenate(scales)
 
 
-def _as_out_by_features(weight: np.ndarray, layer: Layer) -> np.ndarray:
+def as_out_by_features(weight: np.ndarray, layer: Layer) -> np.ndarray:
     if layer.conv is not None:
         return weight.reshape(weight.shape[0], -1).astype(np.float64)
     return (weight.T if layer.weight_is_in_by_out else weight).astype(np.float64)
 
 
-def _from_out_by_features(matrix: np.ndarray, weight: np.ndarray, layer: Layer) -> np.ndarray:
+def from_out_by_features(matrix: np.ndarray, weight: np.ndarray, layer: Layer) -> np.ndarray:
     if layer.conv is not None:
         return matrix.reshape(weight.shape)
     return matrix.T if layer.weight_is_in_by_out else matrix
@@ -142,18 +157,21 @@ def with_zero_biases(model: onnx.ModelProto, layer_names: set[str]) -> onnx.Mode
         if node.name not in layer_names or bias_site(node) is not None:
             continue
         weight = np.asarray(node.inputs[1].values)
-        if node.op == "Conv" or (node.op == "Gemm" and node.attrs.get("transB", 0)):
-            filters = weight.shape[0]
-        else:
-            filters = weight.shape[1]
+        filters = _filters(node)
+        if len(node.inputs) > 2 and not node.inputs[2].is_empty():
+            existing = node.inputs[2]
+            if not (isinstance(existing, gs.Constant) and existing.values.size == 1):
+                continue  # a bias per row, or computed: no per-filter place for a correction (replacements skip it)
+            values = np.full(filters, existing.values.reshape(-1)[0], dtype=existing.values.dtype)
+            node.inputs[2] = gs.Constant(f"{node.name}.pfp_bias", values)  # a broadcast bias, one per filter
+            changed = True
+            continue
         bias = gs.Constant(f"{node.name}.pfp_bias", np.zeros(filters, dtype=weight.dtype))
         if node.op == "MatMul":
             product = gs.Variable(f"{node.outputs[0].name}.pfp_unbiased", dtype=node.outputs[0].dtype)
             output = node.outputs[0]
             node.outputs[0] = product
             graph.nodes.append(gs.Node("Add", f"{node.name}.pfp_bias_add", inputs=[product, bias], outputs=[output]))
-        elif len(node.inputs) > 2:
-            node.inputs[2] = bias
         else:
             node.inputs.append(bias)
         changed = True

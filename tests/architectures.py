@@ -367,3 +367,38 @@ ARCHITECTURES: dict[str, Callable[[], onnx.ModelProto]] = {
 # side must hold ≥ 90% of the layer weights.
 MOSTLY_PRUNABLE = ("vgg", "resnet_basic", "resnet_bottleneck", "mobilenet_v2", "mobilenet_v3",
                    "efficientnet_mbconv", "densenet", "unet_fpn")
+
+
+def pp_lcnet() -> onnx.ModelProto:
+    """PP-LCNet as Paddle2ONNX writes it: weights in Constant nodes, a dynamic batch of dim_value -1,
+    depthwise-separable blocks with HardSwish written out, an SE in the last block, then global pooling
+    → the 1×1 `last_conv` (its bias added as Reshape(bias, [1, C, 1, 1])) → HardSwish → Dropout → the
+    flatten computed from Shape (Cast → Slice → Cast, concatenated with the width) → fc. That last conv
+    once froze, with most of the weights, on the flatten's Shape."""
+    b = _GraphBuilder("pp_lcnet", seed=114, constant_nodes=True)
+    h = b.input("x", [-1, 3, SIZE, SIZE])
+    h = hard_swish_written_out(b, "stem.hswish", conv_bn(b, "stem", h, 3, 8, stride=2))      # [N,8,8,8]
+    for name, in_channels, out_channels, stride in (("block1", 8, 16, 1), ("block2", 16, 24, 2)):
+        h = hard_swish_written_out(b, f"{name}.dw.hswish", conv_bn(b, f"{name}.dw", h, in_channels, in_channels,
+                                                                   stride=stride, group=in_channels))
+        if name == "block2":
+            h = squeeze_excite(b, f"{name}.se", h, in_channels, 4)
+        h = hard_swish_written_out(b, f"{name}.pw.hswish", conv_bn(b, f"{name}.pw", h, in_channels, out_channels, 1))
+    h = b.conv("last_conv", b.node("GlobalAveragePool", [h], "gap"), 24, 48, 1, bias=False)  # [N,48,1,1]
+    bias = b.node("Reshape", [b.bias("last_conv.bias", (48,)),
+                              b.constant("last_conv.bias_shape", [1, 48, 1, 1], dtype=np.int64)], "last_conv.bias_4d")
+    h = hard_swish_written_out(b, "last.hswish", b.node("Add", [h, bias], "last_conv.add"))
+    h = b.node("Dropout", [h], "dropout")
+    shape = b.node("Cast", [b.node("Shape", [h], "shape")], "shape_int32", to=onnx.TensorProto.INT32)
+    bounds = [b.constant(f"batch.{key}", [value], dtype=np.int64)
+              for key, value in (("starts", 0), ("ends", 1), ("axes", 0), ("steps", 1))]
+    batch = b.node("Cast", [b.node("Slice", [shape] + bounds, "batch")], "batch_int64", to=onnx.TensorProto.INT64)
+    width = b.node("Cast", [b.constant("width", [48], dtype=np.int32)], "width_int64", to=onnx.TensorProto.INT64)
+    h = b.node("Reshape", [h, b.node("Concat", [batch, width], "flat_shape", axis=-1)], "flat")
+    b.gemm("logits", h, 48, 10)
+    b.output("logits", [-1, 10])
+    return b.build()
+
+
+ARCHITECTURES["pp_lcnet"] = pp_lcnet
+MOSTLY_PRUNABLE += ("pp_lcnet",)

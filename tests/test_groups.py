@@ -238,6 +238,21 @@ def test_residual_layers():
     assert layer(analysis, "b.proj").positions == 64 and layer(analysis, "stem.conv").positions == 256
 
 
+
+def test_dense_rows_are_counted_per_point_when_tokens_are_folded_into_the_batch():
+    """An exporter that runs a dense layer on [N·T, F] (tokens folded into the batch) gives T rows per
+    point: with a fixed batch of 2 and 3 tokens, dense1 sees 6 rows per run, 3 per point."""
+    from zoo import _GraphBuilder
+
+    b = _GraphBuilder("folded_tokens", seed=0)
+    h = b.node("Reshape", [b.input("x", [2, 3, 8]), b.constant("fold.shape", [-1, 8], dtype=np.int64)], "fold")
+    h = b.matmul("dense2", b.node("Relu", [b.matmul("dense1", h, 8, 5)], "relu"), 5, 4)  # [6, 4]
+    b.node("Reshape", [h, b.constant("unfold.shape", [2, 3, 4], dtype=np.int64)], "out")
+    b.output("out", [2, 3, 4])
+    model = b.build()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    assert [(each.node, each.positions) for each in analysis.layers] == [("dense1", 3), ("dense2", 3)]
+
 # ---- Constant nodes and dynamic shapes -------------------------------------------------------------------
 def test_constant_node_weights_are_found():
     analysis = analyse("constant_nodes_dynamic")
@@ -305,6 +320,36 @@ def test_shape_ops_carry_channels_through_pad_reductions_squeeze_and_unsqueeze()
     assert (first.consumers, second.consumers) == (("conv_d",), ("conv_e",))
     assert analysis.size_fixes == (SizeFix("split", 1, 0, (first.id,)), SizeFix("split", 1, 1, (second.id,)))
 
+
+def test_layout_ops_move_the_channels_and_keep_their_offsets_and_blocks():
+    """layout_ops: conv_a's channels sit after the input's 3 in the Concat, survive an Unsqueeze and
+    Squeeze in front of the channel axis, and reach the ConvTranspose's weight on its axis 0 at offset 3;
+    the ConvTranspose's own filters are its weight's axis 1; conv_b's 36 features per channel survive a
+    second Flatten."""
+    analysis = analyse("layout_ops")
+    conv_a = group_of(analysis, "conv_a")
+    assert conv_a.prunable and conv_a.tensors == ("conv_a", "relu_a", "concat", "unsqueeze", "squeeze")
+    assert consumer_slices(conv_a) == {"up": WeightSlice("up", 1, 0, "consumer", 1, 3)}
+    up = group_of(analysis, "up")
+    assert up.prunable and set(up.slices) == {
+        WeightSlice("up", 1, 1, "producer"), WeightSlice("up", 2, 0, "param"), WeightSlice("conv_b", 1, 1, "consumer")}
+    assert consumer_slices(group_of(analysis, "conv_b")) == {"logits": WeightSlice("logits", 1, 1, "consumer", 36)}
+    assert [group.producers for group in analysis.prunable_groups] == [("conv_a",), ("up",), ("conv_b",)]
+
+
+def test_pad_at_the_end_of_the_channel_axis_freezes():
+    """Padding only after the last channel adds channels as surely as padding before the first."""
+    from zoo import _GraphBuilder
+
+    b = _GraphBuilder("pad_channel_end", seed=0)
+    h = b.conv("conv_a", b.input("x", ["N", 3, 4, 4]), 3, 4, kernel=1)
+    h = b.node("Pad", [h, b.constant("pads", [0, 0, 0, 0, 0, 2, 0, 0], dtype=np.int64)], "pad")   # [N,6,4,4]
+    h = b.node("Flatten", [b.node("GlobalAveragePool", [b.conv("conv_b", h, 6, 5, kernel=1)], "gap")], "flat")
+    b.gemm("logits", h, 5, 3)
+    b.output("logits", ["N", 3])
+    model = b.build()
+    group = group_of(analyse_channel_groups(model, input_shapes(model)), "conv_a")
+    assert not group.prunable and any("pads the channel axis" in reason for reason in group.frozen)
 
 def test_legacy_attribute_axes_and_split_sizes():
     analysis = analyse("legacy_axes")
@@ -447,3 +492,225 @@ def test_operators_are_read_as_their_opset_defines_them(case):
     for kept in ([0, 2, 5], [3]):
         scale = np.linspace(0.5, 2.0, len(kept)).astype(np.float32)
         prune_and_check(model, analysis, {group.id: Selection(np.array(kept), scale)}, feeds)
+
+
+# ---- reshape targets computed in the graph, as exporters write them ------------------------------------
+def _int64(b, name: str, values) -> str:
+    return b.constant(name, values, dtype=np.int64)
+
+
+def _batch_size(b, tensor: str, name: str = "n") -> str:
+    """torch's x.size(0): Shape → Gather(0) → Unsqueeze, a 1-element vector."""
+    size = b.node("Gather", [b.node("Shape", [tensor], f"{name}.shape"), _int64(b, f"{name}.index", 0)], name, axis=0)
+    return b.node("Unsqueeze", [size, _int64(b, f"{name}.axes", [0])], f"{name}.vector")
+
+
+def _torch_view(b, h):
+    """x.view(x.size(0), -1) after global pooling (torch's TorchScript exporter)."""
+    pooled = b.node("GlobalAveragePool", [h], "gap")
+    target = b.node("Concat", [_batch_size(b, pooled), _int64(b, "rest", [-1])], "target", axis=0)
+    return b.gemm("dense", b.node("Reshape", [pooled, target], "flat"), 6, 4), ["N", 4]
+
+
+def _torch_reshape_n_c(b, h):
+    """x.reshape(x.shape[0], x.shape[1]): the width is the channel axis' size, read by Shape."""
+    pooled = b.node("GlobalAveragePool", [h], "gap")
+    width = b.node("Gather", [b.node("Shape", [pooled], "c.shape"), _int64(b, "c.index", 1)], "c", axis=0)
+    width = b.node("Unsqueeze", [width, _int64(b, "c.axes", [0])], "c.vector")
+    target = b.node("Concat", [_batch_size(b, pooled), width], "target", axis=0)
+    return b.gemm("dense", b.node("Reshape", [pooled, target], "flat"), 6, 4), ["N", 4]
+
+
+def _tokens(b, flat):
+    """[N, C, H·W] → Transpose → MatMul on the channels."""
+    return b.matmul("dense", b.node("Transpose", [flat], "tokens", perm=[0, 2, 1]), 6, 4), ["N", 16, 4]
+
+
+def _torch_flatten_2(b, h):
+    """x.flatten(2): Shape → Slice(0:2) → Concat with [-1] (TorchScript)."""
+    bounds = [_int64(b, f"head.{key}", [value]) for key, value in (("starts", 0), ("ends", 2), ("axes", 0))]
+    head = b.node("Slice", [b.node("Shape", [h], "shape")] + bounds, "head")
+    target = b.node("Concat", [head, _int64(b, "rest", [-1])], "target", axis=0)
+    return _tokens(b, b.node("Reshape", [h, target], "flat"))
+
+
+def _dynamo_flatten_2(b, h):
+    """x.flatten(2) from the dynamo exporter: a constant target with the width written out, allowzero=1."""
+    return _tokens(b, b.node("Reshape", [h, _int64(b, "target", [-1, 6, 16])], "flat", allowzero=1))
+
+
+def _copied_sizes(b, h):
+    """Reshape [0, 0, -1]: the 0s copy the batch and the channel axis, then a 1-D conv."""
+    flat = b.node("Reshape", [h, _int64(b, "target", [0, 0, -1])], "flat")
+    return b.node("Conv", [flat, b.weight("conv1d.weight", (4, 6, 1))], "conv1d", kernel_shape=[1]), ["N", 4, 16]
+
+
+def _paddle_flatten(b, h):
+    """Paddle: Shape → Cast(int32) → Slice(0:1) → Cast(int64), concatenated with Cast([C] int32)."""
+    pooled = b.node("GlobalAveragePool", [h], "gap")
+    shape = b.node("Cast", [b.node("Shape", [pooled], "shape")], "shape32", to=TensorProto.INT32)
+    bounds = [_int64(b, f"n.{key}", [value]) for key, value in (("starts", 0), ("ends", 1), ("axes", 0), ("steps", 1))]
+    batch = b.node("Cast", [b.node("Slice", [shape] + bounds, "n")], "n64", to=TensorProto.INT64)
+    width = b.node("Cast", [b.constant("width", [6], dtype=np.int32)], "width64", to=TensorProto.INT64)
+    target = b.node("Concat", [batch, width], "target", axis=-1)
+    return b.matmul("dense", b.node("Reshape", [pooled, target], "flat"), 6, 4), ["N", 4]
+
+
+def _shape_start_end(b, h):
+    """Shape(start=0, end=1) (opset 15) concatenated with the width."""
+    pooled = b.node("GlobalAveragePool", [h], "gap")
+    target = b.node("Concat", [b.node("Shape", [pooled], "n", start=0, end=1), _int64(b, "width", [6])], "target",
+                    axis=0)
+    return b.gemm("dense", b.node("Reshape", [pooled, target], "flat"), 6, 4), ["N", 4]
+
+
+def _nhwc_ones_then_flatten(b, h):
+    """tf2onnx: the NHWC transpose of [N, C, 1, 1] written as Reshape [-1, 1, 1, C], then Flatten."""
+    nhwc = b.node("Reshape", [b.node("GlobalAveragePool", [h], "gap"), _int64(b, "target", [-1, 1, 1, 6])], "nhwc")
+    return b.matmul("dense", b.node("Flatten", [nhwc], "flat"), 6, 4), ["N", 4]
+
+
+def _reshaped_bias(target):
+    """A per-channel constant reshaped in the graph before it is added (Paddle's and tf2onnx's conv bias)."""
+    def middle(b, h):
+        bias = b.node("Reshape", [b.bias("bias", (6,)), _int64(b, "bias.shape", target)], "bias_4d")
+        return b.conv("conv2", b.node("Relu", [b.node("Add", [h, bias], "add_bias")], "relu2"), 6, 4, kernel=1), \
+            ["N", 4, 4, 4]
+    return middle
+
+
+def _count_as_float(b, h):
+    """The channel count leaves shape arithmetic (cast to float and multiplied in): it cannot follow."""
+    count = b.node("ReduceProd", [b.node("Cast", [b.node("Shape", [h], "shape")], "count", to=TensorProto.FLOAT)],
+                   "elements", keepdims=0)
+    return b.node("Mul", [b.conv("conv2", h, 6, 4, kernel=1), count], "scaled"), ["N", 4, 4, 4]
+
+
+def _expanded_to_shape(b, h):
+    expanded = b.node("Expand", [b.constant("one", [1.0]), b.node("Shape", [h], "shape")], "expand")
+    return b.conv("conv2", b.node("Add", [h, expanded], "plus"), 6, 4, kernel=1), ["N", 4, 4, 4]
+
+
+def _width_of_another_tensor(b, h):
+    """Reshape(GAP(h), [N, C of other]) where `other` has as many channels, but its own group."""
+    other = b.node("Relu", [b.conv("conv_other", "x", 3, 6, kernel=1)], "other")
+    width = b.node("Gather", [b.node("Shape", [other], "c.shape"), _int64(b, "c.index", 1)], "c", axis=0)
+    target = b.node("Concat", [_batch_size(b, h), b.node("Unsqueeze", [width, _int64(b, "c.axes", [0])], "c.vector")],
+                    "target", axis=0)
+    flat = b.node("Reshape", [b.node("GlobalAveragePool", [h], "gap"), target], "flat")
+    other = b.gemm("dense_other", b.node("Flatten", [other], "other.flat"), 96, 4)
+    return b.node("Add", [b.gemm("dense", flat, 6, 4), other], "sum"), ["N", 4]
+
+
+def _one_target_for_two(b, h):
+    """One computed target [N, 6] reshapes two tensors of different groups: its 6 cannot be rewritten for
+    either without changing the other."""
+    other = b.node("GlobalAveragePool", [b.node("Relu", [b.conv("conv_other", "x", 3, 6, kernel=1)], "other")],
+                   "other.gap")
+    pooled = b.node("GlobalAveragePool", [h], "gap")
+    target = b.node("Concat", [_batch_size(b, pooled), _int64(b, "width", [6])], "target", axis=0)
+    flats = [b.node("Reshape", [tensor, target], f"flat{index}") for index, tensor in enumerate((pooled, other))]
+    return b.node("Add", [b.gemm("dense", flats[0], 6, 4), b.gemm("dense_other", flats[1], 6, 4)], "sum"), ["N", 4]
+
+
+def _nhwc_flatten(b, h):
+    """tf2onnx's Flatten of an NHWC map with 16 positions: channel c owns every 6th feature, not a block."""
+    nhwc = b.node("Transpose", [h], "nhwc", perm=[0, 2, 3, 1])
+    return b.matmul("dense", b.node("Reshape", [nhwc, _int64(b, "target", [-1, 96])], "flat"), 96, 4), ["N", 4]
+
+
+SHAPE_SPELLINGS = {  # name: (the nodes from conv1's [N, 6, 4, 4] to an output, conv1's frozen reason or None)
+    "torch view(N, -1)": (_torch_view, None),
+    "torch reshape(N, C)": (_torch_reshape_n_c, None),
+    "torch flatten(2)": (_torch_flatten_2, None),
+    "dynamo flatten(2)": (_dynamo_flatten_2, None),
+    "reshape [0, 0, -1]": (_copied_sizes, None),
+    "paddle flatten": (_paddle_flatten, None),
+    "shape start/end": (_shape_start_end, None),
+    "tf2onnx [N, 1, 1, C] then Flatten": (_nhwc_ones_then_flatten, None),
+    "bias reshaped to [1, C, 1, 1]": (_reshaped_bias([1, 6, 1, 1]), None),
+    "bias reshaped to [1, -1, 1, 1]": (_reshaped_bias([1, -1, 1, 1]), None),
+    "channel count cast to float": (_count_as_float, "Cast 'count' reads the size of the channel axis (input 0)"),
+    "Expand to the tensor's shape": (_expanded_to_shape, "Expand 'expand' reads the size of the channel axis"),
+    "width of another tensor": (_width_of_another_tensor,
+                                "Reshape 'flat' takes the width of its channel axis from another tensor's channels"),
+    "one target for two tensors": (_one_target_for_two, "Reshape 'flat0' has a target shape pfp-onnx cannot rewrite"),
+    "NHWC flatten of 16 positions": (_nhwc_flatten, "Reshape 'flat' does not keep the channels in whole blocks"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHAPE_SPELLINGS))
+def test_reshape_targets_computed_from_shape(case):
+    """Each spelling carries conv1's channels and prunes to the zero-channel oracle at batch 2 and 1 (the
+    batch the target computes must still be read at run time), or freezes them and says why."""
+    from test_rewrite import prune_and_check
+    from zoo import _GraphBuilder, random_inputs
+
+    from pfp_onnx.select import Selection
+
+    middle, reason = SHAPE_SPELLINGS[case]
+    b = _GraphBuilder("shape_spelling", 0)
+    h = b.node("Relu", [b.conv("conv1", b.input("x", ["N", 3, 4, 4]), 3, 6, pads=[1] * 4)], "relu1")
+    b.output(*middle(b, h))
+    model = b.build()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    group = group_of(analysis, "conv1")
+    if reason is not None:
+        assert any(text.startswith(reason) for text in group.frozen), group.frozen
+        return
+    assert not group.frozen, group.frozen
+    feeds = [random_inputs(model, 2, 0), random_inputs(model, 1, 1)]
+    for kept in ([0, 2, 5], [3]):
+        scale = np.linspace(0.5, 2.0, len(kept)).astype(np.float32)
+        prune_and_check(model, analysis, {group.id: Selection(np.array(kept), scale)}, feeds)
+
+
+def test_paddle_head_is_prunable_up_to_its_logits():
+    """paddle_flatten: the biases reshaped in the graph, the gate and the flatten computed from Shape all
+    carry; the flatten's constant width (read through a Cast) is the count to rewrite. Without input
+    shapes the batch the target reads stays unknown, and the flatten still carries."""
+    assert [group.producers for group in analyse("paddle_flatten", concrete=False).groups if group.frozen] == [("fc",)]
+    analysis = analyse("paddle_flatten")
+    assert [group.producers for group in analysis.groups if group.frozen] == [("fc",)]
+    last = group_of(analysis, "conv_last")
+    assert last.consumers == ("fc",) and "flat" in last.tensors
+    assert SizeFix("width_int64", 0, 0, (last.id,)) in analysis.size_fixes
+    assert SizeFix("conv_last.bias_4d", 1, 1, (last.id,)) in analysis.size_fixes
+    assert WeightSlice("conv_last.bias_4d", 0, 0, "param") in last.slices
+
+
+def test_weights_by_what_pruning_can_do_to_their_layers():
+    """The three figures analyze reports add up to all layer weights; a layer whose outputs are frozen
+    counts only as losing inputs, and the largest frozen group comes first."""
+    analysis = analyse("tf2onnx_head")
+    dense = sum(layer(analysis, name).weights for name in ("dense_flat", "dense_squeezed", "dense_shaped"))
+    assert analysis.weights_losing_outputs == layer(analysis, "conv").weights
+    assert analysis.weights_losing_inputs_only == dense
+    assert analysis.weights_untouched == layer(analysis, "conv_map").weights + layer(analysis, "dense_map").weights
+    assert analysis.weights_in_prunable_groups == analysis.weights_losing_outputs + analysis.weights_losing_inputs_only
+    largest = analysis.largest_frozen_groups()
+    assert [group.producers for group in largest] == [
+        ("dense_flat", "dense_squeezed", "dense_shaped", "dense_map"), ("conv_map",)]
+    # the frozen Reshape stops the group before dense_map: it holds conv_map's filters alone
+    assert analysis.group_weights(largest[1].id) == layer(analysis, "conv_map").weights
+    assert analysis.group_weights(largest[0].id) == 4 * 8 * 3 + 24 * 4
+
+
+def test_analyze_prints_the_figures_and_the_largest_frozen_groups_first():
+    from pfp_onnx.report import analysis_dict, render_analysis
+
+    analysis = analyse("tf2onnx_head")
+    floors = {"weights": 0.5, "macs": None}
+    lines = render_analysis(analysis, floors).splitlines()
+    assert lines[0] == f"{analysis.weights_total:,} Conv/Gemm/MatMul weights, in layers that"
+    assert lines[1].split()[-2:] == [f"{analysis.weights_losing_outputs:,}",
+                                     f"{analysis.weights_losing_outputs / analysis.weights_total:.1%}"]
+    assert lines[4] == "largest frozen groups:"
+    assert lines[5].endswith("reaches graph output 'out'") and "(4 channels, 192 weights)" in lines[5]
+    assert "does not keep the channels in whole blocks" in lines[6]
+    assert lines.index("") < len(lines) - len(analysis.groups)  # the table of every group comes after
+    as_json = analysis_dict(analysis, floors)
+    assert as_json["weights_losing_outputs"] + as_json["weights_losing_inputs_only"] + as_json["weights_untouched"] \
+        == as_json["weights_total"]
+    assert as_json["largest_frozen_groups"] == [group.id for group in analysis.largest_frozen_groups()]
+    assert [group["weights"] for group in as_json["groups"]] == [analysis.group_weights(g.id) for g in analysis.groups]

@@ -181,7 +181,7 @@ def test_keeping_every_channel_changes_nothing(name):
 
 
 @pytest.mark.parametrize("name", ["chain", "residual", "reshape_variants", "mlp3d", "shape_ops", "legacy_axes",
-                                  "resize_sizes", "frozen_shape_ops"])
+                                  "resize_sizes", "frozen_shape_ops", "concat_flatten"])
 def test_single_channel_everywhere(name):
     """The harshest cut: every prunable group down to its last channel, with a non-trivial scale."""
     model = ZOO[name]()
@@ -204,6 +204,24 @@ def test_flatten_block_slices_whole_channel_runs():
     original = constant_values(model)["gemm1.weight"]
     np.testing.assert_array_equal(weights[gemm1.input[1]], original[:, np.r_[9:18, 36:45]])
     np.testing.assert_array_equal(block_indices(np.array([1, 4]), 9), np.r_[9:18, 36:45])
+
+
+def test_concat_offsets_scale_with_the_flatten_block():
+    """concat_flatten: conv_b's channels sit after conv_a's 4 in the Concat, so after the Flatten its channel
+    c owns dense columns (4 + c)·4 … (4 + c)·4 + 3; keeping {0, 2} of conv_a and {1, 4} of conv_b keeps
+    columns 0–3, 8–11, 20–23 and 32–35."""
+    model = ZOO["concat_flatten"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    by_producer = {group.producers[0]: group for group in analysis.groups if len(group.producers) == 1}
+    selections = {by_producer["conv_a"].id: Selection(np.array([0, 2]), np.ones(2, np.float32)),
+                  by_producer["conv_b"].id: Selection(np.array([1, 4]), np.array([0.5, 2.0], np.float32))}
+    pruned = prune_and_check(model, analysis, selections, [random_inputs(model, 3, 0)])
+    dense = constant_values(pruned)[_node(pruned, "dense").input[1]]
+    original = constant_values(model)["dense.weight"]
+    expected = np.concatenate([original[:, np.r_[0:4, 8:12]], 0.5 * original[:, 20:24], 2.0 * original[:, 32:36]],
+                              axis=1)
+    np.testing.assert_allclose(dense, expected, rtol=1e-6)
+    np.testing.assert_array_equal(block_indices(np.array([1, 4]), 4, offset=4), np.r_[20:24, 32:36])
 
 
 def test_explicit_reshape_width_is_rewritten():
@@ -415,3 +433,25 @@ def test_windows_of_one_tensor_added(width, first, second, size, coupled):
     for seed in range(3):
         prune_and_check(model, analysis, random_selections(analysis, seed, randomized=True),
                         [random_inputs(model, 2, seed)])
+
+
+def test_counts_in_computed_targets_and_reshaped_biases_follow_the_pruned_width():
+    """paddle_flatten keeps 5 of conv_last's 12 channels: the flatten's width, a constant read through a
+    Cast, becomes 5 (still int32), and the bias reshaped to [1, 12, 1, 1] is cut to 5 and reshaped to
+    [1, 5, 1, 1]. tf2onnx_head keeps 3 of 8: its NHWC target [-1, 1, 1, 8] and its int32 width follow."""
+    model = ZOO["paddle_flatten"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    pruned = prune_and_check(model, analysis, _keep_first(analysis, {"conv_last": 5}), [random_inputs(model, 3, 0)])
+    values = constant_values(pruned)
+    width = values[_node(pruned, "width_int64").input[0]]
+    assert width.dtype == np.int32 and width.tolist() == [5]
+    assert values[_node(pruned, "conv_last.bias_4d").input[1]].tolist() == [1, 5, 1, 1]
+    assert values[_node(pruned, "conv_last.bias_4d").input[0]].shape == (5,)
+
+    model = ZOO["tf2onnx_head"]()
+    analysis = analyse_channel_groups(model, input_shapes(model))
+    pruned = prune_and_check(model, analysis, _keep_first(analysis, {"conv": 3}), [random_inputs(model, 2, 0)])
+    values = constant_values(pruned)
+    assert values[_node(pruned, "to_nhwc").input[1]].tolist() == [-1, 1, 1, 3]
+    assert values[_node(pruned, "flat_shape_int32").input[1]].tolist() == [3]
+    assert values[_node(pruned, "conv.bias_4d").input[1]].tolist() == [1, 3, 1, 1]

@@ -203,18 +203,27 @@ def test_channel_shuffle_freezes_with_a_reason_about_the_shuffle():
 
 
 # ---- the summary -----------------------------------------------------------------------------------
-def test_print_summary():
-    """One line per model (visible with -s): prunable share, what budget 0.4 keeps, worst output error
-    without and with (the default) least-squares recovery."""
+def test_least_squares_lowers_the_typical_error():
+    """Per model at budget 0.4 (one line each, visible with -s): prunable share, what is kept, and the worst
+    held-out output error without and with (the default) least-squares recovery.
+
+    Least squares re-fits each layer reading a cut group to its calibration inputs; that is not a promise
+    for the held-out output of the whole model, and on a few models it is not kept (convtranspose_head,
+    whose ConvTranspose is not re-fitted, 0.98 → 1.00; the Paddle text classifier 0.71 → 0.74). What holds,
+    and fails if recovery stops working: on the typical model it cuts the worst error at least in half
+    (the median ratio over the models was 0.2)."""
     lines = [f"{'model':<42} {'prunable':>8} {'params kept':>11} {'MACs kept':>9} {'err none':>9} {'err lstsq':>9}"]
+    ratios = []
     for model_id in MODELS:
         model, data = model_and_data(model_id)
         analysis = pfp_onnx.analyze(model, data)
         report = compressed(model_id, SUMMARY_BUDGET, "deterministic").report
         plain = compressed(model_id, SUMMARY_BUDGET, "deterministic", "none").report
         totals = plain.totals
+        without, with_lstsq = plain.verification.max_relative_error, report.verification.max_relative_error
         lines.append(f"{model_id:<42} {analysis.weights_in_prunable_groups / analysis.weights_total:8.1%} "
                      f"{totals.parameters_after / totals.parameters_before:11.1%} "
-                     f"{totals.macs_after / totals.macs_before:9.1%} "
-                     f"{plain.verification.max_relative_error:9.4g} {report.verification.max_relative_error:9.4g}")
+                     f"{totals.macs_after / totals.macs_before:9.1%} {without:9.4g} {with_lstsq:9.4g}")
+        ratios.append(with_lstsq / without)
     print("\n" + "\n".join(lines))
+    assert np.median(ratios) <= 0.5, sorted(ratios)

@@ -518,6 +518,30 @@ def concat_flatten() -> onnx.ModelProto:
     return b.build()
 
 
+def layout_ops() -> onnx.ModelProto:
+    """Operators that move the channels' place rather than their values, and a transposed conv reading them.
+
+    conv_a (4) → Relu → Concat after the input x (3 untracked channels: conv_a's sit at offset 3)
+    → Unsqueeze(1) [N,1,7,6,6] (the channel axis moves to 2) → Squeeze(1) → ConvTranspose (stride 2,
+    weights [C_in, C_out, k, k]) [N,5,12,12] → Relu → conv_b (stride 2) [N,6,6,6] → Flatten → Flatten
+    again (a no-op on [N,216] that keeps each channel's 36 features) → dense → logits.
+    """
+    b = _GraphBuilder("layout_ops", seed=18)
+    x = b.input("x", ["N", 3, 6, 6])
+    h = b.node("Relu", [b.conv("conv_a", x, 3, 4, kernel=1)], "relu_a")
+    h = b.node("Concat", [x, h], "concat", axis=1)                                            # [N,7,6,6]
+    h = b.node("Unsqueeze", [h, b.constant("unsqueeze.axes", [1], dtype=np.int64)], "unsqueeze")
+    h = b.node("Squeeze", [h, b.constant("squeeze.axes", [1], dtype=np.int64)], "squeeze")    # [N,7,6,6]
+    h = b.node("ConvTranspose", [h, b.weight("up.weight", (7, 5, 2, 2), fan_in=28), b.bias("up.bias", (5,))],
+               "up", kernel_shape=[2, 2], strides=[2, 2])                                     # [N,5,12,12]
+    h = b.node("Relu", [h], "relu_up")
+    h = b.node("Relu", [b.conv("conv_b", h, 5, 6, strides=[2, 2], pads=[1] * 4)], "relu_b")  # [N,6,6,6]
+    h = b.node("Flatten", [b.node("Flatten", [h], "flatten", axis=1)], "flatten_again", axis=1)  # [N,216]
+    b.gemm("logits", h, 216, 3)
+    b.output("logits", ["N", 3])
+    return b.build()
+
+
 ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "chain": chain,
     "residual": residual,
@@ -536,6 +560,7 @@ ZOO: dict[str, Callable[[], onnx.ModelProto]] = {
     "frozen_shape_ops": frozen_shape_ops,
     "resize_sizes": resize_sizes,
     "concat_flatten": concat_flatten,
+    "layout_ops": layout_ops,
 }
 
 
@@ -564,7 +589,7 @@ def paddle_flatten() -> onnx.ModelProto:
     """What Paddle2ONNX writes around a PP-LCNet / MobileNetV3 head (PaddleOCR's text-direction classifier):
     weights in Constant nodes, a dynamic batch of dim_value -1, conv biases added as Reshape(bias [C],
     [1, C, 1, 1]), HardSwish written out, a squeeze-excite gate, and the flatten after global pooling
-    computed from Shape with the width a constant:
+    computed from Shape with the width a constant, at opset 11:
 
     conv1 + bias → HardSwish → SE (GAP → squeeze + bias → Relu → excite + bias → HardSigmoid → Mul)
     → conv_last (1×1) + bias → Relu → GAP [N,12,1,1]
@@ -597,7 +622,7 @@ def paddle_flatten() -> onnx.ModelProto:
     h = b.node("Reshape", [pooled, b.node("Concat", [batch, width], "flat_shape", axis=-1)], "flat")
     b.node("Add", [b.matmul("fc", h, 12, 4), b.bias("fc.bias", (4,))], "logits")
     b.output("logits", [-1, 4])
-    return b.build()
+    return b.build(opset=11)  # Paddle's opset, where ONNX's shape inference cannot follow the computed target
 
 
 def tf2onnx_head() -> onnx.ModelProto:
@@ -606,7 +631,7 @@ def tf2onnx_head() -> onnx.ModelProto:
     H and W ([N,C,1,1]), summed: Reshape [-1, 1, 1, C] (the NHWC transpose of size-1 axes) → Flatten;
     Squeeze(2, 3); and a target from Shape → Gather(NHWC order) → Cast(int32) → Slice(0:1) → Concat with
     the width → Cast(int64). The three MatMuls share one weight. A second conv's map goes NHWC before a
-    flatten of 2×2 positions: its channels are strided there, and freeze.
+    flatten of 2×2 positions (H = W = 8): its channels are strided there, and freeze.
     """
     b = _GraphBuilder("tf2onnx_head", seed=19)
     x = b.input("x", ["N", "H", "W", 3])
@@ -631,8 +656,7 @@ def tf2onnx_head() -> onnx.ModelProto:
     target = b.node("Cast", [target], "flat_shape", to=TensorProto.INT64)
     heads.append(b.node("MatMul", [b.node("Reshape", [nhwc, target], "flat"), weight], "dense_shaped"))
     g = b.node("Relu", [b.conv("conv_map", nchw, 3, 6, kernel=2, strides=[4, 4])], "relu_map")
-    g = b.node("Transpose", [b.node("MaxPool", [g], "pool", kernel_shape=[2, 2], strides=[2, 2])], "map_nhwc",
-               perm=[0, 2, 3, 1])
+    g = b.node("Transpose", [g], "map_nhwc", perm=[0, 2, 3, 1])                            # [N,2,2,6]
     heads.append(b.matmul("dense_map", b.node("Reshape", [g, b.constant("map_shape", [-1, 24], dtype=np.int64)],
                                               "flat_map"), 24, 4))
     total = b.node("Add", [b.node("Add", heads[:2], "sum_a"), b.node("Add", heads[2:], "sum_b")], "sum")

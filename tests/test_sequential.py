@@ -1,0 +1,194 @@
+"""Sequential reconstruction (pfp_onnx.sequential): exact where nothing changed, never worse than one-pass
+least squares on the data it fits, equal to its oracle, and scheduled by depth."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import pfp_onnx
+from pfp_onnx.model import with_outputs
+from pfp_onnx.pipeline import Method, prepare, prune
+from pfp_onnx.recover import layer_features
+from pfp_onnx.refit import as_out_by_features, bias_site, patches
+from pfp_onnx.rewrite import rewrite
+from pfp_onnx.runtime import choose_device, create_session
+from pfp_onnx.sequential import (ALL_DEPTHS, RefitLayer, TargetMoments, chunks, refit_layers, refit_to_targets,
+                                 sequential_replacements)
+from pfp_onnx.model import to_graph
+from test_graph_fuzz import _Network
+from test_rewrite import run
+from zoo import ZOO, random_inputs
+
+CPU = choose_device("cpu")
+BATCH = 8
+
+
+def test_refit_recovers_an_exact_linear_map():
+    """Targets that are an exact affine map of the features give that map back, whatever the anchor."""
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(500, 6)) + 3.0
+    weights, offset = rng.normal(size=(4, 6)), rng.normal(size=4)
+    targets = features @ weights.T + offset
+    moments = TargetMoments(6, 4)
+    for start in range(0, 500, 64):
+        moments.update(features[start:start + 64].astype(np.float32), targets[start:start + 64].astype(np.float32))
+    x_mean, y_mean = moments.means()
+    centred = features - features.mean(axis=0)
+    scatter = centred.T @ centred
+    fitted, fitted_offset = refit_to_targets(scatter, moments.cross_scatter(), x_mean, y_mean, weights, ridge=1e-3)
+    np.testing.assert_allclose(fitted, weights, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(fitted_offset, offset, rtol=1e-4, atol=1e-3)
+    # the ridge pulls towards the anchor: with ridge 0 a wrong anchor makes no difference
+    exact, _ = refit_to_targets(scatter, moments.cross_scatter(), x_mean, y_mean, np.zeros_like(weights), ridge=0)
+    np.testing.assert_allclose(exact, weights, rtol=1e-4, atol=1e-4)
+
+
+def test_target_moments_do_not_depend_on_batching():
+    rng = np.random.default_rng(1)
+    features, targets = rng.normal(size=(300, 5)).astype(np.float32), rng.normal(size=(300, 3)).astype(np.float32)
+    whole, pieces = TargetMoments(5, 3), TargetMoments(5, 3)
+    whole.update(features, targets)
+    for start in range(0, 300, 7):
+        pieces.update(features[start:start + 7], targets[start:start + 7])
+    x64, y64 = features.astype(np.float64), targets.astype(np.float64)
+    expected = (x64 - x64.mean(axis=0)).T @ (y64 - y64.mean(axis=0))
+    for moments in (whole, pieces):
+        np.testing.assert_allclose(moments.cross_scatter(), expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(moments.means()[0], x64.mean(axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_chunks_cut_depths_into_passes():
+    layers = [RefitLayer(None, "t", 1.0, 1.0, depth) for depth in (0, 1, 1, 2, 3, 4, 5)]
+    depths = lambda passes: [[layer.depth for layer in chunk] for chunk in chunks(layers, passes)]  # noqa: E731
+    assert depths(1) == [[0, 1, 1, 2, 3, 4, 5]]
+    assert depths(3) == [[0, 1, 1], [2, 3], [4, 5]]
+    assert depths(ALL_DEPTHS) == [[0], [1, 1], [2], [3], [4], [5]]  # a depth is never split
+    assert chunks([], 3) == []
+
+
+def test_depths_follow_the_graph():
+    """In the residual miniature the projection shortcut and the block's first conv read the same tensor:
+    one depth, one pass."""
+    model = ZOO["residual"]()
+    prepared = prepare(model, random_inputs(model, 16, seed=1), budgets=[0.5], methods=[Method()], holdout=0)
+    result = prune(prepared, budget=0.5, method=Method(recovery="lstsq"))
+    found = refit_layers(prepared.model, prepared.analysis, result.selections, result.replacements)
+    by_node = {item.layer.node: item for item in found}
+    inputs = {}
+    for item in found:
+        inputs.setdefault(item.layer.input, set()).add(item.depth)
+    assert all(len(depths) == 1 for depths in inputs.values())
+    assert len({item.depth for item in found}) < len(found), "layers reading one tensor share a depth"
+    targets = {item.target for item in by_node.values()}
+    assert len(targets) == len(found)
+
+
+def test_unchanged_inputs_refit_to_the_original():
+    """With nothing removed, marking the first layer as changed (to its own weights) re-fits every layer
+    after it on inputs equal to the original's: the model computes what the original does."""
+    model = ZOO["chain"]()
+    data = random_inputs(model, 32, seed=3)
+    prepared = prepare(model, data, budgets=[1.0], methods=[Method(recovery="sequential")], holdout=0)
+    first = prepared.analysis.layers[0]
+    weight = next(node for node in to_graph(prepared.model).nodes if node.name == first.node).inputs[1].values
+    changes = sequential_replacements(prepared.model, prepared.original, prepared.analysis, {},
+                                      {(first.node, 1): np.asarray(weight)},
+                                      lambda: prepared.sensitivity_part.batches(8), CPU, passes=ALL_DEPTHS)
+    assert len({node for node, _ in changes}) > 2, "the layers after the first were re-fitted"
+    feed = random_inputs(model, 5, seed=4)
+    got, = run(rewrite(prepared.model, prepared.analysis, {}, changes), feed)
+    want, = run(model, feed)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def _layer_error(layer: RefitLayer, matrix: np.ndarray, bias: np.ndarray, features: np.ndarray,
+                 targets: np.ndarray) -> float:
+    return float(np.sum((features @ matrix.T * layer.alpha + bias * layer.beta - targets) ** 2))
+
+
+def _effective(prepared, changes, selections, layer: RefitLayer) -> tuple[np.ndarray, np.ndarray]:
+    """A layer's weights over the features its pruned input holds, and its bias, as the pruned model has them."""
+    from pfp_onnx.refit import kept_features
+
+    nodes = {node.name: node for node in to_graph(prepared.model).nodes}
+    node = nodes[layer.layer.node]
+    weight = changes.get((node.name, 1), np.asarray(node.inputs[1].values))
+    site, index = bias_site(node)
+    bias = changes.get((site.name, index), np.asarray(site.inputs[index].values))
+    kept, scale = kept_features(prepared.analysis, selections, layer.layer)
+    order = np.argsort(kept)
+    matrix = as_out_by_features(np.asarray(weight), layer.layer)[:, kept[order]] * scale[order]
+    return matrix, np.asarray(bias, np.float64).reshape(-1)
+
+
+def _tensors(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The named tensors over `feeds`, run in the batches of BATCH the re-fit saw (a graph may mix the
+    points of a batch: a Softmax over axis 0)."""
+    names = list(dict.fromkeys(names))
+    session = create_session(with_outputs(model, names), CPU)
+    count = len(next(iter(feeds.values())))
+    parts = [session.run(names, {key: value[start:start + BATCH] for key, value in feeds.items()})
+             for start in range(0, count, BATCH)]
+    return {name: np.concatenate([part[index] for part in parts]) for index, name in enumerate(names)}
+
+
+def _never_worse(model: onnx.ModelProto, budget: float, seed: int) -> None:
+    """On the points it fits, each sequentially re-fitted layer reproduces the original's pre-activation at
+    least as well as its one-pass weights do, both reading the same (final) pruned inputs."""
+    data = random_inputs(model, 24, seed=seed)
+    prepared = prepare(model, data, budgets=[budget], methods=[Method(recovery="sequential")], holdout=0,
+                       batch_size=BATCH)
+    one_pass = prune(prepared, budget=budget, method=Method(recovery="lstsq"))
+    selections = one_pass.selections
+    sequential = sequential_replacements(prepared.model, prepared.original, prepared.analysis, selections,
+                                         one_pass.replacements, lambda: prepared.sensitivity_part.batches(BATCH), CPU,
+                                         passes=ALL_DEPTHS)
+    layers = refit_layers(prepared.model, prepared.analysis, selections, one_pass.replacements)
+    if not layers:
+        return
+    pruned = rewrite(prepared.model, prepared.analysis, selections, sequential)
+    received = _tensors(pruned, [item.layer.input for item in layers], data)
+    wanted = _tensors(prepared.original, [item.target for item in layers], data)
+    for item in layers:
+        features = layer_features(received[item.layer.input], conv=patches(item.layer)).astype(np.float64)
+        target = wanted[item.target]
+        rows = (np.moveaxis(target, 1, -1) if item.layer.conv is not None else target)
+        rows = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+        errors = [_layer_error(item, *_effective(prepared, changes, selections, item), features, rows)
+                  for changes in (sequential, one_pass.replacements)]
+        assert errors[0] <= errors[1] * (1 + 1e-4) + 1e-6, (item.layer.node, errors)
+
+
+@pytest.mark.parametrize("name", ["chain", "residual", "mlp3d", "paddle_batch"])
+def test_never_worse_than_one_pass_on_the_zoo(name):
+    _never_worse(ZOO[name](), 0.4, seed=1)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+@given(data=st.data(), seed=st.integers(0, 2**16), budget=st.sampled_from([0.3, 0.5, 0.7]))
+def test_never_worse_than_one_pass_on_random_graphs(data, seed, budget):
+    model = _Network(data, seed).build()
+    try:
+        pfp_onnx.analyze(model, random_inputs(model, 1, seed))
+        _never_worse(model, budget, seed)
+    except pfp_onnx.PfpError:  # nothing prunable, or an infeasible budget for this graph
+        assume(False)
+
+
+def test_compress_runs_the_passes_asked_for():
+    model = ZOO["residual"]()
+    events = []
+    result = pfp_onnx.compress(model, random_inputs(model, 24, seed=1), budget=0.5, recovery="sequential",
+                               refit_passes=2, holdout=0.25,
+                               progress=lambda stage, done, total: events.append((stage, done, total)))
+    stages = list(dict.fromkeys(stage for stage, _, _ in events))
+    assert stages == ["capture", "refit 1/2", "refit 2/2", "verify"]
+    assert result.report.method == "pfp/pfp/sequential" and "refit" in result.report.seconds
+    with pytest.raises(pfp_onnx.OptionError, match="--refit-passes"):
+        pfp_onnx.compress(model, random_inputs(model, 8, seed=1), budget=0.5, recovery="sequential",
+                          refit_passes=0)
