@@ -14,6 +14,7 @@ from pfp_onnx import PfpError, analyze, compress, evaluate
 from pfp_onnx.baselines import CRITERIA
 from pfp_onnx.crash_report import versions, write_crash_report
 from pfp_onnx.errors import OptionError
+from pfp_onnx.fidelity import METRICS
 from pfp_onnx.model import check_output_path, default_output_path, remove_model, save_model
 from pfp_onnx.pipeline import ALLOCATIONS, BUDGET_OF, MODES, smallest_budgets
 from pfp_onnx.refit import RECOVERIES
@@ -22,9 +23,10 @@ from pfp_onnx.runtime import DEVICES
 from pfp_onnx.sweep import parse_methods, plot, sweep, write_csv
 
 
-# Exit statuses: 2 a user error (the message says what to do), 70 a bug in pfp-onnx (EX_SOFTWARE of
-# sysexits.h; a crash report is written), 130 interrupted by the user.
-USER_ERROR_STATUS, BUG_STATUS, INTERRUPTED_STATUS = 2, 70, 130
+# Exit statuses: 2 a user error (the message says what to do), 3 the pruned model missed --min-fidelity
+# (nothing written), 70 a bug in pfp-onnx (EX_SOFTWARE of sysexits.h; a crash report is written), 130
+# interrupted by the user.
+USER_ERROR_STATUS, GATE_STATUS, BUG_STATUS, INTERRUPTED_STATUS = 2, 3, 70, 130
 
 
 def _handled_errors(command):
@@ -141,9 +143,20 @@ def main() -> None:
 @click.argument("model", type=click.Path(dir_okay=False, readable=False))
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False, readable=False),
               help="Calibration .npz: one array per model input (by input name), optional 'labels'.")
-@click.option("--budget", required=True, type=float,
-              help="Fraction of the Conv/Gemm/MatMul weights (or MACs, --budget-of) to keep, in (0, 1].")
+@click.option("--budget", type=float,
+              help="Fraction of the Conv/Gemm/MatMul weights (or MACs, --budget-of) to keep, in (0, 1]. "
+                   "Optional with --min-fidelity.")
 @_budget_of_option
+@click.option("--min-fidelity", type=float, metavar="F",
+              help="Held-out fidelity to keep, in (0, 1] (see --fidelity). Without --budget: find the smallest "
+                   "budget that keeps it (within 0.01). With --budget: a gate; below it, exit status 3 and no "
+                   "model is written.")
+@click.option("--fidelity", "fidelity", type=click.Choice(METRICS), default="auto", show_default=True,
+              help="How fidelity is measured: top1 agreement of a classifier's [N, classes] output, or error "
+                   "(1 - the worst output channel's RMS error in units of its own spread); auto: top1 where "
+                   "the judged output is a classifier's, else error.")
+@click.option("--fidelity-output", metavar="NAME",
+              help="The output fidelity judges.  [default: the first for top1, all for error]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, readable=False),
               help="Where to write the pruned model.  [default: beside MODEL, as MODEL's name with .pruned.onnx]")
 @click.option("--mode", type=click.Choice(MODES), default="deterministic", show_default=True,
@@ -171,7 +184,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print every frozen reason and each output's errors.")
 @_handled_errors
-def compress_command(model, data, budget, budget_of, output, mode, criterion, allocation, recovery, refit_passes,
+def compress_command(model, data, budget, budget_of, min_fidelity, fidelity, fidelity_output, output, mode, criterion, allocation, recovery, refit_passes,
                      holdout,
                      batch_size, seed, device, exclude, exclude_ops, round_to, external_data, report_path, quiet,
                      verbose):
@@ -183,22 +196,35 @@ def compress_command(model, data, budget, budget_of, output, mode, criterion, al
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
                       recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
                       exclude=exclude, exclude_ops=exclude_ops, round_to=round_to, budget_of=budget_of,
-                      refit_passes=refit_passes, progress=_progress_printer(quiet))
-    save_model(result.model, output_path, external_data=external_data)
+                      refit_passes=refit_passes, min_fidelity=min_fidelity, fidelity=fidelity,
+                      fidelity_output=fidelity_output, progress=_progress_printer(quiet))
+    gate_failed = result.report.fidelity is not None and result.report.fidelity.met is False
+    if not gate_failed:
+        save_model(result.model, output_path, external_data=external_data)
     try:
         if report_path is not None:
             write_json(result.report, report_path)
     except BaseException:  # the command writes both or neither
-        remove_model(output_path)
+        if not gate_failed:
+            remove_model(output_path)
         raise
     if not quiet:
         notes = result.notes + ((f"replaced the existing {output_path}, the default output beside the input "
-                                 "(-o writes elsewhere)",) if replacing else ())
+                                 "(-o writes elsewhere)",) if replacing and not gate_failed else ())
         for note in notes:
             click.echo(f"note: {note}", err=True)
         sys.stderr.flush()
         click.echo(render_table(result.report, verbose=verbose))
+    if gate_failed:
+        click.echo(f"Error: {result.report.fidelity.describe()} at budget {result.report.budget:g}, so no model "
+                   f"was written. Raise --budget, or leave it out to let --min-fidelity find the smallest budget "
+                   f"that meets the target" + (f"; the report is in {report_path}." if report_path else "."),
+                   err=True)
+        sys.exit(GATE_STATUS)
+    if not quiet:
         click.echo(f"wrote {output_path}" + (f" and {report_path}" if report_path else ""))
+    for warning in result.report.warnings:  # even with -q: the model was written, but may not be usable
+        click.echo(f"warning: {warning}", err=True)
 
 
 @main.command("analyze")

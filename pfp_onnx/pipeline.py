@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -22,13 +22,15 @@ from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, points_in, read_npz, split, validate,
                            whole_batches)
 from pfp_onnx.errors import DataError, ModelError, OptionError
+from pfp_onnx.fidelity import Fidelity, check_metric, measure
+from pfp_onnx.fidelity import warnings as fidelity_warnings
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.memory import available_bytes, capture_bytes_per_point, fitting_batch_size
 from pfp_onnx.model import (check_model, free_graph_weights, load_model, parameter_count, with_metadata,
                             with_unique_node_names)
 from pfp_onnx.recover import FeatureStatistics
 from pfp_onnx.refit import RECOVERIES, new_statistics, recoverable_layers, replacements, with_zero_biases
-from pfp_onnx.report import CompressReport, GroupRow, Totals
+from pfp_onnx.report import BudgetTrial, CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, choose_device
 from pfp_onnx.select import Selection, select_channels
@@ -42,6 +44,7 @@ ALLOCATIONS = ("pfp", "uniform")
 # follows; PFP.md §3: each weight counted once per output position).
 BUDGET_OF = ("weights", "macs")
 BUDGET_UNITS = {"weights": "weights", "macs": "MACs"}
+BUDGET_STEP = 0.01  # --min-fidelity: the bisection ends when a failing and a passing budget are this close
 SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
 
 Progress = Callable[[str, int, "int | None"], None]  # (stage, points done, points total if known); 0 at its start
@@ -136,8 +139,10 @@ class Prepared:
 def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
             holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
             exclude: Sequence[str] = (), exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO,
-            budget_of: str = "weights", progress: Progress | None = None) -> Prepared:
-    """Load, validate, analyse, check the budgets, then capture sensitivities if any method needs them."""
+            budget_of: str = "weights", progress: Progress | None = None, fidelity: str = "auto",
+            fidelity_output: str | None = None) -> Prepared:
+    """Load, validate, analyse, check the budgets and the fidelity metric, then capture sensitivities if any
+    method needs them."""
     started = time.perf_counter()
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1; got {batch_size}.")
@@ -148,6 +153,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
         raise OptionError(f"--round-to {round_to} needs --mode deterministic: sampling keeps a random number of "
                           "channels. Leave --round-to at auto (it rounds only deterministic selections) or pass 1.")
     proto, name = load(model)
+    check_metric(fidelity, fidelity_output, [output.name for output in proto.graph.output])
     original = proto
     calibration = load_data(data, proto)
     sensitivity_part, holdout_part = split(calibration, holdout, seed)
@@ -209,8 +215,10 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
 
 
 def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed: int = 0,
-          progress: Progress | None = None) -> CompressResult:
-    """Allocate, select, rewrite and verify one pruned model from prepared data."""
+          progress: Progress | None = None, fidelity: str = "auto", fidelity_output: str | None = None,
+          min_fidelity: float | None = None) -> CompressResult:
+    """Allocate, select, rewrite and verify one pruned model from prepared data; its fidelity is measured by
+    `fidelity` on `fidelity_output` (pfp_onnx.fidelity) against `min_fidelity` when given."""
     started = time.perf_counter()
     analysis, proto = prepared.analysis, prepared.model
     rng = np.random.default_rng(seed)
@@ -263,17 +271,22 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
                         prepared.device) from exc
         seconds["verify"] = time.perf_counter() - stage_start
     seconds["total"] = sum(seconds.values())
+    measured = alerts = None
+    if verification is not None:
+        measured = measure(verification, fidelity, fidelity_output, min_fidelity)
+        alerts = fidelity_warnings(verification, measured)
     # after the fall-back, rounding cannot help: the odd-width hint would point to it in vain
     notes = prepared.notes + (rounding_notes or _width_notes(analysis, selections, round_to, mode))
     report = CompressReport(
         model=prepared.name, budget=budget, budget_of=prepared.budget_of, method=method.label, mode=mode, seed=seed,
         round_to=str(round_to),
         epsilon=epsilon,
-        device=prepared.device.note, sensitivity_points=prepared.sensitivity_part.count,
+        device=prepared.device.name, sensitivity_points=prepared.sensitivity_part.count,
         recommended_sensitivity_points=prepared.recommended_points,
         groups=_group_rows(analysis, scores, selections),
         totals=_totals(prepared.original, pruned, analysis, selections),
-        verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()}, notes=notes)
+        verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()}, notes=notes,
+        fidelity=measured, warnings=alerts or ())
     return CompressResult(pruned, report, analysis, selections, notes, changes or {}, proto)
 
 
@@ -295,24 +308,71 @@ def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes
                     prepared.device) from exc
 
 
-def compress(model: ModelSource, data: DataSource, *, budget: float, mode: str = "deterministic",
+def compress(model: ModelSource, data: DataSource, *, budget: float | None = None, mode: str = "deterministic",
              criterion: str = "pfp", allocation: str = "pfp", recovery: str = "lstsq", holdout: float = 0.2,
              batch_size: int = 32, seed: int = 0, device: str = "auto", exclude: Sequence[str] = (),
              exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights",
-             refit_passes: int | None = None, progress: Progress | None = None) -> CompressResult:
+             refit_passes: int | None = None, min_fidelity: float | None = None, fidelity: str = "auto",
+             fidelity_output: str | None = None, progress: Progress | None = None) -> CompressResult:
     """Prune `model` to keep `budget` of its prunable-layer weights (budget_of="macs": of their
     multiply-accumulates per point), guided by PFP sensitivities.
 
     `model` is a path or a ModelProto; `data` an .npz path or a dict of arrays keyed by input name (plus
     optional `labels`). criterion/allocation select the baselines instead of PFP. round_to="auto" keeps
     pruned widths multiples of 8 where that makes them fast (pfp_onnx.allocate.multiple); 1 keeps PFP's
-    exact counts.
+    exact counts. `min_fidelity` without a budget finds the smallest budget whose held-out fidelity
+    (pfp_onnx.fidelity: `fidelity` on `fidelity_output`) meets it, by bisection on one capture; with a budget
+    it is only measured against (report.fidelity.met), and the CLI refuses to write a model that misses it.
     """
     method = Method(criterion, allocation, mode, recovery, refit_passes).check()
-    prepared = prepare(model, data, budgets=[budget], methods=[method], holdout=holdout, batch_size=batch_size,
-                       seed=seed, device=device, exclude=exclude, exclude_ops=exclude_ops, round_to=round_to,
-                       budget_of=budget_of, progress=progress)
-    return prune(prepared, budget=budget, method=method, seed=seed, progress=progress)
+    if budget is None and min_fidelity is None:
+        raise OptionError("Give --budget (the share of weights or MACs to keep), --min-fidelity (the held-out "
+                          "fidelity to keep; pfp-onnx finds the smallest budget that does), or both.")
+    if min_fidelity is not None and not 0 < min_fidelity <= 1:
+        raise OptionError(f"--min-fidelity takes a fidelity in (0, 1], e.g. 0.99; got {min_fidelity}.")
+    if min_fidelity is not None and not 0 < holdout < 1:
+        raise OptionError("--min-fidelity is measured on held-out points: give --holdout between 0 and 1 "
+                          "(e.g. 0.2).")
+    prepared = prepare(model, data, budgets=[] if budget is None else [budget], methods=[method], holdout=holdout,
+                       batch_size=batch_size, seed=seed, device=device, exclude=exclude, exclude_ops=exclude_ops,
+                       round_to=round_to, budget_of=budget_of, progress=progress, fidelity=fidelity,
+                       fidelity_output=fidelity_output)
+    if min_fidelity is not None and prepared.holdout_part is None:
+        raise DataError(f"No held-out points are left to measure fidelity on ({prepared.name} needs whole batches); "
+                        "give more calibration points.")
+    judged = dict(fidelity=fidelity, fidelity_output=fidelity_output, min_fidelity=min_fidelity)
+    if budget is not None:
+        return prune(prepared, budget=budget, method=method, seed=seed, progress=progress, **judged)
+    return _smallest_meeting(prepared, method, seed, progress, judged)
+
+
+def _smallest_meeting(prepared: Prepared, method: Method, seed: int, progress: Progress | None,
+                      judged: dict) -> CompressResult:
+    """Bisect the budgets that are multiples of BUDGET_STEP, from the smallest feasible one to 1 (nothing
+    pruned), until a failing and a passing one are one step apart; return the passing one's model, every
+    trial in its report."""
+    steps = round(1 / BUDGET_STEP)
+    floor = smallest_budgets(prepared.analysis)[prepared.budget_of] or BUDGET_STEP
+    low, high = math.ceil(floor * steps - 1e-9) - 1, steps  # low: known to fail (or infeasible); high: passes
+    best, trials = None, []
+    while high - low > 1:
+        middle = (low + high) // 2
+        result = prune(prepared, budget=middle / steps, method=method, seed=seed, progress=progress, **judged)
+        trials.append(BudgetTrial(middle / steps, result.report.fidelity.value, bool(result.report.fidelity.met)))
+        if result.report.fidelity.met:
+            high, best = middle, result
+        else:
+            low = middle
+    if best is None:
+        best = prune(prepared, budget=1.0, method=method, seed=seed, progress=progress, **judged)
+        trials.append(BudgetTrial(1.0, best.report.fidelity.value, bool(best.report.fidelity.met)))
+    high = high / steps
+    chosen = (f"budget {high:g} chosen: the smallest meeting fidelity {judged['min_fidelity']:g} within "
+              f"{BUDGET_STEP:g} ({len(trials)} budgets tried)")
+    if high == 1.0:
+        chosen = f"no budget below 1 met fidelity {judged['min_fidelity']:g}: nothing was pruned"
+    report = replace(best.report, search=tuple(trials), notes=best.report.notes + (chosen,))
+    return replace(best, report=report, notes=report.notes)
 
 
 def smallest_budgets(analysis: ChannelAnalysis) -> dict[str, float | None]:

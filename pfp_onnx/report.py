@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pfp_onnx.groups import ChannelAnalysis
+from pfp_onnx.fidelity import Fidelity, wilson_interval
 from pfp_onnx.verify import Verification
 
 
@@ -33,6 +34,13 @@ class Totals:
 
 
 @dataclass(frozen=True)
+class BudgetTrial:
+    budget: float
+    fidelity: float
+    met: bool
+
+
+@dataclass(frozen=True)
 class CompressReport:
     model: str
     budget: float
@@ -41,7 +49,7 @@ class CompressReport:
     seed: int
     round_to: str  # "auto", or the multiple every pruned width keeps ("1": PFP's exact counts)
     epsilon: float | None  # PFP's solved error bound; None for the uniform allocation
-    device: str
+    device: str  # cuda or cpu (the note says why)
     sensitivity_points: int
     recommended_sensitivity_points: int
     groups: tuple[GroupRow, ...]
@@ -50,6 +58,9 @@ class CompressReport:
     seconds: dict[str, float]
     notes: tuple[str, ...] = ()  # what compress printed as "note:" lines (device, points, widths)
     budget_of: str = "weights"  # what the budget counts: weights, or macs (multiply-accumulates per point)
+    fidelity: Fidelity | None = None  # measured on the held-out points (and its target, when one was set)
+    warnings: tuple[str, ...] = ()  # what compress printed as "warning:" lines (poor fidelity)
+    search: tuple[BudgetTrial, ...] = ()  # --min-fidelity without --budget: every budget tried, in order
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -84,10 +95,9 @@ def _ratio(after: float, before: float) -> str:
 def render_table(report: CompressReport, *, verbose: bool = False) -> str:
     """The summary a user reads after `pfp-onnx compress`; verbose adds every frozen reason and the
     per-output comparison."""
-    epsilon = "n/a" if report.epsilon is None else f"{report.epsilon:.4g}"
     budget = f"{report.budget}" + (" of MACs" if report.budget_of == "macs" else "")
     lines = [f"pfp-onnx compress {report.model}  budget={budget}  method={report.method}  "
-             f"mode={report.mode}  round-to={report.round_to}  seed={report.seed}  ε={epsilon}  ({report.device})",
+             f"mode={report.mode}  round-to={report.round_to}  seed={report.seed}",
              "",
              f"{'group':>5}  {'producers':<34} {'channels':>13}  {'sens. kept':>10}  note"]
     for row in report.groups:
@@ -110,6 +120,11 @@ def render_table(report: CompressReport, *, verbose: bool = False) -> str:
         lines.append("verification   skipped (no held-out points; use --holdout > 0)")
     else:
         lines.append(render_verification(report.verification))
+        if report.fidelity is not None:
+            lines.append(report.fidelity.describe())
+        if report.search:
+            lines.append("budgets tried  " + ", ".join(f"{trial.budget:g} → {trial.fidelity:.4f}"
+                                                       f"{'' if trial.met else ' (below)'}" for trial in report.search))
         if verbose:
             lines.extend(f"  output '{item.name}': max abs error {item.max_abs_error:.4g}, relative max "
                          f"{item.max_relative_error:.4g}, mean {item.mean_relative_error:.4g}"
@@ -124,12 +139,15 @@ def render_verification(check: Verification) -> str:
     lines = [f"points {check.points}: relative output error max {check.max_relative_error:.4g}, "
              f"mean {check.mean_relative_error:.4g}, "
              + ", ".join(f"{name} {value:.4g}" for name, value in check.percentiles.items())]
-    if check.within_epsilon is not None:
-        lines.append(f"  within (1±ε) for ε={check.epsilon:.4g}: {check.within_epsilon:.1%} of points")
     for epsilon, fraction in check.outside.items():
         lines.append(f"  ε={epsilon}: δ={fraction:.1%} of points outside (1±ε)")
+    if check.worst_channels:
+        lines.append("  worst channels (RMS error / the channel's spread): " + ", ".join(
+            f"{item.output}[{item.channel}] {item.error:.3g}" for item in check.worst_channels[:3]))
     if check.top1_agreement is not None:
-        lines.append(f"  top-1 agreement with the original: {check.top1_agreement:.1%}")
+        low, high = wilson_interval(check.top1_agreement, check.points)
+        lines.append(f"  top-1 agreement with the original: {check.top1_agreement:.1%} "
+                     f"(95% interval {low:.1%}–{high:.1%})")
     if check.accuracy_original is not None:
         lines.append(f"  accuracy: original {check.accuracy_original:.1%} → pruned {check.accuracy_pruned:.1%}")
     return "\n".join(lines)

@@ -41,6 +41,11 @@ class Device:
     providers: tuple[str, ...]
     note: str  # one line for the user: what runs where, and why
 
+    @property
+    def name(self) -> str:
+        """cuda or cpu: what the report's JSON says."""
+        return "cuda" if CUDA in self.providers else "cpu"
+
 
 @functools.lru_cache(maxsize=None)
 def cuda_loads() -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -21,6 +21,7 @@ from pfp_onnx.model import first_line
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, create_session
 
 TINY = 1e-12
+WORST_CHANNELS = 5  # channels listed in Verification.worst_channels
 # The original's outputs on the held-out points are kept for later verifications up to this size (a
 # classifier's logits are a few KB; a segmentation map of every point is not kept).
 REFERENCE_BYTES = 64 * 2**20
@@ -73,6 +74,18 @@ class OutputComparison:
 
 
 @dataclass(frozen=True)
+class ChannelError:
+    """One output channel's RMS error over every held-out point and position, in units of that channel's
+    own spread in the original's outputs (its standard deviation): a YOLO head's class-score rows are judged
+    on their own scale, not drowned by box coordinates a hundred times larger."""
+
+    output: str
+    channel: int
+    error: float  # sqrt(mean((y' − y)²)) / std(y) over the channel's values (mean |y| where std is 0)
+    spread: float  # the channel's standard deviation in the original
+
+
+@dataclass(frozen=True)
 class Verification:
     points: int
     max_relative_error: float
@@ -85,6 +98,9 @@ class Verification:
     outputs: tuple[OutputComparison, ...]
     percentiles: dict[str, float]  # of the per-point relative error: p50, p90, p99
     outside: dict[str, float]  # empirical δ: fraction of points whose error exceeds each requested ε
+    worst_channels: tuple[ChannelError, ...] = ()  # the largest per-channel errors over all outputs, worst first
+    channel_error: dict[str, float] = field(default_factory=dict)  # per output: its worst channel's error
+    agreement: dict[str, float] = field(default_factory=dict)  # top-1 agreement of every [N, classes] output
 
 
 def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: Device, *,
@@ -152,6 +168,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable
     names = [output.name for output in original.graph.output]
     errors: dict[str, list[np.ndarray]] = {name: [] for name in names}
     max_abs = dict.fromkeys(names, 0.0)
+    channels = {name: ChannelMoments() for name in names}
+    classes: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in names}
     top1: list[tuple[np.ndarray, np.ndarray]] = []
     labels: list[np.ndarray] = []
     for index, batch in enumerate(batches):
@@ -171,14 +189,21 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable
             norms = np.linalg.norm(want.reshape(len(want), -1), axis=1)
             errors[name].append(np.linalg.norm(difference, axis=1) / np.maximum(norms, TINY))
             max_abs[name] = max(max_abs[name], float(np.abs(difference).max(initial=0.0)))
-        if wanted[0].ndim == 2 and wanted[0].shape[1] > 1:
-            top1.append((wanted[0].argmax(axis=1), candidate[0].argmax(axis=1)))
+            channels[name].update(want, got)
+            if want.ndim == 2 and want.shape[1] > 1:
+                classes[name].append((want.argmax(axis=1), got.argmax(axis=1)))
+        if classes[names[0]]:
+            top1.append(classes[names[0]][-1])
     if reference is not None and kept is None:
         reference.finish()
     per_output = {name: np.concatenate(parts) for name, parts in errors.items()}
     worst_per_point = np.max(np.stack(list(per_output.values())), axis=0)
     comparisons = tuple(OutputComparison(name, max_abs[name], float(values.max()), float(values.mean()))
                         for name, values in per_output.items())
+    channel_errors = [error for name in names for error in channels[name].errors(name)]
+    worst_channels = tuple(sorted(channel_errors, key=lambda item: -item.error)[:WORST_CHANNELS])
+    agreement = {name: float(np.mean(np.concatenate([w for w, _ in pairs]) == np.concatenate([g for _, g in pairs])))
+                 for name, pairs in classes.items() if pairs}
     want_top1 = np.concatenate([pair[0] for pair in top1]) if top1 else None
     got_top1 = np.concatenate([pair[1] for pair in top1]) if top1 else None
     labels = np.concatenate(labels) if labels else None
@@ -195,4 +220,48 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable
         outputs=comparisons,
         percentiles={f"p{q}": float(np.percentile(worst_per_point, q)) for q in (50, 90, 99)},
         outside={f"{value:g}": float(np.mean(worst_per_point > value)) for value in epsilons},
+        worst_channels=worst_channels,
+        channel_error={name: max((item.error for item in channel_errors if item.output == name), default=0.0)
+                       for name in names},
+        agreement=agreement,
     )
+
+
+class ChannelMoments:
+    """Per channel (axis 1 of an output, the last axis of a [N, C] one; a [N] output is one channel) the
+    running count, Σy, Σy² of the original's values and Σ(y' − y)², in float64: enough for the RMS error
+    against the spread, streamed batch by batch."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._shift = self._sum = self._squares = self._errors = None
+
+    def update(self, want: np.ndarray, got: np.ndarray) -> None:
+        rows = _channel_rows(want)
+        difference = _channel_rows(got) - rows
+        if self._sum is None:  # sums about the first batch's means: no cancellation for a large mean
+            self._shift = rows.mean(axis=0)
+            self._sum, self._squares, self._errors = (np.zeros(rows.shape[1]) for _ in range(3))
+        rows = rows - self._shift
+        self._count += rows.shape[0]
+        self._sum += rows.sum(axis=0)
+        self._squares += np.einsum("ij,ij->j", rows, rows)
+        self._errors += np.einsum("ij,ij->j", difference, difference)
+
+    def errors(self, output: str) -> list[ChannelError]:
+        if self._sum is None or self._count == 0:
+            return []
+        shifted_mean = self._sum / self._count
+        spread = np.sqrt(np.maximum(self._squares / self._count - shifted_mean ** 2, 0.0))
+        size = np.abs(self._shift + shifted_mean)
+        scale = np.where(spread > TINY * np.maximum(size, 1.0), spread, np.maximum(size, TINY))
+        rms = np.sqrt(self._errors / self._count)
+        return [ChannelError(output, int(channel), float(rms[channel] / scale[channel]), float(spread[channel]))
+                for channel in range(len(rms))]
+
+
+def _channel_rows(values: np.ndarray) -> np.ndarray:
+    """[values, channels]: the output's channel axis (1) last, every other axis folded into rows."""
+    if values.ndim < 2:
+        return values.reshape(-1, 1)
+    return np.moveaxis(values, 1, -1).reshape(-1, values.shape[1])
