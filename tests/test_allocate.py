@@ -281,6 +281,62 @@ def test_sample_size_and_channels_formula():
     assert channels_for_epsilon(group, 50.0) == min(4, max(1, math.ceil(expected)))
 
 
+
+@pytest.mark.parametrize("kernel, patches, delta, c_constant", [(9, 63, 1e-16, 3.0), (9, 1, 1e-6, 1.0),
+                                                                (25, 195, 1e-16, 3.0)])
+def test_channels_formula_carries_every_term_of_the_log(kernel, patches, delta, c_constant):
+    """α = 2C·ln(8(P+1)K/δ) with a real kernel: n(ε) follows the formula written out here, and at some ε
+    differs from what K = 1 (or the default δ and C) would give, so each term is seen."""
+    sensitivity = np.random.default_rng(11).lognormal(0.0, 1.0, 40)
+    group = GroupDemand("g", sensitivity, patches, kernel)
+    probabilities = sensitivity / sensitivity.sum()
+
+    def by_hand(epsilon: float, kernel: int, delta: float, c_constant: float) -> int:
+        alpha = 2 * c_constant * math.log(8 * (patches + 1) * kernel / delta)
+        samples = math.ceil(3 * (6 + 2 * epsilon) * alpha * sensitivity.sum() / epsilon**2)
+        distinct = np.sum(1 - (1 - probabilities) ** samples)
+        return min(40, max(1, math.ceil(distinct - 1e-9)))
+
+    epsilons = np.logspace(0, 3, 60)
+    counts = [channels_for_epsilon(group, eps, delta=delta, c_constant=c_constant) for eps in epsilons]
+    assert counts == [by_hand(eps, kernel, delta, c_constant) for eps in epsilons]
+    assert counts != [by_hand(eps, 1, delta, c_constant) for eps in epsilons]
+    if (delta, c_constant) != (1e-16, 3.0):
+        assert counts != [channels_for_epsilon(group, eps) for eps in epsilons]
+
+
+def test_top_up_goes_to_the_step_the_bound_asks_for_first():
+    """Three groups of 16 channels (round_to 8) with the same flat sensitivities, but masses 4 : 2 : 1, so at
+    every ε a heavier group asks for at least as many channels and its next step comes at a larger ε:
+    a, then b, then c. Each is produced by its own layer (a's channels cost 3 weights each, b's and c's 1)
+    beside a frozen layer of 100 weights. Total 48 + 16 + 16 + 100 = 180; the budget keeps 154.
+
+    At the solved ε every group keeps 8 (24 + 8 + 8 + 100 = 140; a's step to 16 would cost 164). The 14
+    weights left fit one 8-channel step of b or c, not a's 24 and not both: PFP's order gives it to b."""
+    flat = np.ones(16)
+    groups = [GroupDemand("a", 4 * flat, 100, 9), GroupDemand("b", 2 * flat, 100, 9), GroupDemand("c", flat, 100, 9)]
+    layers = [LayerSize("make_a", (), 1, 3, (("a", 16),), 16), LayerSize("make_b", (), 1, 1, (("b", 16),), 16),
+              LayerSize("make_c", (), 1, 1, (("c", 16),), 16), LayerSize("frozen", (), 100, 1, (), 1)]
+    allocation = allocate(groups, layers, 154 / 180, round_to=8)
+    assert {name: rounded(channels_for_epsilon(group, allocation.epsilon), 16, 8)
+            for name, group in zip("abc", groups)} == {"a": 8, "b": 8, "c": 8}
+    assert allocation.kept == {"a": 8, "b": 16, "c": 8}
+    assert allocation.weights_kept == 148
+
+
+def test_uniform_top_up_goes_to_the_lowest_fraction_after_its_step():
+    """Groups a (16 channels), b (24) and c (40, 4 weights per channel) beside 40 frozen weights, round_to
+    8: the fraction 1/5 keeps 8 of each (88 of 240 weights); any larger one takes c to 16 (+32), over the
+    budget of 100. Of the 12 weights left c's next step does not fit; b's to 16 leaves b at 2/3 of its
+    width, a's to 16 leaves a at all of it, so b takes the step and then nothing more fits."""
+    groups = [GroupDemand("a", np.ones(16), 1, 1), GroupDemand("b", np.ones(24), 1, 1),
+              GroupDemand("c", np.ones(40), 1, 1)]
+    layers = [LayerSize("make_a", (), 1, 1, (("a", 16),), 16), LayerSize("make_b", (), 1, 1, (("b", 24),), 24),
+              LayerSize("make_c", (), 1, 4, (("c", 40),), 40), LayerSize("frozen", (), 40, 1, (), 1)]
+    allocation = allocate_uniform(groups, layers, 100 / 240, round_to=8)
+    assert allocation.kept == {"a": 8, "b": 16, "c": 8} and allocation.weights_kept == 96
+
+
 # ---- random chains (hypothesis) -----------------------------------------------------------------------
 
 @settings(max_examples=150, deadline=None, derandomize=True)
