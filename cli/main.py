@@ -1,4 +1,8 @@
-"""Click commands only: parse options, call the pfp_onnx API, print. No pruning logic lives here."""
+"""Click commands only: parse options, call the pfp_onnx API, print. No pruning logic lives here.
+
+Only click and pfp-onnx's light modules load at start; each command imports the API it calls, so that help,
+--version and a refused argument answer at once instead of after onnx, onnxruntime and numba have loaded.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,16 @@ import functools
 import json
 import sys
 import time
+import warnings
 from dataclasses import asdict
 
 import click
 
-from pfp_onnx import PfpError, analyze, compress, evaluate
-from pfp_onnx.baselines import CRITERIA
 from pfp_onnx.crash_report import versions, write_crash_report
-from pfp_onnx.errors import OptionError
-from pfp_onnx.fidelity import METRICS
-from pfp_onnx.model import check_output_path, default_output_path, remove_model, save_model
-from pfp_onnx.pipeline import ALLOCATIONS, BUDGET_OF, MODES, smallest_budgets
-from pfp_onnx.refit import RECOVERIES
-from pfp_onnx.report import analysis_dict, render_analysis, render_table, render_verification, write_json
-from pfp_onnx.runtime import DEVICES
-from pfp_onnx.sweep import parse_methods, plot, sweep, write_csv
+from pfp_onnx.errors import OptionError, PfpError
+from pfp_onnx.options import (ALLOCATIONS, BUDGET_OF, CHANNEL_ORDERS, CRITERIA, DEVICES, IMAGE_PRESETS, LAYOUTS,
+                              METRICS, MODES, RECOVERIES, RESIZES)
+from pfp_onnx.version import __version__
 
 
 # Exit statuses: 2 a user error (the message says what to do), 3 the pruned model missed --min-fidelity
@@ -36,7 +35,9 @@ def _handled_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _note_printer(kwargs.get("quiet", False), warnings.showwarning)
+                return command(*args, **kwargs)
         except PfpError as error:
             click.echo(f"Error: {' '.join(str(error).split())}", err=True)
             sys.exit(USER_ERROR_STATUS)
@@ -58,11 +59,31 @@ def _handled_errors(command):
     return wrapper
 
 
+def _note_printer(quiet: bool, show_warning):
+    """The library says what it assumed about the data as a DataNote warning: print it as a note line (none
+    when quiet); any other warning as Python would."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        data = sys.modules.get("pfp_onnx.data")  # loaded whenever a DataNote can have been raised
+        if data is None or not issubclass(category, data.DataNote):
+            show_warning(message, category, filename, lineno, file, line)
+        elif not quiet:
+            click.echo(f"note: {message}", err=True)
+
+    return show
+
+
 def _progress_printer(quiet: bool):
-    """A progress bar on stderr for the capture and verify passes, with the time each has taken and, once a
-    batch is done, an estimate of the time left; nothing when quiet or when stderr is not a terminal."""
-    if quiet or not sys.stderr.isatty():
+    """Progress of the capture, refit and verify passes on stderr, nothing when quiet: a bar on a terminal,
+    plain lines in a log."""
+    if quiet:
         return None
+    return _progress_bar() if sys.stderr.isatty() else _progress_log()
+
+
+def _progress_bar():
+    """A bar redrawn in place, with the time the stage has taken and, once a batch is done, an estimate of
+    the time left."""
     started: dict[str, float] = {}
     shown = [0]  # length of the line on screen, so that a shorter one blanks what is left of it
 
@@ -87,6 +108,37 @@ def _progress_printer(quiet: bool):
     return show
 
 
+def _progress_log():
+    """Off a terminal (a CI log, a pipe), where a redrawn bar would print every frame: a line when a stage
+    ends, with its time, and, within a long stage, one every LOG_SECONDS with its share done and time left."""
+    started: dict[str, float] = {}
+    said: dict[str, float] = {}
+
+    def show(stage: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if done == 0 or stage not in started:
+            started[stage] = said[stage] = now
+            return
+        finished = bool(total) and done >= total
+        if not finished and now - said[stage] < LOG_SECONDS:
+            return
+        said[stage] = now
+        elapsed = now - started[stage]
+        if finished:
+            line = f"{stage}: {done} points in {_clock(elapsed)}"
+        elif total:
+            line = (f"{stage}: {done}/{total} points ({done / total:.0%}) after {_clock(elapsed)}, "
+                    f"about {_clock(elapsed * (total - done) / done)} left")
+        else:
+            line = f"{stage}: {done} points after {_clock(elapsed)}"
+        click.echo(line, err=True)
+
+    return show
+
+
+LOG_SECONDS = 10
+
+
 def _clock(seconds: float) -> str:
     """m:ss (h:mm:ss from an hour)."""
     minutes, second = divmod(int(round(seconds)), 60)
@@ -95,6 +147,9 @@ def _clock(seconds: float) -> str:
 
 
 BAR_WIDTH = 30
+
+
+DEVICE_HELP = "Execution provider: CUDA when onnxruntime can use it (auto), or force one."
 
 
 def _run_options(command):
@@ -106,8 +161,7 @@ def _run_options(command):
                      help="Points per onnxruntime run (fewer, with a note, where a capture batch would not fit in "
                           "half the free memory)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed for the split and for sampling."),
-        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-                     help="Execution provider: CUDA when onnxruntime can use it (auto), or force one."),
+        click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help=DEVICE_HELP),
     ]):
         command = option(command)
     return command
@@ -133,8 +187,21 @@ def _floats(text: str, option: str) -> list[float]:
         raise OptionError(f"{option} takes comma-separated numbers, e.g. 0.9,0.8,0.7; got '{text}'.") from None
 
 
+def _size(text: str | None) -> tuple[int, int] | None:
+    """224 (square) or 480x640 (height x width)."""
+    if text is None:
+        return None
+    try:
+        sizes = [int(part) for part in text.lower().replace(",", "x").split("x")]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2):
+        raise OptionError(f"--size takes one size or height x width, e.g. 224 or 480x640; got '{text}'.")
+    return sizes[0], sizes[-1]
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="pfp-onnx")
+@click.version_option(__version__, prog_name="pfp-onnx")
 def main() -> None:
     """Provable Filter Pruning for ONNX models: remove whole filters and neurons, keep a dense model."""
 
@@ -169,9 +236,6 @@ def main() -> None:
               help="Training-free recovery of the layers reading pruned channels: fold the removed channels' "
                    "mean into the bias, re-fit kept weights by least squares on the original's activations "
                    "(lstsq), or on the pruned model's own, layer after layer (sequential).")
-@click.option("--refit-passes", type=click.IntRange(min=1), default=None, metavar="N",
-              help="sequential: passes over the calibration points (fewer is faster; layers re-fitted in one "
-                   "pass do not see each other's re-fit).  [default: one per layer depth]")
 @_run_options
 @click.option("--exclude", "exclude", multiple=True, metavar="NODE",
               help="Keep this node's channels untouched (repeatable).")
@@ -184,11 +248,14 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print every frozen reason and each output's errors.")
 @_handled_errors
-def compress_command(model, data, budget, budget_of, min_fidelity, fidelity, fidelity_output, output, mode, criterion, allocation, recovery, refit_passes,
-                     holdout,
-                     batch_size, seed, device, exclude, exclude_ops, round_to, external_data, report_path, quiet,
+def compress_command(model, data, budget, budget_of, min_fidelity, fidelity, fidelity_output, output, mode,
+                     criterion, allocation, recovery, holdout, batch_size, seed, device, exclude, exclude_ops, round_to, external_data, report_path, quiet,
                      verbose):
     """Prune MODEL to keep BUDGET of its layer weights (or MACs) and write a smaller dense ONNX model."""
+    from pfp_onnx import compress
+    from pfp_onnx.model import check_output_path, default_output_path, remove_model, save_model
+    from pfp_onnx.report import render_table, write_json
+
     output_path = check_output_path(output or default_output_path(model), model, data)
     replacing = output is None and output_path.exists()
     if report_path is not None:
@@ -196,7 +263,7 @@ def compress_command(model, data, budget, budget_of, min_fidelity, fidelity, fid
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
                       recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
                       exclude=exclude, exclude_ops=exclude_ops, round_to=round_to, budget_of=budget_of,
-                      refit_passes=refit_passes, min_fidelity=min_fidelity, fidelity=fidelity,
+                      min_fidelity=min_fidelity, fidelity=fidelity,
                       fidelity_output=fidelity_output, progress=_progress_printer(quiet))
     gate_failed = result.report.fidelity is not None and result.report.fidelity.met is False
     if not gate_failed:
@@ -235,6 +302,9 @@ def compress_command(model, data, budget, budget_of, min_fidelity, fidelity, fid
 @_handled_errors
 def analyze_command(model, data, as_json):
     """Show MODEL's channel groups: which can be pruned, and why the others are frozen."""
+    from pfp_onnx import analyze, smallest_budgets
+    from pfp_onnx.report import analysis_dict, render_analysis
+
     analysis = analyze(model, data)
     floors = smallest_budgets(analysis)
     if as_json:
@@ -251,13 +321,16 @@ def analyze_command(model, data, as_json):
 @click.option("--epsilons", default="0.01,0.05,0.1,0.2,0.5", show_default=True,
               help="Relative errors ε for which to report δ, the fraction of points outside (1±ε).")
 @click.option("--batch-size", type=int, default=32, show_default=True, help="Points per onnxruntime run.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help=DEVICE_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @_handled_errors
 def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_json):
     """Compare PRUNED with ORIGINAL: accuracy, top-1 agreement, output error and the empirical (ε, δ)."""
-    result = evaluate(original, pruned, data, batch_size=batch_size, device=device,
-                      epsilons=_floats(epsilons, "--epsilons"))
+    epsilons = _floats(epsilons, "--epsilons")
+    from pfp_onnx import evaluate
+    from pfp_onnx.report import render_verification
+
+    result = evaluate(original, pruned, data, batch_size=batch_size, device=device, epsilons=epsilons)
     click.echo(json.dumps(asdict(result), indent=2) if as_json else render_verification(result))
 
 
@@ -269,7 +342,8 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 @click.option("--methods", default="pfp/pfp/none,l1/uniform/none,pfp/pfp/lstsq", show_default=True,
               help="Comma-separated criterion/allocation[/mode][/recovery] (recovery defaults to lstsq), "
                    "e.g. pfp/pfp/none,l2/pfp/none,pfp/pfp/bias.")
-@click.option("--csv", "csv_path", required=True, type=click.Path(dir_okay=False, readable=False), help="Where to write the table.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, readable=False),
+              help="Also write the table (every column) as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, readable=False), help="Also draw a PNG (needs matplotlib).")
 @_budget_of_option
 @_run_options
@@ -277,28 +351,91 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 @_handled_errors
 def sweep_command(model, data, budgets, methods, csv_path, plot_path, budget_of, holdout, batch_size, seed, device,
                   round_to):
-    """Compress MODEL at every budget with every method (one capture) and tabulate held-out accuracy."""
-    check_output_path(csv_path, model, data, option="--csv")
+    """Compress MODEL at every budget with every method (one capture) and print held-out accuracy beside the
+    original's."""
+    budgets = _floats(budgets, "--budgets")
+    from pfp_onnx.model import check_output_path
+    from pfp_onnx.sweep import TABLE_HEADER, parse_methods, plot, sweep, table_line, write_csv
+
+    if csv_path is not None:
+        check_output_path(csv_path, model, data, option="--csv")
     if plot_path is not None:
         check_output_path(plot_path, model, data, csv_path, option="--plot")
     shown = []
 
     def show(row) -> None:
         if not shown:  # the header with the first row: a refused option or input prints only its error
-            click.echo(f"{'method':<24} {'budget':>6} {'weights':>8} {'MACs':>7} {'accuracy':>9} {'agreement':>10}")
+            click.echo(TABLE_HEADER)
         shown.append(row)
-        accuracy = "" if row.accuracy is None else f"{row.accuracy:.1%}"
-        agreement = "" if row.top1_agreement is None else f"{row.top1_agreement:.1%}"
-        click.echo(f"{row.method:<24} {row.budget:>6g} {row.weights_kept:>8.1%} {row.macs_kept:>7.1%} "
-                   f"{accuracy:>9} {agreement:>10}")
+        click.echo(table_line(row))
 
-    rows = sweep(model, data, budgets=_floats(budgets, "--budgets"), methods=parse_methods(methods),
-                 holdout=holdout, batch_size=batch_size, seed=seed, device=device, round_to=round_to,
-                 budget_of=budget_of, on_row=show)
-    write_csv(rows, csv_path)
+    rows = sweep(model, data, budgets=budgets, methods=parse_methods(methods), holdout=holdout,
+                 batch_size=batch_size, seed=seed, device=device, round_to=round_to, budget_of=budget_of,
+                 progress=_progress_printer(quiet=False), on_row=show)
+    written = [path for path in (csv_path, plot_path) if path is not None]
+    if csv_path is not None:
+        write_csv(rows, csv_path)
     if plot_path is not None:
         plot(rows, plot_path, title=str(model), budget_of=budget_of)
-    click.echo(f"wrote {csv_path}" + (f" and {plot_path}" if plot_path else ""))
+    if written:
+        click.echo("wrote " + " and ".join(map(str, written)))
+
+
+@main.command("calib")
+@click.argument("images", type=click.Path(file_okay=False, readable=False))
+@click.option("--model", "model", required=True, type=click.Path(dir_okay=False, readable=False),
+              help="The model the set is for: its input's name, dtype, size and layout.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, readable=False),
+              help="Where to write the calibration .npz (compress's --data).")
+@click.option("--preset", type=click.Choice(IMAGE_PRESETS),
+              help="imagenet: short side to 8/7 of the size, centre crop, 0–1, ImageNet mean/std, RGB (torchvision); "
+                   "yolo: letterbox padded with grey 114, 0–1, RGB (Ultralytics). The options below override it.")
+@click.option("--size", metavar="S|HxW",
+              help="Height and width to make, e.g. 224 or 480x640; needed where the model leaves them open.  "
+                   "[default: the model's]")
+@click.option("--resize", type=click.Choice(RESIZES),
+              help="crop: scale the short side to fit, then centre-crop; letterbox: fit inside, pad with --fill; "
+                   "stretch: ignore the aspect ratio.  [default: the preset's, else crop]")
+@click.option("--crop-fraction", type=float, metavar="F",
+              help="crop: the share of the scaled short side the crop keeps (0.875: 224 of 256).  "
+                   "[default: the preset's, else 1]")
+@click.option("--pixel-range", type=float, metavar="R",
+              help="Pixels 0–255 are scaled to 0–R before --mean and --std: 1 or 255.  [default: 1]")
+@click.option("--mean", metavar="M[,M,M]",
+              help="Subtracted per channel, in R,G,B order.  [default: the preset's, else 0]")
+@click.option("--std", metavar="S[,S,S]", help="Divides per channel, in R,G,B order.  [default: the preset's, else 1]")
+@click.option("--channels", type=click.Choice(CHANNEL_ORDERS), help="Colour order the model reads.  [default: RGB]")
+@click.option("--layout", type=click.Choice(LAYOUTS),
+              help="The model input's layout.  [default: read from its shape, where an axis of 1 or 3 says it]")
+@click.option("--fill", type=click.IntRange(0, 255), help="letterbox: grey level of the padding.  [default: 114]")
+@click.option("--labels", is_flag=True,
+              help="Add class labels from sub-folders (IMAGES/<class>/*.jpg): folders named by number give that "
+                   "class id; others are numbered in sorted order.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="Use at most N images, a seeded random sample.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --limit's sample.")
+@click.option("-q", "--quiet", is_flag=True, help="Print only errors and warnings.")
+@_handled_errors
+def calib_command(images, model, output, preset, size, resize, crop_fraction, pixel_range, mean, std, channels,
+                  layout, fill, labels, limit, seed, quiet):
+    """Make a calibration .npz for MODEL from the images under IMAGES, preprocessed as the model expects, and
+    say whether they are as many as PFP's bound asks for. Needs Pillow (the extra named images)."""
+    size = _size(size)
+    mean = None if mean is None else _floats(mean, "--mean")
+    std = None if std is None else _floats(std, "--std")
+    from pfp_onnx.calibration_images import calibration_set, save_npz
+    from pfp_onnx.model import check_output_path
+
+    output_path = check_output_path(output, model)
+    made = calibration_set(images, model, preset=preset, size=size, resize=resize, crop_fraction=crop_fraction,
+                           pixel_range=pixel_range, mean=mean, std=std, channels=channels, layout=layout, fill=fill,
+                           labels=labels, limit=limit, seed=seed)
+    save_npz(made, output_path)
+    for note in () if quiet else made.notes:
+        click.echo(f"note: {note}", err=True)
+    for warning in made.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    if not quiet:
+        click.echo(f"wrote {output_path}")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,20 @@ def updated(readme: str) -> str:
     return readme[:start] + "\n" + reference() + "\n" + readme[stop:]
 
 
+USAGE = """usage: python -m pfp_onnx_cli.reference [--check]
+
+Regenerate the CLI reference in README.md (between its cli-reference markers) from every command's --help.
+Without options it REWRITES README.md in place.
+
+  --check     only compare: exit 1 if README.md's reference is out of date, 0 if it is current; write nothing
+  -h, --help  show this message"""
+
+
 def run(argv: list[str]) -> int:
+    asked_for_help = bool({"-h", "--help"} & set(argv))
+    if asked_for_help or set(argv) - {"--check"}:
+        print(USAGE, file=sys.stdout if asked_for_help else sys.stderr)
+        return 0 if asked_for_help else 2
     path = Path(__file__).resolve().parent.parent / "README.md"
     text = path.read_text()
     if "--check" in argv:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pfp_onnx.errors import BudgetError
+from pfp_onnx.options import ROUND_TO_AUTO
 
 __all__ = [
     "Allocation",
@@ -44,7 +45,6 @@ STEP_SEARCH_ITERATIONS = 80
 # full speed, odd widths on slower paths (a pruned ResNet-18 ran at 0.78× the original's speed unrounded,
 # 1.22× rounded; benchmarks/results/baseline.txt). Groups narrower than 16 keep any count: rounding would
 # leave them almost no choice, and they cost little.
-ROUND_TO_AUTO = "auto"
 AUTO_MULTIPLE = 8
 AUTO_MIN_WIDTH = 16
 

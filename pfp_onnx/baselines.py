@@ -11,8 +11,7 @@ import onnx
 
 from pfp_onnx.groups import ChannelAnalysis
 from pfp_onnx.model import to_graph
-
-CRITERIA = ("pfp", "l1", "l2", "random")
+from pfp_onnx.options import CRITERIA
 
 
 def norm_scores(model: onnx.ModelProto, analysis: ChannelAnalysis, order: int) -> dict[int, np.ndarray]:

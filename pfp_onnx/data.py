@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping
@@ -20,6 +22,11 @@ from pfp_onnx.model import static_dims
 from pfp_onnx.npz import LoadWhole, NpzArray
 
 LABELS = "labels"
+
+
+class DataNote(UserWarning):
+    """Something pfp-onnx assumed about the calibration data that the user should know, though it is not an
+    error (an array taken for an input of another name); the command line prints it as a note."""
 
 
 @dataclass(frozen=True)
@@ -155,15 +162,21 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray | NpzArray]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Calibration file '{path}' does not exist. Pass an .npz file with --data.")
+    save_it = "numpy.savez('calib.npz', <input name>=points, labels=optional_class_ids)"
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if not hasattr(archive, "files"):
-                raise ValueError("it holds a single array, not an archive of named arrays")
+        loaded = np.load(path, allow_pickle=False)
+        if not hasattr(loaded, "files"):  # a .npy file: one bare array
+            raise DataError(
+                f"'{path}' holds a single NumPy array (.npy), but pfp-onnx reads an .npz archive of arrays "
+                f"named after the model's inputs, so that it can match them (and class labels) to the model. "
+                f"Make one from your array with {save_it}.")
+        with loaded as archive:
             return {name: _member(path, archive, name) for name in archive.files}
+    except DataError:
+        raise
     except Exception as exc:  # numpy/zipfile/zlib raise many types for damaged archives
         raise DataError(
-            f"Could not read '{path}' as a NumPy .npz archive ({exc}). Save the calibration set with "
-            "numpy.savez(path, <input name>=array, labels=optional_class_ids)."
+            f"Could not read '{path}' as a NumPy .npz archive ({exc}). Save the calibration set with {save_it}."
         ) from None
 
 
@@ -178,13 +191,18 @@ def _member(path: Path, archive, name: str) -> np.ndarray | NpzArray:
 
 
 def validate(arrays: Mapping[str, np.ndarray | NpzArray], model: onnx.ModelProto) -> CalibrationData:
-    """Match arrays to graph inputs and check names, ranks, fixed dims, dtypes, finiteness and counts."""
+    """Match arrays to graph inputs and check names, ranks, fixed dims, dtypes, finiteness, counts and the
+    labels' class range. A single-input model takes a single array of any name (with a DataNote)."""
     specs = input_specs(model)
+    _check_batched(model, specs)
     arrays = dict(arrays)
     labels = arrays.pop(LABELS, None)
     expected = ", ".join(f"'{spec.name}' {_describe(spec)}" for spec in specs)
     if len(specs) == 1 and len(arrays) == 1 and specs[0].name not in arrays:
-        arrays = {specs[0].name: next(iter(arrays.values()))}
+        (found, values), = arrays.items()
+        warnings.warn(f"the calibration array '{found}' was taken as the model's only input, '{specs[0].name}' "
+                      "(save it under the input's name to match it explicitly)", DataNote, stacklevel=2)
+        arrays = {specs[0].name: values}
     missing = [spec.name for spec in specs if spec.name not in arrays]
     if missing:
         raise DataError(
@@ -197,11 +215,12 @@ def validate(arrays: Mapping[str, np.ndarray | NpzArray], model: onnx.ModelProto
             f"The calibration data holds arrays {', '.join(map(repr, extra))} that match no model input. "
             f"The model expects {expected} (plus an optional '{LABELS}' array); remove or rename them.")
     inputs = {spec.name: _checked(_array(arrays[spec.name]), spec) for spec in specs}
-    counts = {len(array) for array in inputs.values()}
+    counts = Counter(len(array) for array in inputs.values())
     if len(counts) != 1:
-        raise DataError("The calibration arrays hold different numbers of points "
-                        f"({', '.join(f'{n}: {len(a)}' for n, a in inputs.items())}); give every input the same count.")
-    count = counts.pop()
+        raise DataError("The calibration arrays hold different numbers of points on axis 0 "
+                        f"({', '.join(f'{n}: {len(a)}' for n, a in inputs.items())}); give every input the same "
+                        f"count, the points stacked on axis 0.{_moved_points(inputs, counts.most_common(1)[0][0])}")
+    count = next(iter(counts))
     if count == 0:
         raise DataError("The calibration data holds zero points; give at least a few dozen.")
     if labels is not None:
@@ -210,7 +229,57 @@ def validate(arrays: Mapping[str, np.ndarray | NpzArray], model: onnx.ModelProto
             raise DataError(
                 f"The '{LABELS}' array must be 1-D integer class ids, one per point ({count}); got shape "
                 f"{labels.shape} and dtype {labels.dtype}. Fix or remove it.")
+        _check_classes(labels, model)
     return CalibrationData(inputs, labels)
+
+
+def _check_batched(model: onnx.ModelProto, specs: list[InputSpec]) -> None:
+    """pfp-onnx feeds every input a batch of points sliced along axis 0: a scalar input has no such axis, and
+    an input whose axis 0 is fixed while another input's is not (or is fixed to another size) holds
+    something other than points there, such as a recurrent state [2, N, 128]."""
+    shaped = {info.name for info in model.graph.input if info.type.tensor_type.HasField("shape")}
+    described = {spec.name: f"'{spec.name}' {_describe(spec)}" for spec in specs}
+    problems = [f"{described[spec.name]} is a scalar" for spec in specs if spec.name in shaped and not spec.dims]
+    fixed = [described[spec.name] for spec in specs if spec.dims and spec.dims[0] is not None]
+    open_batch = [described[spec.name] for spec in specs if spec.dims and spec.dims[0] is None]
+    if fixed and open_batch:
+        problems.append(f"{', '.join(fixed)} {'fixes' if len(fixed) == 1 else 'fix'} axis 0 while "
+                        f"{', '.join(open_batch)} {'leaves' if len(open_batch) == 1 else 'leave'} it open")
+    elif len({spec.dims[0] for spec in specs if spec.dims}) > 1:
+        problems.append(f"{', '.join(fixed)} fix axis 0 to different sizes")
+    if problems:
+        raise DataError(
+            "pfp-onnx needs every model input to carry the calibration points on axis 0 (it feeds each input a "
+            f"batch of points along that axis), and this model's do not: {'; '.join(problems)}. Scalars, "
+            "recurrent states and per-call parameters cannot be batched that way: export a model whose inputs "
+            "all take the batch on axis 0, with the others made constants of the graph (re-export with them "
+            "fixed, or replace such an input by an initializer holding the value you would pass, e.g. with "
+            "onnx-graphsurgeon), and prune that model.")
+
+
+def _moved_points(inputs: Mapping[str, np.ndarray | NpzArray], count: int) -> str:
+    """A hint naming the arrays that seem to hold their `count` points on another axis than 0."""
+    moved = [f"'{name}' holds {count} on axis {array.shape.index(count)}" for name, array in inputs.items()
+             if len(array) != count and count in array.shape[1:]]
+    return f" ({'; '.join(moved)}: move that axis first, numpy.moveaxis(array, axis, 0).)" if moved else ""
+
+
+def _check_classes(labels: np.ndarray, model: onnx.ModelProto) -> None:
+    """Labels outside a classifier's class range (its first output's [N, classes]) can never match a
+    prediction, so accuracy would read low (0% for labels all shifted) without a word: they are refused."""
+    if not len(labels) or not model.graph.output:
+        return
+    output = model.graph.output[0]
+    dims = static_dims(output.type.tensor_type)
+    if len(dims) != 2 or dims[1] is None or dims[1] < 2:
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= dims[1]:
+        raise DataError(
+            f"The '{LABELS}' array holds class ids from {low} to {high}, but the model's first output "
+            f"'{output.name}' scores {dims[1]} classes (ids 0 to {dims[1] - 1}): a point labelled outside them always "
+            "counts as wrong. Map the labels to the model's class ids (1-based ids: subtract 1), or leave the "
+            f"'{LABELS}' array out to compare the models without accuracy.")
 
 
 def _array(values) -> np.ndarray | NpzArray:
@@ -218,6 +287,10 @@ def _array(values) -> np.ndarray | NpzArray:
 
 
 def _checked(array: np.ndarray | NpzArray, spec: InputSpec) -> np.ndarray | NpzArray:
+    if array.ndim == 0:
+        raise DataError(
+            f"Calibration array '{spec.name}' is a single value, not points: the model input is "
+            f"{_describe(spec)}. Stack the points along axis 0 in the model's layout.")
     if array.ndim != len(spec.dims):
         raise DataError(
             f"Calibration array '{spec.name}' has rank {array.ndim} (shape {array.shape}) but the model input "

@@ -14,9 +14,9 @@ import math
 from dataclasses import dataclass
 
 from pfp_onnx.errors import OptionError
+from pfp_onnx.options import METRICS
 from pfp_onnx.verify import Verification
 
-METRICS = ("auto", "top1", "error")
 Z95 = 1.959964  # the standard normal's 97.5% quantile
 WARN_AGREEMENT = 0.9  # below this top-1 agreement compress warns, target or not
 WARN_ACCURACY_DROP = 0.05  # and above this drop of labelled accuracy

@@ -17,11 +17,12 @@ import onnx
 
 from pfp_onnx.allocate import (AUTO_MIN_WIDTH, AUTO_MULTIPLE, ROUND_TO_AUTO, GroupDemand, LayerSize, allocate,
                                allocate_uniform, multiple, smallest_budget)
-from pfp_onnx.baselines import CRITERIA, norm_scores, random_scores
+from pfp_onnx.baselines import norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, points_in, read_npz, split, validate,
                            whole_batches)
 from pfp_onnx.errors import DataError, ModelError, OptionError
+from pfp_onnx.options import ALLOCATIONS, BUDGET_OF, CRITERIA, MODES, RECOVERIES
 from pfp_onnx.fidelity import Fidelity, check_metric, measure
 from pfp_onnx.fidelity import warnings as fidelity_warnings
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
@@ -29,20 +30,15 @@ from pfp_onnx.memory import available_bytes, capture_bytes_per_point, fitting_ba
 from pfp_onnx.model import (check_model, free_graph_weights, load_model, parameter_count, with_metadata,
                             with_unique_node_names)
 from pfp_onnx.recover import FeatureStatistics
-from pfp_onnx.refit import RECOVERIES, new_statistics, recoverable_layers, replacements, with_zero_biases
+from pfp_onnx.refit import new_statistics, recoverable_layers, replacements, with_zero_biases
 from pfp_onnx.report import BudgetTrial, CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, choose_device
 from pfp_onnx.select import Selection, select_channels
-from pfp_onnx.sequential import ALL_DEPTHS, sequential_replacements
+from pfp_onnx.sequential import sequential_replacements
 from pfp_onnx.verify import ReferenceOutputs, Verification, blame, check_runs, runtime_failure, verify
 from pfp_onnx.version import __version__
 
-MODES = ("deterministic", "randomized", "hybrid")
-ALLOCATIONS = ("pfp", "uniform")
-# What --budget counts: the prunable layers' weights, or their multiply-accumulates per point (what latency
-# follows; PFP.md §3: each weight counted once per output position).
-BUDGET_OF = ("weights", "macs")
 BUDGET_UNITS = {"weights": "weights", "macs": "MACs"}
 BUDGET_STEP = 0.01  # --min-fidelity: the bisection ends when a failing and a passing budget are this close
 SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
@@ -94,7 +90,6 @@ class Method:
     allocation: str = "pfp"  # pfp | uniform
     mode: str = "deterministic"  # deterministic | randomized | hybrid (PFP sampling)
     recovery: str = "lstsq"  # none | bias | lstsq | sequential (training-free, after selection)
-    refit_passes: int | None = None  # sequential: passes over the points (None: one per layer depth)
 
     def check(self) -> Method:
         for value, allowed, option in ((self.criterion, CRITERIA, "--criterion"),
@@ -102,9 +97,6 @@ class Method:
                                        (self.recovery, RECOVERIES, "--recovery")):
             if value not in allowed:
                 raise OptionError(f"Unknown {option} '{value}'; use one of {', '.join(allowed)}.")
-        if self.refit_passes is not None and (isinstance(self.refit_passes, bool) or int(self.refit_passes) < 1
-                                              or int(self.refit_passes) != self.refit_passes):
-            raise OptionError(f"--refit-passes takes a whole number of at least 1; got {self.refit_passes}.")
         return self
 
     @property
@@ -144,6 +136,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     """Load, validate, analyse, check the budgets and the fidelity metric, then capture sensitivities if any
     method needs them."""
     started = time.perf_counter()
+    methods = [method.check() for method in methods]
     if batch_size < 1:
         raise OptionError(f"--batch-size must be at least 1; got {batch_size}.")
     round_to = check_round_to(round_to)
@@ -246,7 +239,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     refit_seconds = {}
     if method.recovery == "sequential":
         stage_start = time.perf_counter()
-        changes = _sequential(prepared, selections, changes, method, progress)
+        changes = _sequential(prepared, selections, changes, progress)
         refit_seconds["refit"] = time.perf_counter() - stage_start
     pruned = with_metadata(rewrite(proto, analysis, selections, changes), {
         "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
@@ -290,19 +283,19 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     return CompressResult(pruned, report, analysis, selections, notes, changes or {}, proto)
 
 
-def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes: dict, method: Method,
+def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes: dict,
                 progress: Progress | None) -> dict:
-    """Re-fit the one-pass weights on the pruned model's own activations (pfp_onnx.sequential), each pass
-    reported as a stage of its own."""
+    """Re-fit the one-pass weights on the pruned model's own activations (pfp_onnx.sequential), its passes
+    reported as one stage."""
     points = prepared.sensitivity_part
 
-    def on_pass(index: int, count: int):
-        return _stage_progress(progress, f"refit {index + 1}/{count}", points.count)
+    def on_start(passes: int):
+        return _stage_progress(progress, "refit", None if points.count is None else points.count * passes)
 
     try:
         return sequential_replacements(prepared.model, prepared.original, prepared.analysis, selections, changes,
                                        lambda: points.batches(prepared.batch_size), prepared.device,
-                                       passes=method.refit_passes or ALL_DEPTHS, on_pass=on_pass)
+                                       on_start=on_start)
     except ONNXRUNTIME_ERRORS as exc:
         raise blame(exc, prepared.original, prepared.name, points.batches(prepared.batch_size),
                     prepared.device) from exc
@@ -312,7 +305,7 @@ def compress(model: ModelSource, data: DataSource, *, budget: float | None = Non
              criterion: str = "pfp", allocation: str = "pfp", recovery: str = "lstsq", holdout: float = 0.2,
              batch_size: int = 32, seed: int = 0, device: str = "auto", exclude: Sequence[str] = (),
              exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights",
-             refit_passes: int | None = None, min_fidelity: float | None = None, fidelity: str = "auto",
+             min_fidelity: float | None = None, fidelity: str = "auto",
              fidelity_output: str | None = None, progress: Progress | None = None) -> CompressResult:
     """Prune `model` to keep `budget` of its prunable-layer weights (budget_of="macs": of their
     multiply-accumulates per point), guided by PFP sensitivities.
@@ -324,7 +317,7 @@ def compress(model: ModelSource, data: DataSource, *, budget: float | None = Non
     (pfp_onnx.fidelity: `fidelity` on `fidelity_output`) meets it, by bisection on one capture; with a budget
     it is only measured against (report.fidelity.met), and the CLI refuses to write a model that misses it.
     """
-    method = Method(criterion, allocation, mode, recovery, refit_passes).check()
+    method = Method(criterion, allocation, mode, recovery).check()
     if budget is None and min_fidelity is None:
         raise OptionError("Give --budget (the share of weights or MACs to keep), --min-fidelity (the held-out "
                           "fidelity to keep; pfp-onnx finds the smallest budget that does), or both.")
@@ -523,6 +516,9 @@ def _recommended_points(analysis: ChannelAnalysis) -> int:
     return math.ceil(3 * math.log(8 * eta_max * eta / SENSITIVITY_DELTA))
 
 
+recommended_points = _recommended_points  # public: how many points `pfp-onnx calib` should gather
+
+
 def _width_notes(analysis: ChannelAnalysis, selections: Mapping[int, Selection], round_to: int | str,
                  mode: str) -> tuple[str, ...]:
     """A hint when pruned widths that "auto" would round are not multiples of 8: such models can run slower
@@ -572,11 +568,15 @@ def _totals(original: onnx.ModelProto, pruned: onnx.ModelProto, analysis: Channe
         return (units(layer.in_units, layer.in_groups) * layer.in_block * layer.kernel
                 * units(layer.out_units, layer.out_groups))
 
+    def macs(pruned_side: bool) -> int | None:  # unknown, not 0, while some layer's output size is open
+        if any(layer.positions is None for layer in analysis.layers):
+            return None
+        return sum(layer_weights(layer, pruned_side) * layer.positions for layer in analysis.layers)
+
     return Totals(parameters_before=parameter_count(original), parameters_after=parameter_count(pruned),
                   layer_weights_before=analysis.weights_total,
                   layer_weights_after=sum(layer_weights(layer, True) for layer in analysis.layers),
-                  macs_before=sum(layer_weights(layer, False) * (layer.positions or 0) for layer in analysis.layers),
-                  macs_after=sum(layer_weights(layer, True) * (layer.positions or 0) for layer in analysis.layers))
+                  macs_before=macs(False), macs_after=macs(True))
 
 
 def evaluate(original: ModelSource, pruned: ModelSource, data: DataSource, *, batch_size: int = 32,

@@ -29,8 +29,8 @@ class Totals:
     parameters_after: int
     layer_weights_before: int  # Conv/Gemm/MatMul weight tensors: what --budget counts by default
     layer_weights_after: int
-    macs_before: int  # multiply-accumulates of those layers, per point: what --budget-of macs counts
-    macs_after: int
+    macs_before: int | None  # multiply-accumulates of those layers, per point: what --budget-of macs counts;
+    macs_after: int | None  # None where the analysis leaves some layer's output size open
 
 
 @dataclass(frozen=True)
@@ -83,13 +83,37 @@ def _plain(value):
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _names(names: tuple[str, ...], limit: int = 2) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f" +{len(names) - limit}" if len(names) > limit else "")
+def _names(names: tuple[str, ...], width: int, limit: int = 2) -> str:
+    """At most `limit` node names and a count of the rest, within `width` characters: names that do not fit
+    lose their start, not their distinctive tail (`…/block_a/conv1/Conv`); the JSON report keeps them whole."""
+    text, more = ", ".join(names), ""
+    for shown in range(min(limit, len(names)), 0, -1):
+        more = f" +{len(names) - shown}" if len(names) > shown else ""
+        text = ", ".join(names[:shown]) + more
+        if len(text) <= width:
+            return text
+    return _tail(names[0], width - len(more)) + more if names else text
 
 
-def _ratio(after: float, before: float) -> str:
-    return f"{after / before:6.1%}" if before else "   n/a"
+def _tail(name: str, width: int) -> str:
+    """The end of `name` in `width` characters after an ellipsis, starting at a separator ('/', else '.')
+    so that no word is cut, unless that would drop more than half of what fits."""
+    if len(name) <= width:
+        return name
+    tail = name[len(name) - (width - 1):]
+    for separator in "/.":
+        if 0 <= tail.find(separator) <= len(tail) // 2:
+            return "…" + tail[tail.find(separator):]
+    return "…" + tail
+
+
+def _ratio(after: float | None, before: float | None) -> str:
+    return f"{after / before:6.1%}" if before and after is not None else "   n/a"
+
+
+def _count(value: int | None) -> str:
+    """n/a for a total the analysis cannot know (MACs of a layer whose output size is open)."""
+    return "n/a" if value is None else f"{value:,}"
 
 
 def render_table(report: CompressReport, *, verbose: bool = False) -> str:
@@ -104,7 +128,7 @@ def render_table(report: CompressReport, *, verbose: bool = False) -> str:
         channels = f"{row.channels_before:>5} → {row.channels_after:<5}"
         kept = "" if row.sensitivity_kept is None else f"{row.sensitivity_kept:10.1%}"
         note = "frozen: " + row.frozen[0] if row.frozen else ""
-        lines.append(f"{row.group:>5}  {_names(row.producers):<34.34} {channels:>13}  {kept:>10}  {note}")
+        lines.append(f"{row.group:>5}  {_names(row.producers, 34):<34} {channels:>13}  {kept:>10}  {note}")
         if verbose:
             lines.extend(f"{'':>5}  producers: {name}" for name in row.producers[2:])
             lines.extend(f"{'':>5}  frozen: {reason}" for reason in row.frozen[1:])
@@ -114,7 +138,7 @@ def render_table(report: CompressReport, *, verbose: bool = False) -> str:
               f"({_ratio(totals.parameters_after, totals.parameters_before)} kept)",
               f"layer weights  {totals.layer_weights_before:>12,} → {totals.layer_weights_after:<12,} "
               f"({_ratio(totals.layer_weights_after, totals.layer_weights_before)} kept)",
-              f"MACs / point   {totals.macs_before:>12,} → {totals.macs_after:<12,} "
+              f"MACs / point   {_count(totals.macs_before):>12} → {_count(totals.macs_after):<12} "
               f"({_ratio(totals.macs_after, totals.macs_before)} kept)"]
     if report.verification is None:
         lines.append("verification   skipped (no held-out points; use --holdout > 0)")
@@ -192,11 +216,12 @@ def render_analysis(analysis: ChannelAnalysis, floors: dict[str, float | None]) 
     if floors["weights"] is not None:
         macs = ("give --data to count MACs" if floors["macs"] is None
                 else f"--budget-of macs: {floors['macs']:g}")
-        lines.append(f"smallest feasible --budget: {floors['weights']:g} ({macs}; every prunable group keeping one "
-                     "channel, --round-to 1)")
+        lines.append(f"budget floor: {floors['weights']:g} ({macs}), the lowest --budget accepted: every prunable "
+                     "group down to one channel (--round-to 1). A limit, not a recommendation: find a budget that "
+                     "keeps accuracy with `pfp-onnx sweep` or compress --min-fidelity")
     lines += ["", f"{'group':>5}  {'width':>5}  {'producers':<30} {'consumers':<30} status"]
     for group in analysis.groups:
         status = "prunable" if group.prunable else "frozen: " + "; ".join(group.frozen)
-        lines.append(f"{group.id:>5}  {group.width:>5}  {', '.join(group.producers):<30.30} "
-                     f"{', '.join(group.consumers):<30.30} {status}")
+        lines.append(f"{group.id:>5}  {group.width:>5}  {_names(group.producers, 30, limit=3):<30} "
+                     f"{_names(group.consumers, 30, limit=3):<30} {status}")
     return "\n".join(lines)

@@ -35,26 +35,23 @@ def kept_count(analysis: ChannelAnalysis, selections: Mapping[int, Selection], g
 
 
 def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mapping[int, Selection],
-            replacements: Mapping[tuple[str, int], np.ndarray] | None = None) -> onnx.ModelProto:
+            replacements: Mapping[tuple[str, int], np.ndarray] | None = None, *, check: bool = True) -> onnx.ModelProto:
     """The pruned model. `selections` maps prunable group ids to the channels they keep.
 
     `replacements` ((node, input index) → full-shaped values, from training-free recovery) are installed
-    before anything is cut.
+    before anything is cut. check=False skips strict shape inference and the full checker, for a model
+    that only pfp-onnx runs in between (sequential reconstruction's passes); the model it returns is
+    checked.
     """
     for group_id in selections:
         if not analysis.group(group_id).prunable:
             raise ValueError(f"group {group_id} is frozen and cannot be pruned")
     graph = to_graph(model)
+    _own_attribute_tensors(graph)
     nodes = {node.name: node for node in graph.nodes}
     for (node_name, input_index), values in (replacements or {}).items():
         _replace_input(nodes[node_name], input_index, np.asarray(values))
-    cuts: dict[tuple[str, int, int], list[tuple[WeightSlice, Selection, int]]] = defaultdict(list)
-    for group_id, selection in selections.items():
-        group = analysis.group(group_id)
-        for weight_slice in group.slices:
-            cuts[(weight_slice.node, weight_slice.input_index, weight_slice.axis)].append(
-                (weight_slice, selection, group.width))
-    for (node_name, input_index, axis), pieces in cuts.items():
+    for (node_name, input_index, axis), pieces in _cuts(analysis, selections).items():
         node = nodes[node_name]
         _replace_input(node, input_index, _cut(np.asarray(node.inputs[input_index].values), axis, pieces))
     counts: dict[str, list[tuple[SizeFix, int, int]]] = {}
@@ -79,9 +76,41 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mappi
     pruned = from_graph(graph, model)
     del graph, nodes
     free_graph_weights(model)  # the original's weight arrays
-    pruned.graph.value_info.extend(infer_shapes(pruned, strict=True).graph.value_info)
-    check_model(pruned, what="the pruned model", full=True)
+    if check:
+        pruned.graph.value_info.extend(infer_shapes(pruned, strict=True).graph.value_info)
+        check_model(pruned, what="the pruned model", full=True)
     return pruned
+
+
+def cut_constant(analysis: ChannelAnalysis, selections: Mapping[int, Selection], node: str, input_index: int,
+                 values: np.ndarray) -> np.ndarray:
+    """What rewrite installs for one constant input given its full-shaped `values`: every cut along every
+    axis (a pass of sequential reconstruction updates a few layers of an already pruned model this way)."""
+    for (node_name, index, axis), pieces in _cuts(analysis, selections).items():
+        if (node_name, index) == (node, input_index):
+            values = _cut(np.asarray(values), axis, pieces)
+    return values
+
+
+def _cuts(analysis: ChannelAnalysis, selections: Mapping[int, Selection]
+          ) -> dict[tuple[str, int, int], list[tuple[WeightSlice, Selection, int]]]:
+    """Per (node, input, axis), the slices of every selected group that cut it."""
+    cuts: dict[tuple[str, int, int], list[tuple[WeightSlice, Selection, int]]] = defaultdict(list)
+    for group_id, selection in selections.items():
+        group = analysis.group(group_id)
+        for weight_slice in group.slices:
+            cuts[(weight_slice.node, weight_slice.input_index, weight_slice.axis)].append(
+                (weight_slice, selection, group.width))
+    return cuts
+
+
+def _own_attribute_tensors(graph: gs.Graph) -> None:
+    """graphsurgeon exports a tensor attribute (ConstantOfShape's value, in torch's class-token expand) by
+    renaming the input model's own TensorProto; a copy of each keeps the input model as it was."""
+    for node in graph.nodes:
+        for key, value in node.attrs.items():
+            if isinstance(value, gs.Constant):
+                node.attrs[key] = gs.Constant(value.name, np.array(value.values))
 
 
 def _cut(values: np.ndarray, axis: int, pieces: list[tuple[WeightSlice, Selection, int]]) -> np.ndarray:
@@ -116,10 +145,15 @@ def _write_count(node: gs.Node, fix: SizeFix, value: int, opset: int) -> None:
     """Set one entry of a channel-counting constant.
 
     Split sizes may be implicit (equal parts) or an attribute (before opset 13); the first fix makes
-    them explicit and every output's own fix then writes its entry.
+    them explicit and every output's own fix then writes its entry. A count the graph computes (a Concat's
+    one-entry piece read off another tensor's shape) becomes a constant.
     """
     if fix.attribute is not None:
         node.attrs[fix.attribute] = int(value)
+        return
+    if node.op == "Concat" and not isinstance(node.inputs[fix.input_index], gs.Constant):
+        node.inputs[fix.input_index] = gs.Constant(f"{node.name}__count{fix.input_index}",
+                                                   np.array([value], dtype=_count_type(node)))
         return
     if node.op == "Split" and (len(node.inputs) <= fix.input_index or node.inputs[fix.input_index].is_empty()):
         if opset < 13:
@@ -132,5 +166,15 @@ def _write_count(node: gs.Node, fix: SizeFix, value: int, opset: int) -> None:
             node.inputs.append(gs.Variable.empty())
         node.inputs[fix.input_index] = gs.Constant(f"{node.name}__split", np.zeros(len(node.outputs), np.int64))
     target = np.array(node.inputs[fix.input_index].values, copy=True)
-    target[fix.position] = value
+    target.reshape(-1)[fix.position] = value  # a scalar too (the heads of N · heads)
     _replace_input(node, fix.input_index, target)
+
+
+def _count_type(node: gs.Node) -> np.dtype:
+    """The integer type a Concat of shape pieces uses: its constant pieces', else int64."""
+    for tensor in node.inputs:
+        if isinstance(tensor, gs.Constant):
+            return np.asarray(tensor.values).dtype
+        if getattr(tensor, "dtype", None) is not None:
+            return np.dtype(tensor.dtype)
+    return np.dtype(np.int64)

@@ -21,11 +21,11 @@ from onnx import TensorProto, helper
 from onnxruntime.capi import onnxruntime_pybind11_state as _state
 
 from pfp_onnx.errors import OptionError
+from pfp_onnx.options import DEVICES
 from pfp_onnx.model import externalized, model_bytes, with_outputs
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-DEVICES = ("auto", "cuda", "cpu")
 # Above this, sessions are created from a temporary file rather than from serialised bytes.
 SESSION_BYTES_LIMIT = 256 * 2**20
 # What onnxruntime raises when it cannot load or run a model: its own types (none derives from another),

@@ -14,10 +14,10 @@ import numpy as np
 
 from pfp_onnx.allocate import expected_distinct
 from pfp_onnx.errors import OptionError
+from pfp_onnx.options import MODES
 
 __all__ = ["MODES", "Selection", "sample_count_for", "select_channels"]
 
-MODES = ("deterministic", "randomized", "hybrid")
 # Largest number of draws tried when matching an expected distinct count: exact in float64 and in int64.
 MAX_SAMPLES = 2**53
 # Up to this many draws are made one by one (so sampling can stop at the allocated count).

@@ -27,18 +27,20 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
 
 from pfp_onnx.data import model_feeds
 from pfp_onnx.groups import ChannelAnalysis, Layer
-from pfp_onnx.model import prefix, to_graph
-from pfp_onnx.recover import CHUNK_BYTES, FeatureStatistics, accumulate_features, layer_features
+from pfp_onnx.model import to_graph
+from pfp_onnx.conv_geometry import padded_and_out, tap_window, zero_padded
+from pfp_onnx.recover import ConvPatches, FeatureStatistics, accumulate_features, layer_features
 from pfp_onnx.refit import (as_out_by_features, bias_site, from_out_by_features, kept_features, patches,
                             recoverable_layers)
-from pfp_onnx.rewrite import rewrite
+from pfp_onnx.rewrite import cut_constant, rewrite
 from pfp_onnx.runtime import Device, create_session
+from pfp_onnx.segments import ActivationCache, backward_closure, element_types, segment
 from pfp_onnx.select import Selection
 
-ALL_DEPTHS = 1 << 30  # passes enough for one per depth: fully sequential
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 Replacements = dict[tuple[str, int], np.ndarray]
 
@@ -55,43 +57,73 @@ class RefitLayer:
 
 
 class TargetMoments:
-    """Running Σ(x − sx)(y − sy)ᵀ, Σx and Σy of a layer's input features x and target rows y, about fixed
-    shifts (each side's first-chunk mean), formed in float32 and summed in float64, as FeatureStatistics'
-    fast mode does."""
+    """Running Σ x (y − sy)ᵀ, Σx and Σ(y − sy) of a layer's input features x and target rows y, with sy the
+    first batch's target means: the targets are centred, so the cross moment Σ(x − μx)(y − μy)ᵀ follows
+    without cancellation whatever the features' mean. Products in float32, sums in float64 (the precision
+    of FeatureStatistics' fast mode). A conv's features are never unfolded: each kernel tap's window of the
+    padded input is multiplied with the targets in place of its rows of the patch matrix."""
 
     def __init__(self, features: int, outputs: int) -> None:
         self.count = 0
-        self._x_shift: np.ndarray | None = None
         self._y_shift: np.ndarray | None = None
         self._x_sum = np.zeros(features, np.float64)
         self._y_sum = np.zeros(outputs, np.float64)
         self._cross = np.zeros((features, outputs), np.float64)
 
+    def _centred(self, targets: np.ndarray, axis: int) -> np.ndarray:
+        """Targets less the shift along their outputs `axis` (the shift taken from the first batch)."""
+        if self._y_shift is None:
+            other = tuple(index for index in range(targets.ndim) if index != axis)
+            self._y_shift = targets.mean(axis=other, dtype=np.float64).astype(np.float32)
+        shape = [1] * targets.ndim
+        shape[axis] = -1
+        centred = np.subtract(targets, self._y_shift.reshape(shape), dtype=np.float32)
+        self._y_sum += centred.sum(axis=tuple(index for index in range(targets.ndim) if index != axis),
+                                   dtype=np.float64)
+        return centred
+
     def update(self, features: np.ndarray, targets: np.ndarray) -> None:
-        """Fold matching [rows, F] features and [rows, outputs] targets."""
+        """Fold matching [rows, F] features and [rows, outputs] targets (a dense layer's)."""
         if features.shape[0] != targets.shape[0]:
             raise ValueError(f"{features.shape[0]} feature rows against {targets.shape[0]} target rows")
         if features.shape[0] == 0:
             return
-        if self._x_shift is None:
-            self._x_shift = features.mean(axis=0, dtype=np.float64).astype(np.float32)
-            self._y_shift = targets.mean(axis=0, dtype=np.float64).astype(np.float32)
-        x = np.subtract(features, self._x_shift, dtype=np.float32)
-        y = np.subtract(targets, self._y_shift, dtype=np.float32)
-        self.count += x.shape[0]
-        self._x_sum += x.sum(axis=0, dtype=np.float64)
-        self._y_sum += y.sum(axis=0, dtype=np.float64)
-        self._cross += x.T @ y
+        centred = self._centred(targets, 1)
+        features = np.asarray(features, np.float32)
+        self.count += features.shape[0]
+        self._x_sum += features.sum(axis=0, dtype=np.float64)
+        self._cross += features.T @ centred
+
+    def update_conv(self, activation: np.ndarray, targets: np.ndarray, conv: ConvPatches) -> None:
+        """Fold a conv's input [N, C, *spatial] and its targets [N, outputs, *out]; feature c·K + k is tap k
+        of channel c, as layer_features orders them."""
+        strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)
+        samples, channels = activation.shape[:2]
+        _, out_shape = padded_and_out(activation.shape[2:], pads, dilations, kernel_shape, strides)
+        if samples == 0 or min(out_shape, default=1) <= 0:
+            return
+        centred = self._centred(targets, 1).reshape(samples, targets.shape[1], -1)
+        padded = zero_padded(np.asarray(activation, np.float32), pads) if any(pads) else np.asarray(
+            activation, np.float32)
+        taps = list(np.ndindex(*kernel_shape))
+        cross = self._cross.reshape(channels, len(taps), -1)
+        sums = self._x_sum.reshape(channels, len(taps))
+        for index, tap in enumerate(taps):
+            window = padded[(slice(None), slice(None), *tap_window(tap, dilations, strides, out_shape))]
+            window = window.reshape(samples, channels, -1)  # a copy only where the window is strided
+            cross[:, index, :] += np.einsum("ncp,nfp->cf", window, centred, optimize=True)
+            sums[:, index] += window.sum(axis=(0, 2), dtype=np.float64)
+        self.count += samples * int(np.prod(out_shape))
 
     def means(self) -> tuple[np.ndarray, np.ndarray]:
         if self.count == 0:
             raise ValueError("no calibration rows were accumulated")
-        return (self._x_shift + self._x_sum / self.count, self._y_shift + self._y_sum / self.count)
+        return self._x_sum / self.count, self._y_shift + self._y_sum / self.count
 
     def cross_scatter(self) -> np.ndarray:
         """Σ (x − μx)(y − μy)ᵀ, [F, outputs]."""
         x_mean, y_mean = self.means()
-        return self._cross - self.count * np.outer(x_mean - self._x_shift, y_mean - self._y_shift)
+        return self._cross - self.count * np.outer(x_mean, y_mean - self._y_shift)
 
 
 def refit_to_targets(scatter: np.ndarray, cross: np.ndarray, x_mean: np.ndarray, y_mean: np.ndarray,
@@ -139,96 +171,117 @@ def refit_layers(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: 
     return found
 
 
-def chunks(layers: list[RefitLayer], passes: int) -> list[list[RefitLayer]]:
-    """Consecutive depths cut into at most `passes` chunks of about equally many layers (a depth is never
-    split: its layers read tensors no other layer of it writes)."""
-    if not layers:
-        return []
-    by_depth: dict[int, list[RefitLayer]] = {}
+def by_depth(layers: list[RefitLayer]) -> list[list[RefitLayer]]:
+    """One pass per depth, shallowest first: the layers of a depth read no tensor another of them writes."""
+    depths: dict[int, list[RefitLayer]] = {}
     for layer in layers:
-        by_depth.setdefault(layer.depth, []).append(layer)
-    depths = sorted(by_depth)
-    count = max(1, min(passes, len(depths)))
-    result: list[list[RefitLayer]] = []
-    index = 0
-    for chunk in range(count):
-        later = count - chunk - 1  # chunks still to fill, one depth each at least
-        target = sum(len(by_depth[depth]) for depth in depths[index:]) / (later + 1)
-        layers_here: list[RefitLayer] = []
-        while index < len(depths) - later and (
-                not layers_here or len(layers_here) + len(by_depth[depths[index]]) / 2 <= target):
-            layers_here.extend(by_depth[depths[index]])
-            index += 1
-        result.append(layers_here)
-    return result
+        depths.setdefault(layer.depth, []).append(layer)
+    return [depths[depth] for depth in sorted(depths)]
 
 
 def sequential_replacements(model: onnx.ModelProto, original: onnx.ModelProto, analysis: ChannelAnalysis,
                             selections: Mapping[int, Selection], changes: Mapping[tuple[str, int], np.ndarray],
-                            batches: Batches, device: Device, *, passes: int, ridge: float = 1e-3,
-                            on_pass: Callable[[int, int], Callable[[int], None] | None] | None = None
-                            ) -> Replacements:
-    """`changes` (one-pass replacements) with every affected layer re-fitted, chunk by chunk.
+                            batches: Batches, device: Device, *, ridge: float = 1e-3,
+                            on_start: Callable[[int], Callable[[int], None] | None] | None = None) -> Replacements:
+    """`changes` (one-pass replacements) with every affected layer re-fitted, depth after depth.
 
     `model` is the analysed model (with the biases recovery added), `original` the user's model whose
-    outputs are the targets; `batches()` streams the sensitivity points afresh for each pass. on_pass(i, n)
-    may return a function told the points of each batch of pass i of n.
+    outputs are the targets; `batches()` streams the sensitivity points afresh, in the same order, for each
+    pass. Each pass runs only the segments of the pruned and the original model between the tensors earlier
+    passes kept (pfp_onnx.segments) and what it reads. on_start(passes) may return a function told the
+    points of every batch of every pass.
     """
     result: Replacements = dict(changes)
-    schedule = chunks(refit_layers(model, analysis, selections, changes), passes)
-    for index, chunk in enumerate(schedule):
-        pruned = rewrite(model, analysis, selections, result)
-        inputs = sorted({item.layer.input for item in chunk})
-        targets = sorted({item.target for item in chunk})
-        pruned_session = create_session(prefix(pruned, inputs), device)
-        original_session = create_session(prefix(original, targets), device)
-        del pruned
-        weights = _current_weights(model, result, chunk, analysis, selections)
-        statistics = {item.layer.node: FeatureStatistics(len(weights[item.layer.node][1]), gram=True, fast=True)
-                      for item in chunk}
-        moments = {item.layer.node: TargetMoments(len(weights[item.layer.node][1]),
-                                                  weights[item.layer.node][0].shape[0]) for item in chunk}
-        advance = on_pass(index, len(schedule)) if on_pass is not None else None
-        for batch in batches():
-            feeds = model_feeds(batch)
-            received = dict(zip(inputs, pruned_session.run(inputs, feeds)))
-            wanted = dict(zip(targets, original_session.run(targets, feeds)))
+    schedule = by_depth(refit_layers(model, analysis, selections, changes))
+    if not schedule:
+        return result
+    nodes = {node.name: node for node in to_graph(model).nodes}
+    sides = {"pruned": (element_types(model), [[item.layer.input for item in chunk] for chunk in schedule]),
+             "original": (element_types(original), [[item.target for item in chunk] for chunk in schedule])}
+    # what passes from the k-th on read, per side: a kept tensor outside it is never read again
+    later = {side: [backward_closure(model if side == "pruned" else original,
+                                     [name for names in wanted[index:] for name in names])
+                    for index in range(len(schedule) + 1)] for side, (_, wanted) in sides.items()}
+    caches = {side: ActivationCache() for side in sides}
+    advance = on_start(len(schedule)) if on_start is not None else None
+    pruned = rewrite(model, analysis, selections, result, check=False)
+    try:
+        for index, chunk in enumerate(schedule):
+            runners = {side: _Segment(pruned if side == "pruned" else original, caches[side], wanted[index],
+                                      later[side][index + 1], types, device)
+                       for side, (types, wanted) in sides.items()}
+            weights = _current_weights(nodes, result, chunk, analysis, selections)
+            statistics = {item.layer.node: FeatureStatistics(len(weights[item.layer.node][1]), gram=True, fast=True)
+                          for item in chunk}
+            moments = {item.layer.node: TargetMoments(len(weights[item.layer.node][1]),
+                                                      weights[item.layer.node][0].shape[0]) for item in chunk}
+            for batch_index, batch in enumerate(batches()):
+                feeds = model_feeds(batch)
+                received = runners["pruned"].run(batch_index, feeds)
+                wanted = runners["original"].run(batch_index, feeds)
+                for item in chunk:
+                    node = item.layer.node
+                    accumulate_features(statistics[node], received[item.layer.input], conv=patches(item.layer))
+                    _accumulate_targets(moments[node], received[item.layer.input], wanted[item.target], item.layer)
+                if advance is not None:
+                    advance(len(next(iter(feeds.values()))))
+            for side, cache in caches.items():
+                cache.forget(cache.names - later[side][index + 1])
             for item in chunk:
-                node = item.layer.node
-                accumulate_features(statistics[node], received[item.layer.input], conv=patches(item.layer))
-                _accumulate_targets(moments[node], received[item.layer.input], wanted[item.target], item.layer)
-            if advance is not None:
-                advance(len(next(iter(feeds.values()))))
-        for item in chunk:
-            node = item.layer.node
-            matrix, kept, scale, bias_key, bias_shape = weights[node]
-            anchor = item.alpha * matrix[:, kept] * scale
-            x_mean, y_mean = moments[node].means()
-            fitted, offset = refit_to_targets(statistics[node].scatter, moments[node].cross_scatter(), x_mean,
-                                              y_mean, anchor, ridge)
-            full = np.zeros_like(matrix)
-            full[:, kept] = fitted / item.alpha / scale
-            original_weight = np.asarray(_node(model, node).inputs[1].values)
-            result[(node, 1)] = from_out_by_features(full, original_weight, item.layer).astype(original_weight.dtype)
-            result[bias_key] = (offset / item.beta).reshape(bias_shape).astype(original_weight.dtype)
+                refitted = _refitted(item, weights[item.layer.node], statistics[item.layer.node],
+                                     moments[item.layer.node], nodes[item.layer.node], ridge)
+                result.update(refitted)
+                _install(pruned, analysis, selections, refitted)
+    finally:
+        for cache in caches.values():
+            cache.close()
     return result
 
 
-def _node(model: onnx.ModelProto, name: str) -> gs.Node:
-    return next(node for node in to_graph(model).nodes if node.name == name)
+class _Segment:
+    """One pass's piece of a model: runs what the cache does not hold yet, keeps what later passes read."""
+
+    def __init__(self, model: onnx.ModelProto, cache: ActivationCache, wanted: list[str], keep: set[str],
+                 types: Mapping[str, int], device: Device) -> None:
+        self.cache, self.wanted, self.keep = cache, list(dict.fromkeys(wanted)), keep
+        piece, self.reads, self.outputs = segment(model, cache.names, self.wanted, keep, types)
+        self.inputs = [info.name for info in piece.graph.input if info.name not in self.reads] if piece else []
+        self.session = create_session(piece, device) if piece is not None else None
+        self.cached = [name for name in self.wanted if name in cache.names]
+
+    def run(self, batch: int, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = {name: feeds[name] for name in self.wanted if name in feeds} | self.cache.read(batch, self.cached)
+        if self.session is not None:
+            given = {name: feeds[name] for name in self.inputs} | self.cache.read(batch, self.reads)
+            computed = dict(zip(self.outputs, self.session.run(self.outputs, given)))
+            self.cache.write(batch, {name: value for name, value in computed.items() if name in self.keep})
+            values.update(computed)
+        return values
 
 
-def _current_weights(model: onnx.ModelProto, result: Replacements, chunk: list[RefitLayer],
+def _install(pruned: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mapping[int, Selection],
+             updates: Replacements) -> None:
+    """Put re-fitted full-shaped values into the pruned model's constants, cut as rewrite cuts them: later
+    passes run the pruned model without rewriting it whole."""
+    inputs = {node.name: node.input for node in pruned.graph.node}
+    positions = {init.name: index for index, init in enumerate(pruned.graph.initializer)}
+    for (node, index), values in updates.items():
+        name = inputs[node][index]
+        current = pruned.graph.initializer[positions[name]]
+        values = cut_constant(analysis, selections, node, index, values)
+        dtype = helper.tensor_dtype_to_np_dtype(current.data_type)
+        current.CopyFrom(numpy_helper.from_array(np.asarray(values, dtype=dtype), name))
+
+
+def _current_weights(nodes: Mapping[str, gs.Node], result: Replacements, chunk: list[RefitLayer],
                      analysis: ChannelAnalysis, selections: Mapping[int, Selection]):
     """Per layer of the chunk: its [outputs, features] matrix as the rewrite will install it, the kept
     feature indices (ascending, as the pruned input holds them), their selection scales, and where its
     bias goes (key and shape)."""
-    nodes = {node.name: node for node in to_graph(model).nodes}
     weights = {}
     for item in chunk:
         node = nodes[item.layer.node]
-        original = np.asarray(node.inputs[1].values)
-        current = result.get((node.name, 1), original)
+        current = result.get((node.name, 1), np.asarray(node.inputs[1].values))
         kept, scale = kept_features(analysis, selections, item.layer)
         order = np.argsort(kept, kind="stable")
         site, index = bias_site(node)
@@ -238,14 +291,24 @@ def _current_weights(model: onnx.ModelProto, result: Replacements, chunk: list[R
     return weights
 
 
+def _refitted(item: RefitLayer, weights, statistics: FeatureStatistics, moments: TargetMoments, node: gs.Node,
+              ridge: float) -> Replacements:
+    """The layer's new full-shaped weight (removed columns 0, kept ones divided by their selection scale,
+    which the rewrite multiplies back) and bias, from one pass's statistics."""
+    matrix, kept, scale, bias_key, bias_shape = weights
+    anchor = item.alpha * matrix[:, kept] * scale
+    x_mean, y_mean = moments.means()
+    fitted, offset = refit_to_targets(statistics.scatter, moments.cross_scatter(), x_mean, y_mean, anchor, ridge)
+    full = np.zeros_like(matrix)
+    full[:, kept] = fitted / item.alpha / scale
+    original = np.asarray(node.inputs[1].values)
+    return {(node.name, 1): from_out_by_features(full, original, item.layer).astype(original.dtype),
+            bias_key: (offset / item.beta).reshape(bias_shape).astype(original.dtype)}
+
+
 def _accumulate_targets(moments: TargetMoments, activation: np.ndarray, target: np.ndarray, layer: Layer) -> None:
-    """Fold one batch: the layer's input features in chunks of about CHUNK_BYTES against its target rows."""
+    """Fold one batch of a layer's input and its target pre-activation."""
     if layer.conv is None:
         moments.update(layer_features(activation, conv=None), target.reshape(-1, target.shape[-1]))
-        return
-    rows = np.moveaxis(target, 1, -1)  # [N, *out, outputs]: rows ordered (n, position) as the features are
-    per_sample = max(1, int(np.prod(rows.shape[1:-1])) * (activation.shape[1] * layer.kernel) * 4)
-    step = max(1, CHUNK_BYTES // per_sample)
-    for start in range(0, activation.shape[0], step):
-        features = layer_features(activation[start:start + step], conv=patches(layer))
-        moments.update(features, rows[start:start + step].reshape(-1, rows.shape[-1]))
+    else:
+        moments.update_conv(activation, target, patches(layer))

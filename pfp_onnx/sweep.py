@@ -1,16 +1,23 @@
-"""Compress at many budgets with many methods from one capture: the accuracy-vs-size picture of the paper."""
+"""Compress at many budgets with many methods from one capture: the accuracy-vs-size picture of the paper.
+
+Importing this module is light (the pipeline loads when a sweep runs), so that the package can bind `sweep`
+at import without loading onnx.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
 from dataclasses import asdict, dataclass
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from pfp_onnx.allocate import ROUND_TO_AUTO
 from pfp_onnx.errors import OptionError
-from pfp_onnx.pipeline import DataSource, Method, ModelSource, Progress, prepare, prune
-from pfp_onnx.refit import RECOVERIES
+from pfp_onnx.options import RECOVERIES, ROUND_TO_AUTO
+
+if TYPE_CHECKING:
+    from pfp_onnx.pipeline import DataSource, Method, ModelSource, Progress
+
+ORIGINAL = "original"  # the method column of the unpruned model's row
 
 
 @dataclass(frozen=True)
@@ -19,7 +26,7 @@ class SweepRow:
     budget: float
     weights_kept: float  # fraction of the prunable-layer weights
     parameters_kept: float
-    macs_kept: float
+    macs_kept: float | None  # None where the analysis leaves some layer's output size open
     accuracy: float | None
     top1_agreement: float | None
     mean_relative_error: float | None
@@ -29,6 +36,8 @@ class SweepRow:
 def parse_methods(text: str) -> list[Method]:
     """'pfp/pfp/none,l1/uniform/none,pfp/pfp/randomized/bias' → Methods: criterion/allocation, then
     optionally a sampling mode and/or a recovery, in either order (defaults: deterministic, lstsq)."""
+    from pfp_onnx.pipeline import Method
+
     methods = []
     for item in filter(None, (part.strip() for part in text.split(","))):
         parts = item.split("/")
@@ -48,7 +57,10 @@ def sweep(model: ModelSource, data: DataSource, *, budgets: Sequence[float], met
           holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
           round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights", progress: Progress | None = None,
           on_row: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
-    """One capture, then one pruned model per (method, budget), each verified on the same held-out points."""
+    """One capture, then one pruned model per (method, budget), each verified on the same held-out points;
+    the first row is the original model's (method "original", budget 1), measured on those points too."""
+    from pfp_onnx.pipeline import prepare, prune
+
     if holdout <= 0:
         raise OptionError("A sweep compares methods on held-out points: use --holdout > 0.")
     prepared = prepare(model, data, budgets=budgets, methods=methods, holdout=holdout, batch_size=batch_size,
@@ -61,19 +73,48 @@ def sweep(model: ModelSource, data: DataSource, *, budgets: Sequence[float], met
             row = SweepRow(method=method.label, budget=budget,
                            weights_kept=totals.layer_weights_after / totals.layer_weights_before,
                            parameters_kept=totals.parameters_after / totals.parameters_before,
-                           macs_kept=totals.macs_after / totals.macs_before if totals.macs_before else 1.0,
+                           macs_kept=_share(totals.macs_after, totals.macs_before),
                            accuracy=check.accuracy_pruned, top1_agreement=check.top1_agreement,
                            mean_relative_error=check.mean_relative_error,
                            max_relative_error=check.max_relative_error)
-            rows.append(row)
-            if on_row is not None:
-                on_row(row)
+            for found in ([_original_row(check)] if not rows else []) + [row]:
+                rows.append(found)
+                if on_row is not None:
+                    on_row(found)
     return rows
 
 
+def _original_row(check) -> SweepRow:
+    """The unpruned model on the same held-out points: what every other row gives up accuracy from."""
+    return SweepRow(method=ORIGINAL, budget=1.0, weights_kept=1.0, parameters_kept=1.0, macs_kept=1.0,
+                    accuracy=check.accuracy_original,
+                    top1_agreement=None if check.top1_agreement is None else 1.0,
+                    mean_relative_error=0.0, max_relative_error=0.0)
+
+
+def _share(after: int | None, before: int | None) -> float | None:
+    if after is None or before is None:
+        return None
+    return after / before if before else 1.0
+
+
+TABLE_HEADER = f"{'method':<24} {'budget':>6} {'weights':>8} {'MACs':>7} {'accuracy':>9} {'agreement':>10}"
+
+
+def table_line(row: SweepRow) -> str:
+    """One row of the table `pfp-onnx sweep` prints as it goes (under TABLE_HEADER)."""
+    def percent(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1%}"
+
+    return (f"{row.method:<24} {row.budget:>6g} {percent(row.weights_kept):>8} {percent(row.macs_kept):>7} "
+            f"{'' if row.accuracy is None else percent(row.accuracy):>9} "
+            f"{'' if row.top1_agreement is None else percent(row.top1_agreement):>10}")
+
+
 def write_csv(rows: Sequence[SweepRow], path: str | os.PathLike) -> None:
+    """Plain \\n line endings (the csv module's default is \\r\\n); an unknown value is an empty cell."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(SweepRow.__dataclass_fields__))
+        writer = csv.DictWriter(handle, fieldnames=list(SweepRow.__dataclass_fields__), lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow(asdict(row))

@@ -43,10 +43,24 @@ CASES = {
     "wrong dtype": (lambda tmp: ([MODEL, "--data", write_npz(tmp, calibration(input=np.zeros((10, 1, 8, 8)))),
                                   "--budget", 0.5], "dtype float64")),
     "nan": (lambda tmp: ([MODEL, "--data", write_npz(tmp, calibration(input=nan_input())), "--budget", 0.5], "NaN")),
+    "npy file": (lambda tmp: ([MODEL, "--data", _npy(tmp), "--budget", 0.5], "single NumPy array (.npy)")),
+    "labels out of range": (lambda tmp: ([MODEL, "--data", write_npz(tmp, calibration(labels=_shifted_labels())),
+                                          "--budget", 0.5], "scores 10 classes (ids 0 to 9)")),
     "budget zero": (lambda tmp: ([MODEL, "--data", DATA, "--budget", 0], "budget")),
     "budget too large": (lambda tmp: ([MODEL, "--data", DATA, "--budget", 1.5], "budget")),
     "budget infeasible": (lambda tmp: ([MODEL, "--data", DATA, "--budget", 0.0001], "smallest feasible budget")),
 }
+
+
+def _shifted_labels() -> np.ndarray:
+    """1-based class ids for a model that numbers its ten classes from 0."""
+    return np.load(DATA)["labels"] + 1
+
+
+def _npy(folder: Path) -> Path:
+    path = folder / "calib.npy"
+    np.save(path, np.load(DATA)["input"])
+    return path
 
 
 def _write(path: Path, content: bytes) -> Path:

@@ -18,9 +18,9 @@ DATA = FIXTURES / "digits_calib.npz"
 CHANCE = 0.1  # ten digit classes
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pfp_onnx_cli.main", *map(str, args)],
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,8 @@ def test_analyze_command():
     done = run_cli("analyze", MODEL)
     assert done.returncode == 0, done.stderr
     assert "prunable" in done.stdout and "reaches graph output 'logits'" in done.stdout
-    assert "smallest feasible --budget: 0.001 (--budget-of macs: 0.001;" in done.stdout
+    assert "budget floor: 0.001 (--budget-of macs: 0.001), the lowest --budget accepted" in done.stdout
+    assert "not a recommendation" in done.stdout
     as_json = json.loads(run_cli("analyze", MODEL, "--json").stdout)
     assert as_json["weights_in_prunable_groups"] == as_json["weights_total"]
     assert as_json["smallest_budget"] == {"weights": 0.001, "macs": 0.001}
@@ -116,11 +117,9 @@ def test_quiet_and_verbose(tmp_path):
     assert "note: running on" in verbose.stderr  # the execution provider is said once
 
 
-def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
+def test_progress_bar_on_a_terminal(monkeypatch, capsys):
     from pfp_onnx_cli import main as cli_main
 
-    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
-    assert cli_main._progress_printer(quiet=False) is None
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
     assert cli_main._progress_printer(quiet=True) is None
     clock = iter([1000.0, 1010.0, 1040.0, 5000.0, 5000.5])
@@ -139,6 +138,43 @@ def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     show("verify", 0, None)
     show("verify", 64, None)
     assert capsys.readouterr().err == "\rverify: 0 points  0:00\rverify: 64 points  0:00"
+
+
+def test_progress_in_a_log_is_a_line_per_stage(monkeypatch, capsys):
+    """Off a terminal (CI, a pipe): no carriage returns; a stage that ends within LOG_SECONDS is one line with
+    its time, a longer one also says where it is, at most once every LOG_SECONDS; nothing when quiet."""
+    from pfp_onnx_cli import main as cli_main
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert cli_main._progress_printer(quiet=True) is None
+    clock = iter([0.0, 1.0, 2.0, 3.0,  # a fast stage: only its end
+                  100.0, 104.0, 111.0, 115.0, 160.0, 200.0,  # a slow one: its end and every ≥ 10 s
+                  300.0, 312.0])  # a streamed stage (total unknown)
+    monkeypatch.setattr(cli_main.time, "monotonic", lambda: next(clock))
+    show = cli_main._progress_printer(quiet=False)
+    for done in (0, 100, 200, 300):
+        show("refit 1/2", done, 300)
+    for done in (0, 10, 20, 30, 90, 100):
+        show("capture", done, 100)
+    show("verify", 0, None)
+    show("verify", 64, None)
+    assert capsys.readouterr().err.splitlines() == [
+        "refit 1/2: 300 points in 0:03",
+        "capture: 20/100 points (20%) after 0:11, about 0:44 left",
+        "capture: 90/100 points (90%) after 1:00, about 0:07 left",
+        "capture: 100 points in 1:40",
+        "verify: 64 points after 0:12"]
+
+
+def test_data_notes_print_once_as_notes_and_not_when_quiet(tmp_path):
+    renamed = tmp_path / "calib.npz"
+    np.savez(renamed, arr_0=np.load(DATA)["input"][:50])
+    done = run_cli("analyze", MODEL, "--data", renamed)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("note: the calibration array 'arr_0' was taken as the model's only input, 'input' (save "
+                           "it under the input's name to match it explicitly)\n")
+    quiet = run_cli("compress", MODEL, "--data", renamed, "--budget", 0.7, "-o", tmp_path / "q.onnx", "-q")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
 def test_progress_clock_reads_minutes_and_hours():
@@ -200,15 +236,17 @@ def test_default_output_names():
 
 
 def _invoke(args, monkeypatch, failure: BaseException):
-    """Run the CLI in-process with compress replaced by a function raising `failure`."""
+    """Run the CLI in-process with compress replaced by a function raising `failure` (the command imports it
+    from the package when it runs)."""
     from click.testing import CliRunner
 
+    import pfp_onnx
     from pfp_onnx_cli import main as cli_main
 
     def broken(*_args, **_kwargs):
         raise failure
 
-    monkeypatch.setattr(cli_main, "compress", broken)
+    monkeypatch.setattr(pfp_onnx, "compress", broken)
     monkeypatch.setattr(sys, "argv", ["pfp-onnx", *map(str, args)])
     return CliRunner().invoke(cli_main.main, list(map(str, args)))
 
@@ -240,12 +278,13 @@ def test_interrupt_is_one_line(tmp_path, monkeypatch):
 
 
 def test_a_failed_report_write_leaves_no_model(tmp_path, monkeypatch):
+    from pfp_onnx import report
     from pfp_onnx_cli import main as cli_main
 
     def failing_json(report, path):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(cli_main, "write_json", failing_json)
+    monkeypatch.setattr(report, "write_json", failing_json)
     output = tmp_path / "o.onnx"
     from click.testing import CliRunner
 

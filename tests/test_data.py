@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper
 
-from pfp_onnx.data import read_npz, split, validate
+from pfp_onnx.data import DataNote, read_npz, split, validate
 from pfp_onnx.errors import DataError
 from test_cli import DATA, MODEL
 
@@ -16,10 +17,74 @@ def model():
     return onnx.load(str(MODEL))
 
 
-def test_single_input_accepts_any_name(model):
+def test_single_input_accepts_any_name_with_a_note(model):
     images = np.load(DATA)["input"][:10]
-    data = validate({"whatever": images}, model)
+    with pytest.warns(DataNote, match="'arr_0' was taken as the model's only input, 'input'"):
+        data = validate({"arr_0": images}, model)
     assert list(data.inputs) == ["input"] and data.count == 10 and data.labels is None
+
+
+def test_ambiguous_names_are_an_error_naming_the_inputs(model):
+    images = np.load(DATA)["input"][:10]
+    with pytest.raises(DataError, match=r"no array for model input\(s\) 'input'.*found: 'images', 'other'"):
+        validate({"images": images, "other": images}, model)
+
+
+def test_labels_outside_the_class_range_are_refused(model):
+    arrays = dict(np.load(DATA))
+    with pytest.raises(DataError, match=r"from 1 to 10, but the model's first output 'logits' scores 10 classes"):
+        validate({**arrays, "labels": arrays["labels"] + 1}, model)
+    with pytest.raises(DataError, match="from -1 to"):
+        validate({**arrays, "labels": arrays["labels"] - 1}, model)
+    assert validate(arrays, model).labels.max() == 9
+
+
+def test_a_single_array_file_says_how_to_make_an_archive(tmp_path):
+    path = tmp_path / "calib.npy"
+    np.save(path, np.zeros((4, 1, 8, 8), np.float32))
+    with pytest.raises(DataError, match=r"single NumPy array \(\.npy\).*numpy\.savez\('calib\.npz'"):
+        read_npz(path)
+
+
+def _model(inputs: dict[str, tuple[int, list]]) -> onnx.ModelProto:
+    """A model whose inputs have these element types and dims (validation reads only its signature)."""
+    infos = [helper.make_tensor_value_info(name, kind, dims) for name, (kind, dims) in inputs.items()]
+    nodes = [helper.make_node("Identity", [name], [f"{name}_out"]) for name in inputs]
+    outputs = [helper.make_tensor_value_info(f"{name}_out", kind, dims) for name, (kind, dims) in inputs.items()]
+    return helper.make_model(helper.make_graph(nodes, "signature", infos, outputs))
+
+
+def test_inputs_without_the_points_on_axis_0_are_refused():
+    """silero-vad's signature: audio [N, samples], an RNN state [2, N, 128] and a scalar sample rate: every
+    problem named in one message, before any array is looked at (a 0-d array used to crash len())."""
+    vad = _model({"input": (TensorProto.FLOAT, ["N", "samples"]), "state": (TensorProto.FLOAT, [2, "N", 128]),
+                  "sr": (TensorProto.INT64, [])})
+    arrays = {"input": np.zeros((8, 512), np.float32), "state": np.zeros((2, 8, 128), np.float32),
+              "sr": np.array(16000)}
+    with pytest.raises(DataError, match="points on axis 0") as refused:
+        validate(arrays, vad)
+    message = str(refused.value)
+    assert "'sr' [] int64 is a scalar" in message
+    assert "'state' [2, ?, 128] float32 fixes axis 0 while 'input' [?, ?] float32 leaves it open" in message
+    assert "export a model whose inputs all take the batch on axis 0" in message
+    scalar = _model({"input": (TensorProto.FLOAT, ["N", 4]), "sr": (TensorProto.INT64, [])})
+    with pytest.raises(DataError, match=r"'sr' \[\] int64 is a scalar"):
+        validate({"input": np.zeros((8, 4), np.float32), "sr": np.array(16000)}, scalar)
+    fixed = _model({"a": (TensorProto.FLOAT, [1, 4]), "b": (TensorProto.FLOAT, [2, 4])})
+    with pytest.raises(DataError, match="fix axis 0 to different sizes"):
+        validate({"a": np.zeros((1, 4), np.float32), "b": np.zeros((2, 4), np.float32)}, fixed)
+
+
+def test_a_single_value_is_not_points(model):
+    with pytest.raises(DataError, match="single value, not points"):
+        validate({"input": np.float32(0.5)}, model)
+
+
+def test_points_on_another_axis_are_named():
+    pair = _model({"audio": (TensorProto.FLOAT, ["N", 4]), "state": (TensorProto.FLOAT, ["N", "M", 4])})
+    arrays = {"audio": np.zeros((10, 4), np.float32), "state": np.zeros((3, 10, 4), np.float32)}
+    with pytest.raises(DataError, match=r"'state' holds 10 on axis 1: move that axis first"):
+        validate(arrays, pair)
 
 
 def test_labels_are_kept_and_checked(model):

@@ -37,7 +37,7 @@ CASES = [("zoo", "chain"), ("zoo", "residual"), ("zoo", "mlp3d"), ("zoo", "const
          ("arch", "densenet"), ("arch", "mobilenet_v2"), ("arch", "split_slice")]
 
 
-@pytest.mark.parametrize("recovery", ["bias", "lstsq"])
+@pytest.mark.parametrize("recovery", ["bias", "lstsq", "sequential"])
 @pytest.mark.parametrize("kind, name", CASES)
 def test_recovered_model_matches_its_oracle(kind, name, recovery):
     model = (ZOO if kind == "zoo" else ARCHITECTURES)[name]()

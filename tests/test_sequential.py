@@ -16,7 +16,7 @@ from pfp_onnx.recover import layer_features
 from pfp_onnx.refit import as_out_by_features, bias_site, patches
 from pfp_onnx.rewrite import rewrite
 from pfp_onnx.runtime import choose_device, create_session
-from pfp_onnx.sequential import (ALL_DEPTHS, RefitLayer, TargetMoments, chunks, refit_layers, refit_to_targets,
+from pfp_onnx.sequential import (RefitLayer, TargetMoments, by_depth, refit_layers, refit_to_targets,
                                  sequential_replacements)
 from pfp_onnx.model import to_graph
 from test_graph_fuzz import _Network
@@ -61,13 +61,40 @@ def test_target_moments_do_not_depend_on_batching():
         np.testing.assert_allclose(moments.means()[0], x64.mean(axis=0), rtol=1e-6, atol=1e-6)
 
 
-def test_chunks_cut_depths_into_passes():
-    layers = [RefitLayer(None, "t", 1.0, 1.0, depth) for depth in (0, 1, 1, 2, 3, 4, 5)]
-    depths = lambda passes: [[layer.depth for layer in chunk] for chunk in chunks(layers, passes)]  # noqa: E731
-    assert depths(1) == [[0, 1, 1, 2, 3, 4, 5]]
-    assert depths(3) == [[0, 1, 1], [2, 3], [4, 5]]
-    assert depths(ALL_DEPTHS) == [[0], [1, 1], [2], [3], [4], [5]]  # a depth is never split
-    assert chunks([], 3) == []
+@pytest.mark.parametrize("geometry", [
+    ((1, 1), (0, 0, 0, 0), (1, 1), (1, 1)),      # pointwise: the activation itself, no copy
+    ((1, 1), (1, 1, 1, 1), (1, 1), (3, 3)),
+    ((2, 1), (1, 0, 2, 1), (1, 2), (3, 2)),      # strides, uneven pads, dilation
+    ((2,), (1, 1), (1,), (3,)),                  # a 1-D conv
+])
+def test_conv_moments_equal_the_unfolded_product(geometry):
+    """Tap by tap on the padded input gives what the patch matrix gives, features ordered c·K + k."""
+    from pfp_onnx.conv_geometry import padded_and_out
+    from pfp_onnx.recover import ConvPatches
+
+    strides, pads, dilations, kernel = geometry
+    rng = np.random.default_rng(7)
+    spatial = (7, 6)[:len(kernel)]
+    conv = ConvPatches(strides, pads, dilations, kernel)
+    _, out = padded_and_out(spatial, pads, dilations, kernel, strides)
+    features, outputs = 3 * int(np.prod(kernel)), 4
+    tapped, unfolded = TargetMoments(features, outputs), TargetMoments(features, outputs)
+    for samples in (5, 2):
+        activation = rng.normal(size=(samples, 3, *spatial)).astype(np.float32) + 1.5
+        targets = rng.normal(size=(samples, outputs, *out)).astype(np.float32) + 4.0
+        tapped.update_conv(activation, targets, conv)
+        rows = np.moveaxis(targets, 1, -1).reshape(-1, outputs)
+        unfolded.update(layer_features(activation, conv=conv), rows)
+    assert tapped.count == unfolded.count == 7 * int(np.prod(out))
+    np.testing.assert_allclose(tapped.cross_scatter(), unfolded.cross_scatter(), rtol=1e-5, atol=1e-4)
+    for mine, theirs in zip(tapped.means(), unfolded.means()):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_one_pass_per_depth():
+    layers = [RefitLayer(None, "t", 1.0, 1.0, depth) for depth in (3, 0, 1, 1, 2)]
+    assert [[layer.depth for layer in chunk] for chunk in by_depth(layers)] == [[0], [1, 1], [2], [3]]
+    assert by_depth([]) == []
 
 
 def test_depths_follow_the_graph():
@@ -97,7 +124,7 @@ def test_unchanged_inputs_refit_to_the_original():
     weight = next(node for node in to_graph(prepared.model).nodes if node.name == first.node).inputs[1].values
     changes = sequential_replacements(prepared.model, prepared.original, prepared.analysis, {},
                                       {(first.node, 1): np.asarray(weight)},
-                                      lambda: prepared.sensitivity_part.batches(8), CPU, passes=ALL_DEPTHS)
+                                      lambda: prepared.sensitivity_part.batches(8), CPU)
     assert len({node for node, _ in changes}) > 2, "the layers after the first were re-fitted"
     feed = random_inputs(model, 5, seed=4)
     got, = run(rewrite(prepared.model, prepared.analysis, {}, changes), feed)
@@ -145,8 +172,7 @@ def _never_worse(model: onnx.ModelProto, budget: float, seed: int) -> None:
     one_pass = prune(prepared, budget=budget, method=Method(recovery="lstsq"))
     selections = one_pass.selections
     sequential = sequential_replacements(prepared.model, prepared.original, prepared.analysis, selections,
-                                         one_pass.replacements, lambda: prepared.sensitivity_part.batches(BATCH), CPU,
-                                         passes=ALL_DEPTHS)
+                                         one_pass.replacements, lambda: prepared.sensitivity_part.batches(BATCH), CPU)
     layers = refit_layers(prepared.model, prepared.analysis, selections, one_pass.replacements)
     if not layers:
         return
@@ -180,15 +206,13 @@ def test_never_worse_than_one_pass_on_random_graphs(data, seed, budget):
         assume(False)
 
 
-def test_compress_runs_the_passes_asked_for():
+def test_compress_reports_the_refit_as_one_stage():
+    """Every pass over the points counts towards one "refit" stage whose total is points × passes."""
     model = ZOO["residual"]()
     events = []
     result = pfp_onnx.compress(model, random_inputs(model, 24, seed=1), budget=0.5, recovery="sequential",
-                               refit_passes=2, holdout=0.25,
-                               progress=lambda stage, done, total: events.append((stage, done, total)))
-    stages = list(dict.fromkeys(stage for stage, _, _ in events))
-    assert stages == ["capture", "refit 1/2", "refit 2/2", "verify"]
+                               holdout=0.25, progress=lambda stage, done, total: events.append((stage, done, total)))
+    assert list(dict.fromkeys(stage for stage, _, _ in events)) == ["capture", "refit", "verify"]
+    refit = [(done, total) for stage, done, total in events if stage == "refit"]
+    assert refit[0][0] == 0 and refit[-1][0] == refit[-1][1] and refit[-1][1] % 18 == 0  # 18 points a pass
     assert result.report.method == "pfp/pfp/sequential" and "refit" in result.report.seconds
-    with pytest.raises(pfp_onnx.OptionError, match="--refit-passes"):
-        pfp_onnx.compress(model, random_inputs(model, 8, seed=1), budget=0.5, recovery="sequential",
-                          refit_passes=0)

@@ -58,6 +58,9 @@ def test_pfp_beats_l1_uniform_on_the_fixture():
     rows = pfp_onnx.sweep(str(MODEL), str(DATA), budgets=[0.8, 0.6, 0.4],
                           methods=[Method("pfp", "pfp", recovery="none"), Method("l1", "uniform", recovery="none")])
     accuracy = {(row.method, row.budget): row.accuracy for row in rows}
+    original = rows[0]
+    assert (original.method, original.budget, original.weights_kept, original.top1_agreement) == ("original", 1, 1, 1)
+    assert original.accuracy >= max(accuracy.values()) - 0.05 and original.max_relative_error == 0
     for budget in (0.8, 0.6, 0.4):
         assert accuracy[("pfp/pfp/none", budget)] >= accuracy[("l1/uniform/none", budget)]
 
@@ -86,10 +89,24 @@ def test_sweep_command_writes_csv_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(table.open()))
     assert [(row["method"], row["budget"]) for row in rows] == [
-        ("pfp/pfp/none", "0.8"), ("pfp/pfp/none", "0.5"), ("random/uniform/lstsq", "0.8"),
+        ("original", "1.0"), ("pfp/pfp/none", "0.8"), ("pfp/pfp/none", "0.5"), ("random/uniform/lstsq", "0.8"),
         ("random/uniform/lstsq", "0.5")]
     assert all(float(row["weights_kept"]) <= float(row["budget"]) for row in rows)
+    assert b"\r" not in table.read_bytes()  # plain \n line endings
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done.stdout.splitlines()[-1] == f"wrote {table} and {picture}"
+
+
+def test_sweep_command_prints_the_table_without_csv(tmp_path):
+    """The table goes to the terminal by default, the original model's held-out accuracy first."""
+    done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.5", "--methods", "pfp/pfp/none", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    header, original, pruned = done.stdout.splitlines()
+    assert header.split() == ["method", "budget", "weights", "MACs", "accuracy", "agreement"]
+    assert original.split()[:4] == ["original", "1", "100.0%", "100.0%"] and original.split()[-1] == "100.0%"
+    assert pruned.split()[:2] == ["pfp/pfp/none", "0.5"]
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert "capture: 400 points in" in done.stderr  # progress off a terminal: a line per stage
 
 
 def test_sweep_rounds_like_compress():
@@ -98,7 +115,8 @@ def test_sweep_rounds_like_compress():
     methods = [Method("pfp", "pfp", recovery="none"), Method("pfp", "pfp", "randomized", "none")]
     for round_to in (1, "auto"):
         rows = pfp_onnx.sweep(MODEL, DATA, budgets=[0.6], methods=methods, round_to=round_to)
-        for method, row in zip(methods, rows):
+        assert rows[0].method == "original" and len(rows) == 3
+        for method, row in zip(methods, rows[1:]):
             report = pfp_onnx.compress(MODEL, DATA, budget=0.6, mode=method.mode, recovery="none",
                                        round_to=round_to).report
             assert row.weights_kept == report.totals.layer_weights_after / report.totals.layer_weights_before
@@ -115,7 +133,7 @@ def test_sweep_command_with_a_mac_budget(tmp_path):
     done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.6,0.4", "--methods", "pfp/pfp/none,l1/uniform/none",
                    "--budget-of", "macs", "--csv", table, "--plot", picture)
     assert done.returncode == 0, done.stderr
-    rows = list(csv.DictReader(table.open()))
+    rows = list(csv.DictReader(table.open()))[1:]  # after the original's row
     assert len(rows) == 4 and all(float(row["macs_kept"]) <= float(row["budget"]) for row in rows)
     assert any(float(row["weights_kept"]) > float(row["budget"]) for row in rows) or \
         all(float(row["macs_kept"]) > float(row["weights_kept"]) for row in rows)

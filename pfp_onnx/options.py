@@ -1,0 +1,24 @@
+"""The choices of the command line's options and the API's arguments, in one light module.
+
+`pfp-onnx --help` builds every option before any command runs: these tuples live here, importable without
+onnx, onnxruntime or numpy, and the modules that implement them import them from here.
+"""
+
+from __future__ import annotations
+
+MODES = ("deterministic", "randomized", "hybrid")  # pfp_onnx.select
+ALLOCATIONS = ("pfp", "uniform")  # pfp_onnx.pipeline
+# What --budget counts: the prunable layers' weights, or their multiply-accumulates per point (what latency
+# follows; each weight counted once per output position).
+BUDGET_OF = ("weights", "macs")  # pfp_onnx.pipeline
+CRITERIA = ("pfp", "l1", "l2", "random")  # pfp_onnx.baselines
+RECOVERIES = ("none", "bias", "lstsq", "sequential")  # pfp_onnx.refit
+METRICS = ("auto", "top1", "error")  # pfp_onnx.fidelity
+DEVICES = ("auto", "cuda", "cpu")  # pfp_onnx.runtime
+ROUND_TO_AUTO = "auto"  # pfp_onnx.allocate
+
+# pfp_onnx.calibration_images (defined here only)
+IMAGE_PRESETS = ("imagenet", "yolo")
+RESIZES = ("crop", "letterbox", "stretch")
+CHANNEL_ORDERS = ("RGB", "BGR")
+LAYOUTS = ("NCHW", "NHWC")
