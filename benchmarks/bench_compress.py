@@ -3,7 +3,7 @@
 1. compress wall time (recovery none, and the default lstsq) ÷ one plain onnxruntime forward pass over
    the same calibration points at the same batch size, with compress's own per-stage seconds;
 2. the sensitivity stage alone (pfp_onnx.capture.capture_sensitivities) ÷ a straightforward PyTorch-CPU
-   transcription of the reference tracker (PFP.md §1), after checking both give the same sensitivities
+   transcription of the reference tracker (docs/method.md §1), after checking both give the same sensitivities
    (skipped when torch is not installed); beside it, the same stage computing only z⁺ and z⁻ of every
    neuron (the part exact PFP cannot skip), each as a multiple of the forward pass;
 3. pruned ÷ original inference latency on onnxruntime's CPU provider at several budgets, beside the MAC
@@ -53,7 +53,7 @@ except ImportError:  # the project venv has no torch: the comparison is skipped
     torch = None
 
 ROOT = Path(__file__).resolve().parents[1]
-Z_EPS = float(np.finfo(np.float32).eps)  # |z| at or below this counts as +infinity (PFP.md §1, step 3)
+Z_EPS = float(np.finfo(np.float32).eps)  # |z| at or below this counts as +infinity (docs/method.md §1, step 3)
 TORCH_CHUNK_BYTES = 256 * 2**20  # bound on one [points, F, C, K, P] contribution tensor in the transcription
 
 
@@ -188,7 +188,7 @@ def seconds_of(function: Callable[[], object]) -> tuple[float, object]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The PyTorch transcription of the reference sensitivity tracker (PFP.md §1)
+# The PyTorch transcription of the reference sensitivity tracker (docs/method.md §1)
 
 
 def torch_layer_sensitivity(activation: np.ndarray, probe: ConsumerProbe, weight: np.ndarray) -> "torch.Tensor":

@@ -17,8 +17,8 @@ import click
 
 from pfp_onnx.crash_report import versions, write_crash_report
 from pfp_onnx.errors import OptionError, PfpError
-from pfp_onnx.options import (ALLOCATIONS, BUDGET_OF, CHANNEL_ORDERS, CRITERIA, DEVICES, IMAGE_PRESETS, LAYOUTS,
-                              METRICS, MODES, RECOVERIES, RESIZES)
+from pfp_onnx.options import (ALLOCATIONS, BUDGET_OF, CHANNEL_ORDERS, CRITERIA, DEFAULT_RECOVERY, DEVICES,
+                              IMAGE_PRESETS, LAYOUTS, METRICS, MODES, RECOVERIES, RESIZES)
 from pfp_onnx.version import __version__
 
 
@@ -232,10 +232,11 @@ def main() -> None:
               help="Channel score: PFP sensitivity, or a baseline (filter L1/L2 norm, random).")
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default="pfp", show_default=True,
               help="Channels per group: PFP's error-bound allocation, or the same fraction everywhere.")
-@click.option("--recovery", type=click.Choice(RECOVERIES), default="lstsq", show_default=True,
-              help="Training-free recovery of the layers reading pruned channels: fold the removed channels' "
-                   "mean into the bias, re-fit kept weights by least squares on the original's activations "
-                   "(lstsq), or on the pruned model's own, layer after layer (sequential).")
+@click.option("--recovery", type=click.Choice(RECOVERIES), default=DEFAULT_RECOVERY, show_default=True,
+              help="Training-free recovery after pruning: fold the removed channels' mean into the bias (bias), "
+                   "re-fit the layers reading pruned channels by least squares on the original's activations "
+                   "(lstsq), or re-fit every layer after a pruned one on the pruned model's own activations, "
+                   "depth after depth (sequential).")
 @_run_options
 @click.option("--exclude", "exclude", multiple=True, metavar="NODE",
               help="Keep this node's channels untouched (repeatable).")
@@ -339,8 +340,8 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 @click.option("--data", "data", required=True, type=click.Path(dir_okay=False, readable=False), help="Calibration .npz.")
 @click.option("--budgets", default="0.9,0.8,0.7,0.6,0.5,0.4,0.3,0.2", show_default=True,
               help="Comma-separated budgets.")
-@click.option("--methods", default="pfp/pfp/none,l1/uniform/none,pfp/pfp/lstsq", show_default=True,
-              help="Comma-separated criterion/allocation[/mode][/recovery] (recovery defaults to lstsq), "
+@click.option("--methods", default="pfp/pfp/none,l1/uniform/none,pfp/pfp/lstsq,pfp/pfp/sequential", show_default=True,
+              help="Comma-separated criterion/allocation[/mode][/recovery] (recovery defaults to sequential), "
                    "e.g. pfp/pfp/none,l2/pfp/none,pfp/pfp/bias.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, readable=False),
               help="Also write the table (every column) as CSV.")

@@ -1,4 +1,4 @@
-"""How many channels each group keeps: one error bound ε for the whole model, solved for the budget (PFP.md §2–3).
+"""How many channels each group keeps: one error bound ε for the whole model, solved for the budget (docs/method.md §2–3).
 
 Every group's keep count n(ε) follows from its sensitivities through PFP's sample complexity: a group whose
 sensitivity mass is spread over many channels, or whose consumer sees many patches, needs more channels for
@@ -97,7 +97,7 @@ class Allocation:
 
 
 def sample_size(epsilon: float, sensitivity_sum_tilde: float) -> int:
-    """m(ε) = ceil(3(6+2ε)·S̃/ε²), at least 1: draws with replacement that give error ≤ ε (PFP.md §2)."""
+    """m(ε) = ceil(3(6+2ε)·S̃/ε²), at least 1: draws with replacement that give error ≤ ε (docs/method.md §2)."""
     if not epsilon > 0:
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     # (6+2ε)/ε² written as (6/ε + 2)/ε so that a tiny ε does not underflow ε² to zero first.
@@ -122,7 +122,7 @@ def expected_distinct(probabilities: np.ndarray, samples: int | float) -> float:
 
 def channels_for_epsilon(group: GroupDemand, epsilon: float, *, delta: float = 1e-16,
                          c_constant: float = 3.0) -> int:
-    """n(ε) = min(C, max(1, ceil(expected distinct channels among m(ε) draws))) (PFP.md §2).
+    """n(ε) = min(C, max(1, ceil(expected distinct channels among m(ε) draws))) (docs/method.md §2).
 
     A group with no sensitivity at all cannot influence any output, so it keeps one channel.
     """

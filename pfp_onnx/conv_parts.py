@@ -1,6 +1,6 @@
 """The capture model computes z⁺ and |z⁻| of the convs it scores, in place of the convs themselves.
 
-PFP's sensitivity needs both sign parts of every neuron's pre-activation at every point (PFP.md §1): twice
+PFP's sensitivity needs both sign parts of every neuron's pre-activation at every point (docs/method.md §1): twice
 a conv's multiply-adds, which numpy would pay on the unfolded patches after onnxruntime has already run
 the conv once. Where a conv's input is nonnegative by construction (it comes from a Relu, a Clip at ≥ 0,
 or a MaxPool of one), the capture model runs Conv(x, W⁺) and Conv(x, |W⁻|) instead and feeds the network

@@ -11,10 +11,16 @@ into two groups at a boundary, and every slice recorded so far is cut with it. S
 (a reshape target computed from Shape) are followed entry by entry (Dim): a channel count read as a
 number must be proved to follow the pruned width, or its groups freeze. The result, a ChannelAnalysis,
 is the one model of the graph that capture, allocation and rewrite all use.
+
+A group can also be cut in *units* of several channels: a Reshape that splits the channel axis into
+[heads, head_dim] coarsens the group so that a head — its channels in every Q, K and V projection, and the
+out-projection's columns they feed — goes as a whole (docs/heads.md). The walk counts channels; the
+result counts units (a group's width is its head count, each slice's block a head's entries).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable
 
@@ -27,6 +33,7 @@ from pfp_onnx.model import infer_shapes, static_dims, to_graph, with_input_shape
 
 Shape = tuple  # of int | None
 MAX_SHAPE_ENTRIES = 16  # integer constants up to this size take part in shape arithmetic
+SHAPE_PASSES = 3  # walks at most: each may compute reshape targets that ONNX's inference leaves open
 
 
 @dataclass(frozen=True)
@@ -91,7 +98,8 @@ class Layer:
     in_block: int
     out_groups: tuple[int, ...]
     out_units: int
-    kernel: int
+    kernel: int  # weights per input feature and output unit: a conv's kernel elements; a head's width
+    #              for a projection whose output units are attention heads
     positions: int | None  # output positions per point (conv: output pixels; dense: rows)
     conv: ConvGeometry | None = None
     weight_is_in_by_out: bool = False  # dense weight stored [in, out] (MatMul, Gemm transB=0)
@@ -111,6 +119,7 @@ class ChannelGroup:
     consumers: tuple[str, ...]
     slices: tuple[WeightSlice, ...]
     frozen: tuple[str, ...]
+    unit: int = 1  # channels per prunable unit: a head's width where the group counts heads
 
     @property
     def prunable(self) -> bool:
@@ -179,12 +188,17 @@ class ChannelAnalysis:
 
 @dataclass(frozen=True)
 class Channels:
-    """How one tensor carries channels: the groups along `axis` (in order), its rank, and the block."""
+    """How one tensor carries channels: the groups along `axis` (in order), its rank, and the block.
+
+    With unit > 1 the axis counts runs of `unit` channels (heads of [N, heads, T, head_dim]), each owning
+    `block` entries there; the channels within a run lie on other axes, which only the run's own entries
+    use."""
 
     groups: tuple[int, ...]
     axis: int
     rank: int
     block: int = 1
+    unit: int = 1
 
 
 @dataclass(frozen=True)
@@ -200,6 +214,9 @@ class Dim:
     value: int | None
     channels: Channels | None = None
     source: tuple[str, int, int] | None = None
+    # (tensor, reader) for every tensor with several readers the entry passed on its way: a rewrite of the
+    # source reaches them all, so it stands only if every reader asks for the same count (_check_shared)
+    shared: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -210,6 +227,16 @@ class _GroupState:
     consumers: list[str] = field(default_factory=list)
     slices: list[WeightSlice] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)
+    unit: int = 1  # channels pruned together: a head's width once a Reshape has split the axis into heads
+
+
+@dataclass(frozen=True)
+class _Fix:
+    """A SizeFix as the walk records it: its block counts entries per `unit` channels of the groups."""
+
+    fix: SizeFix
+    unit: int = 1
+    shared: tuple[tuple[str, str], ...] = ()
 
 
 class ChannelTracer:
@@ -222,7 +249,7 @@ class ChannelTracer:
         self.exclude_nodes, self.exclude_ops = exclude_nodes, exclude_ops
         self.graph_outputs = {tensor.name for tensor in graph.outputs}
         self._layers: list[Layer] = []
-        self._fixes: list[SizeFix] = []
+        self._fixes: list[_Fix] = []
         self._states: dict[int, _GroupState] = {}
         self._parent: dict[int, int] = {}
         self._parts: dict[int, tuple[int, int]] = {}  # a refined group → its two halves
@@ -266,6 +293,7 @@ class ChannelTracer:
         return self._resolve(first.groups) == self._resolve(second.groups)
 
     def width(self, channels: Channels) -> int:
+        """Channels (not units) the record's groups hold."""
         return sum(self._states[group].width for group in self._resolve(channels.groups))
 
     def dims(self, node: gs.Node, input_index: int) -> tuple[Dim, ...] | None:
@@ -275,12 +303,20 @@ class ChannelTracer:
         if values is not None:
             if values.dtype.kind not in "iu" or values.ndim > 1 or values.size > MAX_SHAPE_ENTRIES:
                 return None
-            return tuple(Dim(int(value), source=(node.name, input_index, position) if values.ndim else None)
+            return tuple(Dim(int(value), source=(node.name, input_index, position))
                          for position, value in enumerate(values.reshape(-1)))
         found = self._dims.get(tensor.name)
-        if found is not None and (len(tensor.outputs) > 1 or tensor.name in self.graph_outputs):
-            found = tuple(replace(dim, source=None) for dim in found)  # a rewrite would reach the other readers
+        if found is not None and tensor.name in self.graph_outputs:
+            found = tuple(replace(dim, source=None) for dim in found)  # a rewrite would change the output
+        elif found is not None and len(tensor.outputs) > 1:  # a rewrite would reach the other readers too
+            found = tuple(replace(dim, shared=dim.shared + ((tensor.name, node.name),)) if dim.source else dim
+                          for dim in found)
         return found
+
+    def computed_values(self) -> dict[str, list[int]]:
+        """Shape-valued tensors whose every entry the walk computed (for shape inference to use)."""
+        return {name: [dim.value for dim in dims] for name, dims in self._dims.items()
+                if all(dim.value is not None for dim in dims)}
 
     def measured_channels(self, tensor: gs.Tensor) -> list[Channels]:
         """The channel axes whose sizes a shape-valued tensor holds: they change when channels are pruned."""
@@ -311,8 +347,11 @@ class ChannelTracer:
         return group_id
 
     def follow(self, tensor: gs.Tensor, channels: Channels) -> Channels:
-        """Record that `tensor` carries these channels."""
+        """Record that `tensor` carries these channels (as single channels where each run of a unit owns a
+        whole number of entries per channel: [T, heads · head_dim] after the heads are merged back)."""
         carried = replace(channels, groups=self._resolve(channels.groups))
+        if carried.unit > 1 and carried.block % carried.unit == 0:
+            carried = replace(carried, block=carried.block // carried.unit, unit=1)
         self._channels[tensor.name] = carried
         for group in carried.groups:
             self._states[group].tensors.append(tensor.name)
@@ -332,6 +371,10 @@ class ChannelTracer:
     def couple(self, first: Channels, second: Channels, where: str) -> Channels:
         """Channel c of one tensor is channel c of the other: align the group boundaries, then merge. `where`
         names the node, for the reason when they cannot be coupled."""
+        if first.unit != second.unit:
+            self.freeze(first, f"{where} combines heads with single channels")
+            self.freeze(second, f"{where} combines heads with single channels")
+            return first
         if self.width(first) != self.width(second):
             self.freeze(first, f"{where} combines groups of different widths")
             self.freeze(second, f"{where} combines groups of different widths")
@@ -354,8 +397,24 @@ class ChannelTracer:
             self._union(a, b)
         return replace(first, groups=self._resolve(first.groups))
 
+    def coarsen(self, channels: Channels, factor: int, where: str) -> Channels | None:
+        """Prune these channels in runs of `factor` units of the record (a Reshape splits the axis into
+        [heads, head_dim]): every group's unit becomes a multiple of the run, for good. None, freezing them,
+        when a group's width is not a whole number of runs."""
+        unit = channels.unit * factor
+        groups = self._resolve(channels.groups)
+        if any(self._states[group].width % unit for group in groups):
+            self.freeze(channels, f"{where} splits the channels into runs of {unit} that the groups do not align with")
+            return None
+        for group in groups:
+            self._states[group].unit = math.lcm(self._states[group].unit, unit)
+        return replace(channels, groups=groups, unit=unit)
+
     def add_slice(self, channels: Channels, node: gs.Node, input_index: int, axis: int, role: str) -> None:
         """Constant input `input_index` of `node` holds these channels along `axis`."""
+        if channels.unit > 1:  # one entry per head: a constant per head, which nothing here cuts
+            self.freeze(channels, f"{node.op} '{node.name}' reads a constant with one entry per head")
+            return
         offset = 0
         for group in self._resolve(channels.groups):
             state = self._states[group]
@@ -365,9 +424,11 @@ class ChannelTracer:
             offset += state.width
 
     def add_size_fix(self, node: gs.Node | str, input_index: int, position: int, groups: tuple[int, ...],
-                     block: int = 1, attribute: str | None = None) -> None:
+                     block: int = 1, attribute: str | None = None, *, unit: int = 1,
+                     shared: tuple[tuple[str, str], ...] = ()) -> None:
+        """The count becomes block · Σ kept runs of `unit` channels of `groups`; `shared` as in Dim."""
         name = node if isinstance(node, str) else node.name
-        self._fixes.append(SizeFix(name, input_index, position, groups, block, attribute))
+        self._fixes.append(_Fix(SizeFix(name, input_index, position, groups, block, attribute), unit, shared))
 
     def add_layer(self, layer: Layer) -> None:
         self._layers.append(layer)
@@ -376,6 +437,10 @@ class ChannelTracer:
         for group in self._resolve(channels.groups):
             if reason not in self._states[group].frozen:
                 self._states[group].frozen.append(reason)
+
+    def _freeze_group(self, group: int, reason: str) -> None:
+        if reason not in self._states[group].frozen:
+            self._states[group].frozen.append(reason)
 
     def freeze_inputs(self, node: gs.Node, reason: str) -> None:
         for tensor in node.inputs:
@@ -426,20 +491,109 @@ class ChannelTracer:
         def renumber(groups: tuple[int, ...]) -> tuple[int, ...]:
             return tuple(number[group] for group in self._resolve(groups))
 
+        for group in leaves:
+            if not self._states[group].consumers and not self._states[group].frozen:
+                self._freeze_group(group, "no prunable layer consumes these channels")
+        self._check_aligned(leaves)
+        self._check_shared()
+        self._check_head_inputs()
+        units = self._units(leaves)
+        layers = tuple(self._in_units(layer, units) for layer in self._layers)
+        fixes = self._in_unit_fixes(units)
         groups = []
         for group in leaves:
-            state = self._states[group]
-            frozen = list(state.frozen)
-            if not state.consumers and not frozen:
-                frozen.append("no prunable layer consumes these channels")
+            state, unit = self._states[group], units[group]
+            slices = (replace(piece, block=piece.block * unit, offset=piece.offset // unit) for piece in state.slices)
             groups.append(ChannelGroup(
-                id=number[group], width=state.width, tensors=tuple(dict.fromkeys(state.tensors)),
+                id=number[group], width=state.width // unit, tensors=tuple(dict.fromkeys(state.tensors)),
                 producers=tuple(dict.fromkeys(state.producers)), consumers=tuple(state.consumers),
-                slices=tuple(dict.fromkeys(state.slices)), frozen=tuple(frozen)))
+                slices=tuple(dict.fromkeys(slices)), frozen=tuple(state.frozen), unit=unit))
         layers = tuple(replace(layer, in_groups=renumber(layer.in_groups), out_groups=renumber(layer.out_groups))
-                       for layer in self._layers)
-        fixes = tuple(replace(fix, groups=renumber(fix.groups)) for fix in self._fixes)
+                       for layer in layers)
+        fixes = tuple(replace(fix, groups=renumber(fix.groups)) for fix in fixes)
         return ChannelAnalysis(groups=tuple(groups), layers=layers, size_fixes=fixes, shapes=dict(self.shapes))
+
+    # ---- heads: from channels to units -------------------------------------------------------------
+    def _check_aligned(self, leaves: list[int]) -> None:
+        """A group pruned in heads must hold whole heads, and so must every slice of it (a Split or a Concat
+        elsewhere may have cut one)."""
+        for group in leaves:
+            state = self._states[group]
+            unit = state.unit
+            if unit > 1 and (state.width % unit or any(piece.offset % unit for piece in state.slices)):
+                self._freeze_group(group, f"its channels are cut inside a head of {unit}")
+
+    def _check_shared(self) -> None:
+        """A count rewritten through a tensor with several readers must be asked for, identically, by all of
+        them: otherwise the groups it counts freeze (their fixes then write the counts as they were)."""
+        asked: dict[str, list[tuple[str, _Fix]]] = {}
+        for fix in self._fixes:
+            for tensor, reader in fix.shared:
+                asked.setdefault(tensor, []).append((reader, fix))
+        tensors = self.graph.tensors()
+        for name, claims in asked.items():
+            readers = {node.name for node in tensors[name].outputs}
+            requests = {(fix.fix.node, fix.fix.input_index, fix.fix.position, self._resolve(fix.fix.groups),
+                         fix.fix.block, fix.unit) for _, fix in claims}
+            if {reader for reader, _ in claims} != readers or len(requests) > 1:
+                for _, fix in claims:
+                    for group in self._resolve(fix.fix.groups):
+                        self._freeze_group(group, f"'{name}' counts these channels for other readers too")
+
+    def _check_head_inputs(self) -> None:
+        """A projection whose outputs are heads holds a head's width per input feature and head (its kernel);
+        capture and recovery count an input feature once per kernel element, so its inputs freeze."""
+        for layer in self._layers:
+            if any(self._states[group].unit > 1 for group in self._resolve(layer.out_groups)):
+                for group in self._resolve(layer.in_groups):
+                    self._freeze_group(group, f"{layer.op} '{layer.node}' makes attention heads from them")
+
+    def _units(self, leaves: list[int]) -> dict[int, int]:
+        """Each group's unit in the result: its head's width while it can be pruned, 1 once frozen (a frozen
+        group is reported in channels). A layer side or a count that would mix units freezes its prunable
+        groups, which may mix others: repeated until nothing more freezes."""
+        while True:
+            units = {group: 1 if self._states[group].frozen else self._states[group].unit for group in leaves}
+            mixed = [(groups, f"{layer.op} '{layer.node}' mixes heads with single channels")
+                     for layer in self._layers
+                     for groups, count in ((layer.in_groups, layer.in_units), (layer.out_groups, layer.out_units))
+                     if (unit := self._unit_of(groups, units, 1)) is None or count % unit]
+            mixed += [(fix.fix.groups, f"'{fix.fix.node}' counts heads and single channels together")
+                      for fix in self._fixes if self._fix_block(fix, units) is None]
+            frozen = [(group, reason) for groups, reason in mixed for group in self._resolve(groups)
+                      if not self._states[group].frozen]
+            if not frozen:
+                return units
+            for group, reason in frozen:
+                self._freeze_group(group, reason)
+
+    def _unit_of(self, groups: tuple[int, ...], units: dict[int, int], default: int) -> int | None:
+        """The one unit these groups count in (`default` for none); None when they disagree."""
+        found = {units[group] for group in self._resolve(groups)} or {default}
+        return found.pop() if len(found) == 1 else None
+
+    def _fix_block(self, recorded: _Fix, units: dict[int, int]) -> int | None:
+        """The count's entries per unit of its groups; None when its groups disagree or a unit is not whole
+        runs of the record's (a frozen group, counted in channels, of a count recorded in heads)."""
+        unit = self._unit_of(recorded.fix.groups, units, recorded.unit)
+        if unit is None or recorded.fix.block * unit % recorded.unit:
+            return None
+        return recorded.fix.block * unit // recorded.unit
+
+    def _in_units(self, layer: Layer, units: dict[int, int]) -> Layer:
+        """The layer with its sides counted in its groups' units; a head's width per output unit goes to the
+        kernel, so that the layer's weights stay in_units · in_block · kernel · out_units."""
+        into, out = self._unit_of(layer.in_groups, units, 1), self._unit_of(layer.out_groups, units, 1)
+        if into == out == 1:
+            return layer
+        return replace(layer, in_units=layer.in_units // into, in_block=layer.in_block * into,
+                       out_units=layer.out_units // out, kernel=layer.kernel * out)
+
+    def _in_unit_fixes(self, units: dict[int, int]) -> list[SizeFix]:
+        """Every count with its block per unit of its groups. One left inconvertible counts only frozen
+        groups (heads counted in channels): it is dropped, leaving the count as it was."""
+        return [replace(recorded.fix, block=block) for recorded in self._fixes
+                if (block := self._fix_block(recorded, units)) is not None]
 
     # ---- group algebra -----------------------------------------------------------------------------
     def _find(self, group: int) -> int:
@@ -482,6 +636,7 @@ class ChannelTracer:
         right = self.new_group(state.width - cut)
         for part, shift in ((left, 0), (right, cut)):
             target = self._states[part]
+            target.unit = state.unit
             target.tensors = list(state.tensors)
             target.producers = list(state.producers)
             target.consumers = list(state.consumers)
@@ -499,6 +654,7 @@ class ChannelTracer:
         kept_state, gone_state = self._states[keep], self._states[gone]
         for name in ("tensors", "producers", "consumers", "slices", "frozen"):
             getattr(kept_state, name).extend(getattr(gone_state, name))
+        kept_state.unit = math.lcm(kept_state.unit, gone_state.unit)
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, Shape]:
@@ -533,4 +689,44 @@ def analyse_channel_groups(model: onnx.ModelProto, input_shapes: dict[str, tuple
         raise OptionError(f"--exclude-op names op type(s) {', '.join(map(repr, sorted(exclude_ops - present)))} "
                           f"that the model does not contain; it has {', '.join(sorted(present))}.")
     shaped = with_input_shapes(model, input_shapes) if input_shapes else infer_shapes(model)
-    return ChannelTracer(graph, tensor_shapes(shaped), exclude_nodes, exclude_ops).run(RULES)
+    shapes = tensor_shapes(shaped)
+    for _ in range(SHAPE_PASSES):
+        tracer = ChannelTracer(graph, dict(shapes), exclude_nodes, exclude_ops)
+        analysis = tracer.run(RULES)
+        refined = _with_computed_shapes(shaped, tracer.computed_values(), shapes)
+        if refined is None:
+            break
+        shaped, shapes = refined
+    return analysis
+
+
+def _with_computed_shapes(shaped: onnx.ModelProto, values: dict[str, list[int]],
+                          shapes: dict[str, Shape]) -> tuple[onnx.ModelProto, dict[str, Shape]] | None:
+    """Shapes inferred again with the shape values one walk computed put in as constants, where ONNX's own
+    data propagation stopped (it does not divide: torch's attention reshapes to embed_dim / heads); None
+    when every shape is known already, or nothing new is learnt."""
+    if all(shape is not None and None not in shape for shape in shapes.values()):
+        return None
+    types = {info.name: info.type.tensor_type.elem_type for info in shaped.graph.value_info}
+    constants = {name: np.asarray(found, dtype=onnx.helper.tensor_dtype_to_np_dtype(types.get(name, 7)))
+                 .reshape(() if shapes.get(name) == () else -1)
+                 for name, found in values.items() if shapes.get(name) is not None and len(shapes[name]) <= 1}
+    if not constants:
+        return None
+    refined = onnx.ModelProto()
+    refined.CopyFrom(shaped)
+    del refined.graph.value_info[:]
+    for node in refined.graph.node:
+        for index, name in enumerate(node.input):
+            if name in constants:
+                node.input[index] = f"{name}__computed"
+    refined.graph.initializer.extend(onnx.numpy_helper.from_array(array, f"{name}__computed")
+                                     for name, array in constants.items())
+    try:
+        refined = infer_shapes(refined)
+    except Exception:  # noqa: BLE001 - the first inference stands
+        return None
+    found = tensor_shapes(refined)
+    learnt = {name: shape for name, shape in found.items()
+              if shapes.get(name) != shape and not name.endswith("__computed")}
+    return (refined, {**shapes, **learnt}) if learnt else None

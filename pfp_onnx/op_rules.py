@@ -10,17 +10,24 @@ Shape and the integer arithmetic exporters build reshape targets with (Gather, S
 Concat) compute values, not channels: their entries wrap the channel rule (_computes_shapes) and record
 each entry's origin (groups.Dim). An entry that is a channel axis' size and reaches anything but a
 Reshape that proves it right freezes that axis' groups, just as an unclaimed input does.
+
+Attention (docs/heads.md): a Reshape that splits the channel axis into [heads, head_dim] makes the group's
+unit a head; one that splits a fused projection into [3, E] couples the q, k and v parts position by
+position; a MatMul of two activations couples the heads of q and k, and of the weights and v.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import operator
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from pfp_onnx.groups import Channels, ChannelTracer, ConvGeometry, Dim, Layer, WeightSlice
+from pfp_onnx.groups import MAX_SHAPE_ENTRIES, Channels, ChannelTracer, ConvGeometry, Dim, Layer, WeightSlice
 
 Rule = Callable[[gs.Node, ChannelTracer], None]
 # Shape arithmetic: the entries of a node's shape-valued inputs (None for an empty input) → its output's.
@@ -57,7 +64,7 @@ def _rank(tracer: ChannelTracer, tensor: gs.Tensor, fallback: int) -> int:
 
 
 def _moved(channels: Channels, axis: int, rank: int, block: int | None = None) -> Channels:
-    return Channels(channels.groups, axis, rank, channels.block if block is None else block)
+    return replace(channels, axis=axis, rank=rank, block=channels.block if block is None else block)
 
 
 def _extra_outputs_used(node: gs.Node, tracer: ChannelTracer) -> bool:
@@ -151,7 +158,7 @@ def conv(node: gs.Node, tracer: ChannelTracer) -> None:
     if group_count > 1 and group_count == in_units == out_units and not transposed:
         # Depthwise: filter c reads only channel c, so the channels pass through with their filters.
         groups = ()
-        if incoming is not None and incoming.axis == 1 and incoming.block == 1:
+        if incoming is not None and incoming.axis == 1 and incoming.block == incoming.unit == 1:
             tracer.add_slice(incoming, node, 1, 0, "param")
             if bias is not None:
                 tracer.add_slice(incoming, node, 2, 0, "param")
@@ -170,6 +177,8 @@ def conv(node: gs.Node, tracer: ChannelTracer) -> None:
             tracer.freeze(incoming, f"{node.op} '{node.name}' (group={group_count}) is not prunable on its input")
         elif incoming.axis != 1 or incoming.block != 1:
             tracer.freeze(incoming, f"{node.op} '{node.name}' reads channels on axis {incoming.axis}, not 1")
+        elif incoming.unit != 1:
+            tracer.freeze(incoming, f"{node.op} '{node.name}' reads one entry per head")
         else:
             tracer.add_slice(incoming, node, 1, weight_in_axis, "consumer")
             in_groups = incoming.groups
@@ -200,6 +209,8 @@ def _dense(node: gs.Node, tracer: ChannelTracer, *, in_by_out: bool, bias_index:
         if incoming.axis != rank - 1:
             tracer.freeze(incoming, f"{node.op} '{node.name}' contracts axis {rank - 1}, "
                                     f"not the channel axis {incoming.axis}")
+        elif incoming.unit != 1:
+            tracer.freeze(incoming, f"{node.op} '{node.name}' reads one entry per head")
         else:
             in_groups, block = incoming.groups, incoming.block
             tracer.add_slice(incoming, node, 1, in_axis, "consumer")
@@ -235,9 +246,52 @@ def gemm(node: gs.Node, tracer: ChannelTracer) -> None:
 def matmul(node: gs.Node, tracer: ChannelTracer) -> None:
     tracer.claim(0, 1)
     if tracer.constant(node.inputs[1]) is None:
-        tracer.freeze_inputs(node, f"MatMul '{node.name}' multiplies two activations")
+        _activation_product(node, tracer)
         return
     _dense(node, tracer, in_by_out=True, bias_index=None)
+
+
+def _activation_product(node: gs.Node, tracer: ChannelTracer) -> None:
+    """A MatMul of two activations, [..., M, K] · [..., K, P]: attention's q · kᵀ and weights · v. Channels on
+    a batch axis of both (the heads) are coupled and go on; channels on the rows of the first or the columns
+    of the second go on alone. Contracted channels, or channels facing an untracked axis of the same size,
+    freeze."""
+    first, second = (tracer.channels(tensor) for tensor in node.inputs[:2])
+    if first is None and second is None:
+        return
+    ranks = [_rank(tracer, tensor, channels.rank if channels else 0) for tensor, channels
+             in zip(node.inputs[:2], (first, second))]
+    reason = f"MatMul '{node.name}' multiplies two activations"
+    if min(ranks) < 2:
+        tracer.freeze_inputs(node, reason)
+        return
+    rank = max(ranks)
+    from_end = [None if channels is None else channels.axis - operand_rank
+                for channels, operand_rank in zip((first, second), ranks)]
+    if first is not None and second is not None:
+        if from_end[0] != from_end[1] or from_end[0] > -3 or (first.block, first.unit) != (second.block, second.unit):
+            tracer.freeze_inputs(node, f"{reason} along their channel axes")
+            return
+        carried, place = tracer.couple(first, second, f"MatMul '{node.name}'"), from_end[0]
+    else:
+        index = 0 if first is not None else 1
+        carried, place = (first, second)[index], from_end[index]
+        other = node.inputs[1 - index]
+        if place == (-1 if index == 0 else -2):
+            tracer.freeze_inputs(node, f"{reason} and contracts the channels")
+            return
+        if place < -2 and _size_at(tracer, other, place) != 1:  # a batch axis: the other must broadcast there
+            tracer.freeze_inputs(node, f"{reason} and meets the channels with '{other.name}'")
+            return
+    tracer.follow(node.outputs[0], _moved(carried, rank + place, rank))
+
+
+def _size_at(tracer: ChannelTracer, tensor: gs.Tensor, from_end: int) -> int | None:
+    """The size of `tensor` at an axis counted from its end; 1 where it has no such axis (it broadcasts)."""
+    shape = tracer.shape(tensor)
+    if shape is None:
+        return None
+    return shape[from_end] if len(shape) >= -from_end else 1
 
 
 # ---- channel-preserving operators ------------------------------------------------------------------
@@ -279,6 +333,19 @@ def channel_normalization(node: gs.Node, tracer: ChannelTracer, incoming: Channe
     tracer.follow(node.outputs[0], incoming)
 
 
+@_reads_channels()
+def layer_normalization(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
+    """LayerNormalization keeps the input's channels where they were; over the channel axis (a
+    transformer's residual stream) every output reads them all, so they freeze — but go on, so that a
+    shape read off the output still knows its width is theirs."""
+    if _extra_outputs_used(node, tracer):
+        tracer.freeze(incoming, f"{node.op} '{node.name}' exposes its statistics")
+        return
+    if incoming.axis >= int(node.attrs.get("axis", -1)) % incoming.rank:
+        tracer.freeze(incoming, f"{node.op} '{node.name}' normalises across the channels")
+    tracer.follow(node.outputs[0], incoming)
+
+
 def _channel_position(channels: Channels, rank: int) -> int:
     """Where a tensor of `rank` broadcast against `channels` holds the channel axis (may be < 0)."""
     return rank - (channels.rank - channels.axis)
@@ -308,7 +375,7 @@ def elementwise(node: gs.Node, tracer: ChannelTracer) -> None:
             tracer.freeze(other, reason)
             return
         main = tracer.couple(main, other, f"{node.op} '{node.name}'")
-    width = tracer.width(main) * main.block
+    width = tracer.width(main) // main.unit * main.block
     tracked_indices = {index for index, _ in tracked} | {i for i, t in enumerate(node.inputs)
                                                           if tracer.channels(t) in broad}
     for index, tensor in enumerate(node.inputs):
@@ -326,7 +393,7 @@ def elementwise(node: gs.Node, tracer: ChannelTracer) -> None:
             continue
         what = f"a constant of shape {tuple(shape)}" if values is not None else f"untracked '{tensor.name}'"
         tracer.freeze(main, f"{node.op} '{node.name}' combines the channels with {what}")
-        return
+        break  # frozen, they still go on: a shape read off the output knows its width is theirs
     output_rank = _rank(tracer, node.outputs[0], main.rank)
     tracer.follow(node.outputs[0], _moved(main, _channel_position(main, output_rank), output_rank))
 
@@ -364,8 +431,14 @@ def concat(node: gs.Node, tracer: ChannelTracer) -> None:
     if axis is None:
         tracer.freeze_inputs(node, f"Concat '{node.name}' has an unknown rank")
         return
+    if all(c is None or c.axis != axis for c in tracked):
+        _join_beside(node, tracer, tracked)
+        return
     if any(c is not None and (c.axis != axis or c.block != 1) for c in tracked):
         tracer.freeze_inputs(node, f"Concat '{node.name}' joins along axis {axis}, not the channel axis")
+        return
+    if any(c is not None and c.unit != 1 for c in tracked):
+        tracer.freeze_inputs(node, f"Concat '{node.name}' joins heads")
         return
     groups: list[int] = []
     for tensor, channels in zip(node.inputs, tracked):
@@ -382,6 +455,22 @@ def concat(node: gs.Node, tracer: ChannelTracer) -> None:
     tracer.follow(node.outputs[0], Channels(tuple(groups), axis, output_rank))
 
 
+def _join_beside(node: gs.Node, tracer: ChannelTracer, tracked: list[Channels | None]) -> None:
+    """A Concat along another axis (a class token before the patch tokens): channel c of every input is
+    channel c of the output, so the inputs' channels are coupled; an untracked input's cannot go, and
+    freezes them."""
+    present = [channels for channels in tracked if channels is not None]
+    main = present[0]
+    for other in present[1:]:
+        if (other.rank, other.axis, other.block, other.unit) != (main.rank, main.axis, main.block, main.unit):
+            tracer.freeze_inputs(node, f"Concat '{node.name}' joins tensors with channels on different axes")
+            return
+        main = tracer.couple(main, other, f"Concat '{node.name}'")
+    if len(present) < len([tensor for tensor in node.inputs if not tensor.is_empty()]):
+        tracer.freeze(main, f"Concat '{node.name}' joins the channels with an untracked tensor")
+    tracer.follow(node.outputs[0], main)
+
+
 @_reads_channels(0, 1)
 def split(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     axis = int(node.attrs.get("axis", 0)) % incoming.rank
@@ -393,7 +482,7 @@ def split(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     width = tracer.width(incoming)
     if sizes == [] and width % len(node.outputs) == 0:
         sizes = [width // len(node.outputs)] * len(node.outputs)
-    if not sizes or sum(sizes) != width or incoming.block != 1:
+    if not sizes or sum(sizes) != width or incoming.block != 1 or incoming.unit != 1:
         tracer.freeze(incoming, f"Split '{node.name}' has sizes pfp-onnx cannot read")
         return
     start = 0
@@ -423,7 +512,7 @@ def slice_(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     (hit,) = hits
     width = tracer.width(incoming)
     start, stop = (max(0, min(width, value + width if value < 0 else value)) for value in (starts[hit], ends[hit]))
-    if steps[hit] != 1 or stop <= start or incoming.block != 1:
+    if steps[hit] != 1 or stop <= start or incoming.block != 1 or incoming.unit != 1:
         tracer.freeze(incoming, f"Slice '{node.name}' takes channels with a step or an empty range")
         return
     before = tracer.sub(incoming, 0, start).groups
@@ -507,6 +596,20 @@ def transpose(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
 
 
 @_reads_channels(0, 1)
+def gather(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
+    """Gather along another axis (a token, or q, k and v out of a fused projection): the channels move with
+    the axes the indices remove or add."""
+    axis = int(node.attrs.get("axis", 0)) % incoming.rank
+    indices = tracer.shape(node.inputs[1])
+    if axis == incoming.axis or indices is None:
+        tracer.freeze(incoming, f"Gather '{node.name}' selects along the channel axis, or by indices of unknown rank")
+        return
+    rank = incoming.rank - 1 + len(indices)
+    tracer.follow(node.outputs[0], _moved(incoming, incoming.axis if incoming.axis < axis
+                                          else incoming.axis - 1 + len(indices), rank))
+
+
+@_reads_channels(0, 1)
 def squeeze(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     axes = _int_list(tracer, node, 1, "axes")
     if axes == []:  # every axis that is 1 when it runs: a channel axis pruned to width 1 would go too
@@ -546,37 +649,184 @@ def flatten(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     output_shape = tracer.shape(node.outputs[0])
     if output_shape is None and shape is not None:
         output_shape = (_product(shape[:axis]), _product(shape[axis:]))
-    landing = _channel_landing(shape, output_shape, incoming, tracer.width(incoming))
+    landing = _channel_landing(shape, output_shape, incoming, tracer.width(incoming) // incoming.unit)
     if landing is None:
         tracer.freeze(incoming, f"Flatten '{node.name}' does not keep the channels in whole blocks")
         return
-    tracer.follow(node.outputs[0], Channels(incoming.groups, landing[0], 2, landing[1]))
+    tracer.follow(node.outputs[0], Channels(incoming.groups, landing[0], 2, landing[1], incoming.unit))
 
 
 @_reads_channels(0, 1)
 def reshape(node: gs.Node, tracer: ChannelTracer, incoming: Channels) -> None:
     """Reshapes that keep each channel's entries one run along one axis: flattening from the channel axis
     on, merging the axes after it, dropping or adding size-1 axes (Paddle's and tf2onnx's flatten after a
-    global pool). The target, constant or computed from Shape, must follow the pruned width."""
+    global pool). Failing that, attention's: [.., E] → [.., heads, head_dim] prunes whole heads, and a
+    fused projection's [.., 3E] → [.., 3, E] (or [.., 3, heads, head_dim]) couples its q, k and v parts
+    (_split_landing). The target, constant or computed from Shape, must follow the pruned width."""
     input_shape, target = tracer.shape(node.inputs[0]), tracer.dims(node, 1)
     output_shape = tracer.shape(node.outputs[0])
     if output_shape is None:  # ONNX's data propagation leaves computed targets open before opset 13
         output_shape = _target_shape(input_shape, target, node.attrs.get("allowzero", 0))
         tracer.learn_shape(node.outputs[0], output_shape)
-    landing = _channel_landing(input_shape, output_shape, incoming, tracer.width(incoming))
-    if landing is None:
+    landed = _landed(tracer, node, input_shape, output_shape, incoming)
+    if landed is None:
         tracer.freeze(incoming, f"Reshape '{node.name}' does not keep the channels in whole blocks")
         return
-    axis, block = landing
-    problem = _target_problem(tracer, node, target, output_shape, incoming, axis, block)
+    problem = _target_problem(tracer, node, target, output_shape, incoming, landed)
     if problem is not None:
         tracer.freeze(incoming, problem)
         return
-    entry = target[axis]
-    if entry.channels is None and entry.value == tracer.width(incoming) * block:
-        tracer.add_size_fix(*entry.source, incoming.groups, block)
+    entry = target[landed.axis]
+    if not _follows(tracer, entry, landed) and entry.value == _extent(tracer, landed):
+        tracer.add_size_fix(*entry.source, landed.groups, landed.block, unit=landed.unit, shared=entry.shared)
     tracer.read_dims(1)
-    tracer.follow(node.outputs[0], Channels(incoming.groups, axis, len(output_shape), block))
+    tracer.follow(node.outputs[0], landed)
+
+
+def _landed(tracer: ChannelTracer, node: gs.Node, input_shape, output_shape, incoming: Channels) -> Channels | None:
+    """Where a Reshape puts the channels: the plain landing, else attention's split of the channel axis."""
+    units = tracer.width(incoming) // incoming.unit
+    landing = _channel_landing(input_shape, output_shape, incoming, units)
+    if landing is not None:
+        return Channels(incoming.groups, landing[0], len(output_shape), landing[1], incoming.unit)
+    split = _split_landing(tracer, node, input_shape, output_shape, incoming, units)
+    if split is None:
+        return None
+    channels = incoming if split.parts == 1 else _coupled_parts(tracer, node, incoming, split.parts)
+    if split.factor > 1:
+        channels = tracer.coarsen(channels, split.factor, f"Reshape '{node.name}'")
+    if channels is None:
+        return None
+    return Channels(channels.groups, split.axis, len(output_shape), split.block, channels.unit)
+
+
+@dataclass(frozen=True, order=True)
+class _Split:
+    """A Reshape that cuts the channel axis: into `parts` equal parts along the axes before `axis` (q, k, v),
+    each part's units merged `factor` at a time (a head of head_dim channels) on `axis`, `block` entries
+    each."""
+
+    parts: int
+    factor: int
+    axis: int
+    block: int
+
+
+def _split_landing(tracer: ChannelTracer, node: gs.Node, input_shape, output_shape, incoming: Channels,
+                   units: int) -> _Split | None:
+    """How a Reshape splits the channel axis into several. The sizes alone leave two readings of
+    [.., 3, 32]: three heads of 32, or 32 channels of three coupled parts; the graph decides. Parts are
+    what its readers take one index at a time (Gather, Slice, Split: q, k, v), heads what they do not.
+    Of the readings left, the one with the fewest parts, then the smallest heads, is taken."""
+    if input_shape is None or output_shape is None:
+        return None
+    per_unit = _product(input_shape[incoming.axis + 1:])
+    if per_unit is None:
+        return None
+    per_unit *= incoming.block
+    output, found = node.outputs[0], []
+    for axis, size in enumerate(output_shape):
+        after = _product(output_shape[axis + 1:])
+        first = _leading_end(output_shape[:axis], input_shape[:incoming.axis])
+        if size is None or size == 1 or after is None or first is None:  # a lone head is the batch's axis too
+            continue
+        parts = _product(output_shape[first:axis])
+        if parts is None or units % parts:
+            continue
+        factor = after // math.gcd(after, per_unit)
+        if units // parts % factor or size != units // parts // factor * (factor * per_unit // after):
+            continue
+        part_axes = [part for part in range(first, axis) if output_shape[part] != 1]
+        if parts > 1 and not all(_selects_each(tracer, output, part) for part in part_axes):
+            continue
+        if _selects_each(tracer, output, axis):
+            continue
+        found.append(_Split(parts, factor, axis, factor * per_unit // after))
+    return min(found, default=None)
+
+
+def _leading_end(before, leading) -> int | None:
+    """The last position p with product(before[:p]) = product(leading): where the axes that the Reshape
+    keeps in front of the channels end."""
+    matches = [position for position in range(len(before) + 1) if _same_product(before[:position], leading)]
+    return matches[-1] if matches else None
+
+
+def _coupled_parts(tracer: ChannelTracer, node: gs.Node, incoming: Channels, parts: int) -> Channels:
+    """Channel c of every part is pruned together: the parts' groups are coupled position by position."""
+    size = tracer.width(incoming) // parts
+    first = tracer.sub(incoming, 0, size)
+    for index in range(1, parts):
+        first = tracer.couple(first, tracer.sub(incoming, index * size, (index + 1) * size), f"Reshape '{node.name}'")
+    return first
+
+
+def _selects_each(tracer: ChannelTracer, tensor: gs.Tensor, axis: int) -> bool:
+    """Whether every reader of `tensor` takes one index at a time along `axis` — Gather, a one-wide Slice,
+    a Split into ones — looking through Transpose, Unsqueeze, Squeeze and Identity."""
+    if not tensor.outputs or tensor.name in tracer.graph_outputs:
+        return False
+    shape = tracer.shape(tensor)
+    if shape is None:
+        return False
+    for reader in tensor.outputs:
+        if reader.inputs[0] is not tensor:
+            return False
+        if reader.op == "Gather":
+            indices = tracer.constant(reader.inputs[1])
+            if indices is None or indices.size != 1 or int(reader.attrs.get("axis", 0)) % len(shape) != axis:
+                return False
+        elif reader.op == "Slice":
+            if not _takes_one(tracer, reader, shape, axis):
+                return False
+        elif reader.op == "Split":
+            sizes = _int_list(tracer, reader, 1, "split")
+            if int(reader.attrs.get("axis", 0)) % len(shape) != axis or set(sizes or [len(reader.outputs)]) != {1} \
+                    or len(reader.outputs) != shape[axis]:
+                return False
+        else:
+            moved = _axis_after(tracer, reader, axis, len(shape))
+            if moved is None or not _selects_each(tracer, reader.outputs[0], moved):
+                return False
+    return True
+
+
+def _takes_one(tracer: ChannelTracer, node: gs.Node, shape, axis: int) -> bool:
+    """A Slice that keeps exactly one index of `axis` (and may cut others)."""
+    starts, ends = _int_list(tracer, node, 1, "starts"), _int_list(tracer, node, 2, "ends")
+    axes = _int_list(tracer, node, 3, "axes") or list(range(len(starts or [])))
+    steps = _int_list(tracer, node, 4, None) or [1] * len(axes)
+    if not starts or not ends or shape[axis] is None:
+        return False
+    hits = [index for index, other in enumerate(axes) if other % len(shape) == axis]
+    return len(hits) == 1 and len(range(shape[axis])[starts[hits[0]]:ends[hits[0]]:steps[hits[0]]]) == 1
+
+
+def _axis_after(tracer: ChannelTracer, node: gs.Node, axis: int, rank: int) -> int | None:
+    """Where `axis` of the input lands in the output of a node that only moves axes; None otherwise."""
+    if node.op == "Identity":
+        return axis
+    if node.op == "Transpose":
+        return [int(p) for p in node.attrs.get("perm", range(rank - 1, -1, -1))].index(axis)
+    axes = _int_list(tracer, node, 1, "axes") if node.op in ("Squeeze", "Unsqueeze") else None
+    if not axes:
+        return None
+    if node.op == "Unsqueeze":
+        inserted = {a % (rank + len(axes)) for a in axes}
+        return [p for p in range(rank + len(axes)) if p not in inserted][axis]
+    removed = {a % rank for a in axes}
+    return None if axis in removed else axis - sum(1 for a in removed if a < axis)
+
+
+def _follows(tracer: ChannelTracer, entry: Dim, landed: Channels) -> bool:
+    """Whether a target entry is the size of the very axis it sets (read off a tensor with these channels)."""
+    return entry.channels is not None and tracer.same_channels(entry.channels, landed) and \
+        (entry.channels.block, entry.channels.unit) == (landed.block, landed.unit)
+
+
+def _extent(tracer: ChannelTracer, channels: Channels) -> int:
+    """The size of the channel axis: block entries per unit."""
+    return tracer.width(channels) // channels.unit * channels.block
 
 
 def _target_shape(input_shape, target: tuple[Dim, ...] | None, allowzero: int):
@@ -625,11 +875,13 @@ def _same_product(first, second) -> bool:
 
 
 def _target_problem(tracer: ChannelTracer, node: gs.Node, target: tuple[Dim, ...] | None, output_shape,
-                    incoming: Channels, axis: int, block: int) -> str | None:
+                    incoming: Channels, landed: Channels) -> str | None:
     """Why a Reshape's target would not give the pruned shape, or None when it does: its entry for the
-    channel axis is -1, a 0 copying that same axis, the axis' size read by Shape, or a constant count that
-    can be rewritten; every other entry stays what it is."""
+    channel axis is -1, a 0 copying that same axis, the axis' size read by Shape, or a count that can be
+    rewritten (a constant, or one read off another tensor's channel axis and replaced by a constant);
+    every other entry stays what it is."""
     name = f"Reshape '{node.name}'"
+    axis, block = landed.axis, landed.block
     if target is None or len(target) != len(output_shape):
         return f"{name} has a target shape pfp-onnx cannot follow"
     copies = not node.attrs.get("allowzero", 0)  # 0 copies the input's size there
@@ -638,14 +890,16 @@ def _target_problem(tracer: ChannelTracer, node: gs.Node, target: tuple[Dim, ...
                                  and position == incoming.axis):
             return f"{name} has a target entry {position} that counts channels but is not the channel axis"
     entry = target[axis]
-    if entry.channels is not None:
-        if tracer.same_channels(entry.channels, incoming) and entry.channels.block == block:
-            return None
+    if _follows(tracer, entry, landed):
+        return None
+    if entry.channels is not None and entry.source is None:
         return f"{name} takes the width of its channel axis from another tensor's channels"
-    if entry.value == -1 or copies and entry.value == 0 and axis == incoming.axis and block == incoming.block:
+    same_axis = tracer.width(landed) == tracer.width(incoming) and (block, landed.unit) == (incoming.block,
+                                                                                          incoming.unit)
+    if entry.value == -1 or copies and entry.value == 0 and axis == incoming.axis and same_axis:
         return None
     sources = [other.source for other in target]
-    if entry.value == tracer.width(incoming) * block and entry.source is not None and sources.count(entry.source) == 1:
+    if entry.value == _extent(tracer, landed) and entry.source is not None and sources.count(entry.source) == 1:
         return None
     return f"{name} has a target shape pfp-onnx cannot rewrite"
 
@@ -708,7 +962,7 @@ def _gather_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[
 
 
 def _slice_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
-    starts, ends = _int_list(tracer, node, 1, "starts"), _int_list(tracer, node, 2, "ends")
+    starts, ends = (_computed_list(tracer, node, inputs, index, name) for index, name in ((1, "starts"), (2, "ends")))
     axes, steps = _int_list(tracer, node, 3, "axes") or [0], _int_list(tracer, node, 4, None) or [1]
     if not starts or not ends or len(starts) != 1 or axes not in ([0], [-1]) or steps[0] == 0:
         return None
@@ -724,10 +978,76 @@ def _squeeze_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple
     return inputs[0] if tracer.shape(node.inputs[0]) == (1,) and tracer.shape(node.outputs[0]) == () else None
 
 
+def _computed_list(tracer: ChannelTracer, node: gs.Node, inputs: list, index: int, attribute: str) -> list[int] | None:
+    """An integer list given as a constant or attribute, or computed by shape arithmetic (torch's unflatten
+    slices Shape up to −1 mod rank)."""
+    found = _int_list(tracer, node, index, attribute)
+    computed = inputs[index] if found is None and index < len(inputs) else None
+    if computed is not None and all(dim.value is not None for dim in computed):
+        return [dim.value for dim in computed]
+    return found
+
+
 def _concat_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
-    if any(len(tracer.shape(tensor) or ()) != 1 for tensor in node.inputs):
+    """The pieces in order. A computed one-entry piece that is another tensor's channel count (torch reads
+    embed_dim off the input's shape for the reshape back from heads) can be replaced by a constant."""
+    if any(len(shape) != 1 for tensor in node.inputs if (shape := tracer.shape(tensor)) is not None):
         return None
-    return tuple(dim for dims in inputs for dim in dims)
+    return tuple(replace(dim, source=(node.name, index, 0)) if len(dims) == 1 and dim.channels is not None
+                 and dim.source is None and tracer.constant(node.inputs[index]) is None else dim
+                 for index, dims in enumerate(inputs) for dim in dims)
+
+
+def _reshape_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    """A shape value reshaped to a vector or a scalar keeps its entries."""
+    values, target = inputs[0], [dim.value for dim in inputs[1]]
+    return values if len(target) <= 1 and all(size in (len(values), -1) for size in target) and \
+        (target or len(values) == 1) else None
+
+
+def _constant_of_shape_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    """A short integer vector of one value (torch's repeat builds its ones this way)."""
+    value = node.attrs.get("value")
+    value = np.asarray(value.values if isinstance(value, gs.Constant) else 0.0 if value is None else value)
+    sizes = [dim.value for dim in inputs[0]]
+    if value.dtype.kind not in "iu" or len(sizes) != 1 or sizes[0] is None or sizes[0] > MAX_SHAPE_ENTRIES:
+        return None
+    return (Dim(int(value.reshape(-1)[0])),) * sizes[0]
+
+
+def _divide(numerator: int, denominator: int) -> int:
+    """ONNX's integer Div truncates towards zero."""
+    quotient = abs(numerator) // abs(denominator)
+    return quotient if (numerator < 0) == (denominator < 0) else -quotient
+
+
+ARITHMETIC = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": _divide, "Mod": operator.mod}
+
+
+def _arithmetic_values(node: gs.Node, tracer: ChannelTracer, inputs: list) -> tuple[Dim, ...] | None:
+    """Integer arithmetic on shape values (torch's nn.MultiheadAttention: batch · heads, embed_dim / heads,
+    −1 mod rank). The result counts no channels: an operand that does freezes them, since what follows
+    would not track the pruned width. A product by a constant whose other factor is 1 (the batch, as the
+    analysis sees it) keeps the constant's source: rewriting it scales the count (N · heads → N · kept)."""
+    operands = [dims for dims in inputs if dims is not None]
+    if len(operands) != 2 or node.op == "Mod" and node.attrs.get("fmod", 0):
+        return None
+    first, second = operands
+    if len(first) != len(second) and 1 not in (len(first), len(second)):
+        return None
+    if node.op in ("Div", "Mod") and any(dim.value == 0 for dim in second):
+        return None
+    for dim in first + second:
+        if dim.channels is not None:
+            tracer.freeze(dim.channels, f"{node.op} '{node.name}' computes with the size of a channel axis")
+    length = max(len(first), len(second))
+    result = []
+    for a, b in zip(first * (length // len(first)), second * (length // len(second))):
+        value = None if a.value is None or b.value is None else int(ARITHMETIC[node.op](a.value, b.value))
+        scaled = [dim for dim, other in ((a, b), (b, a)) if dim.source and not other.source and other.value == 1]
+        kept = scaled[0] if node.op == "Mul" and len(scaled) == 1 else None
+        result.append(Dim(value, source=kept.source if kept else None, shared=kept.shared if kept else ()))
+    return tuple(result)
 
 
 def _opset(tracer: ChannelTracer) -> int:
@@ -749,8 +1069,9 @@ RULES: dict[str, Rule] = {
     "MatMul": matmul,
     "BatchNormalization": channel_normalization,
     "InstanceNormalization": channel_normalization,
+    "LayerNormalization": layer_normalization,
     "Flatten": flatten,
-    "Reshape": reshape,
+    "Reshape": _computes_shapes(_reshape_values, reshape),
     "Concat": _computes_shapes(_concat_values, concat),
     "Split": split,
     "Slice": _computes_shapes(_slice_values, slice_),
@@ -765,8 +1086,11 @@ RULES: dict[str, Rule] = {
     "Identity": _computes_shapes(_same_values, passthrough),
     "Cast": _computes_shapes(_same_values, passthrough),
     "Shape": shape_of,
-    "Gather": _computes_shapes(_gather_values),
+    "Gather": _computes_shapes(_gather_values, gather),
     **{op: elementwise for op in ELEMENTWISE_NARY},
+    **{op: _computes_shapes(_arithmetic_values, elementwise) for op in ("Add", "Sub", "Mul", "Div")},
+    "Mod": _computes_shapes(_arithmetic_values),
+    "ConstantOfShape": _computes_shapes(_constant_of_shape_values),
     **{op: passthrough for op in ELEMENTWISE_UNARY},
     **{op: spatial for op in POOLING},
     **{op: reduce for op in REDUCTIONS},

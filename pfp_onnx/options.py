@@ -13,6 +13,9 @@ ALLOCATIONS = ("pfp", "uniform")  # pfp_onnx.pipeline
 BUDGET_OF = ("weights", "macs")  # pfp_onnx.pipeline
 CRITERIA = ("pfp", "l1", "l2", "random")  # pfp_onnx.baselines
 RECOVERIES = ("none", "bias", "lstsq", "sequential")  # pfp_onnx.refit
+# Re-fitting each layer on the pruned model's own activations kept the most fidelity on every real model
+# measured (docs/performance.md), at a cost compress can afford.
+DEFAULT_RECOVERY = "sequential"
 METRICS = ("auto", "top1", "error")  # pfp_onnx.fidelity
 DEVICES = ("auto", "cuda", "cpu")  # pfp_onnx.runtime
 ROUND_TO_AUTO = "auto"  # pfp_onnx.allocate

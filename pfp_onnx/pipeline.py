@@ -22,7 +22,7 @@ from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, points_in, read_npz, split, validate,
                            whole_batches)
 from pfp_onnx.errors import DataError, ModelError, OptionError
-from pfp_onnx.options import ALLOCATIONS, BUDGET_OF, CRITERIA, MODES, RECOVERIES
+from pfp_onnx.options import ALLOCATIONS, BUDGET_OF, CRITERIA, DEFAULT_RECOVERY, MODES, RECOVERIES
 from pfp_onnx.fidelity import Fidelity, check_metric, measure
 from pfp_onnx.fidelity import warnings as fidelity_warnings
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
@@ -41,7 +41,7 @@ from pfp_onnx.version import __version__
 
 BUDGET_UNITS = {"weights": "weights", "macs": "MACs"}
 BUDGET_STEP = 0.01  # --min-fidelity: the bisection ends when a failing and a passing budget are this close
-SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (PFP.md §1)
+SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (docs/method.md §1)
 
 Progress = Callable[[str, int, "int | None"], None]  # (stage, points done, points total if known); 0 at its start
 ModelSource = "str | os.PathLike | onnx.ModelProto"
@@ -89,7 +89,7 @@ class Method:
     criterion: str = "pfp"  # pfp | l1 | l2 | random
     allocation: str = "pfp"  # pfp | uniform
     mode: str = "deterministic"  # deterministic | randomized | hybrid (PFP sampling)
-    recovery: str = "lstsq"  # none | bias | lstsq | sequential (training-free, after selection)
+    recovery: str = DEFAULT_RECOVERY  # none | bias | lstsq | sequential (training-free, after selection)
 
     def check(self) -> Method:
         for value, allowed, option in ((self.criterion, CRITERIA, "--criterion"),
@@ -302,7 +302,7 @@ def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes
 
 
 def compress(model: ModelSource, data: DataSource, *, budget: float | None = None, mode: str = "deterministic",
-             criterion: str = "pfp", allocation: str = "pfp", recovery: str = "lstsq", holdout: float = 0.2,
+             criterion: str = "pfp", allocation: str = "pfp", recovery: str = DEFAULT_RECOVERY, holdout: float = 0.2,
              batch_size: int = 32, seed: int = 0, device: str = "auto", exclude: Sequence[str] = (),
              exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights",
              min_fidelity: float | None = None, fidelity: str = "auto",
@@ -344,6 +344,7 @@ def _smallest_meeting(prepared: Prepared, method: Method, seed: int, progress: P
     """Bisect the budgets that are multiples of BUDGET_STEP, from the smallest feasible one to 1 (nothing
     pruned), until a failing and a passing one are one step apart; return the passing one's model, every
     trial in its report."""
+    started = time.perf_counter()
     steps = round(1 / BUDGET_STEP)
     floor = smallest_budgets(prepared.analysis)[prepared.budget_of] or BUDGET_STEP
     low, high = math.ceil(floor * steps - 1e-9) - 1, steps  # low: known to fail (or infeasible); high: passes
@@ -364,7 +365,10 @@ def _smallest_meeting(prepared: Prepared, method: Method, seed: int, progress: P
               f"{BUDGET_STEP:g} ({len(trials)} budgets tried)")
     if high == 1.0:
         chosen = f"no budget below 1 met fidelity {judged['min_fidelity']:g}: nothing was pruned"
-    report = replace(best.report, search=tuple(trials), notes=best.report.notes + (chosen,))
+    seconds = {stage: value for stage, value in best.report.seconds.items() if stage in prepared.seconds}
+    seconds["search"] = round(time.perf_counter() - started, 3)  # every budget tried, the chosen one's among them
+    seconds["total"] = round(sum(seconds.values()), 3)
+    report = replace(best.report, search=tuple(trials), notes=best.report.notes + (chosen,), seconds=seconds)
     return replace(best, report=report, notes=report.notes)
 
 
@@ -510,7 +514,7 @@ def _unscored_demands(analysis: ChannelAnalysis) -> list[GroupDemand]:
 
 
 def _recommended_points(analysis: ChannelAnalysis) -> int:
-    """|S| = ceil(3 ln(8 η* η / δ_S)) with η the output activations of all prunable layers (PFP.md §1)."""
+    """|S| = ceil(3 ln(8 η* η / δ_S)) with η the output activations of all prunable layers (docs/method.md §1)."""
     counts = [layer.out_units * (layer.positions or 1) for layer in analysis.layers]
     eta, eta_max = sum(counts), max(counts)
     return math.ceil(3 * math.log(8 * eta_max * eta / SENSITIVITY_DELTA))
@@ -553,7 +557,7 @@ def _group_rows(analysis: ChannelAnalysis, sensitivity: Mapping[int, np.ndarray]
         rows.append(GroupRow(group=group.id, producers=group.producers, consumers=group.consumers,
                              channels_before=group.width,
                              channels_after=group.width if selection is None else len(selection.kept),
-                             sensitivity_kept=kept_share, frozen=group.frozen))
+                             sensitivity_kept=kept_share, frozen=group.frozen, unit=group.unit))
     return tuple(rows)
 
 

@@ -21,6 +21,7 @@ class GroupRow:
     channels_after: int
     sensitivity_kept: float | None  # share of the group's sensitivity mass that survives
     frozen: tuple[str, ...]
+    unit: int = 1  # channels per counted unit: a head's width where the group counts attention heads
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,8 @@ def render_table(report: CompressReport, *, verbose: bool = False) -> str:
              f"{'group':>5}  {'producers':<34} {'channels':>13}  {'sens. kept':>10}  note"]
     for row in report.groups:
         channels = f"{row.channels_before:>5} → {row.channels_after:<5}"
+        if row.unit > 1:  # the group counts heads: say so, beside the table's channel counts
+            channels = f"{row.channels_before:>3} → {row.channels_after:<3}heads"
         kept = "" if row.sensitivity_kept is None else f"{row.sensitivity_kept:10.1%}"
         note = "frozen: " + row.frozen[0] if row.frozen else ""
         lines.append(f"{row.group:>5}  {_names(row.producers, 34):<34} {channels:>13}  {kept:>10}  {note}")

@@ -64,8 +64,9 @@ def rewrite(model: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mappi
         # a Slice: its negative bounds count from the end, which moves when later channels go.
         if nodes[node_name].op == "Split" and all(value == full for _, value, full in fixes):
             continue
-        for fix, value, _ in fixes:
-            _write_count(nodes[node_name], fix, value, graph.opset)
+        for fix, value, full in fixes:
+            if value != full or not _computed_count(nodes[node_name], fix):  # one the graph computes stays
+                _write_count(nodes[node_name], fix, value, graph.opset)
     input_names = {tensor.name for tensor in graph.inputs}
     output_names = {tensor.name for tensor in graph.outputs}
     for tensor in graph.tensors().values():
@@ -151,7 +152,7 @@ def _write_count(node: gs.Node, fix: SizeFix, value: int, opset: int) -> None:
     if fix.attribute is not None:
         node.attrs[fix.attribute] = int(value)
         return
-    if node.op == "Concat" and not isinstance(node.inputs[fix.input_index], gs.Constant):
+    if _computed_count(node, fix):
         node.inputs[fix.input_index] = gs.Constant(f"{node.name}__count{fix.input_index}",
                                                    np.array([value], dtype=_count_type(node)))
         return
@@ -168,6 +169,11 @@ def _write_count(node: gs.Node, fix: SizeFix, value: int, opset: int) -> None:
     target = np.array(node.inputs[fix.input_index].values, copy=True)
     target.reshape(-1)[fix.position] = value  # a scalar too (the heads of N · heads)
     _replace_input(node, fix.input_index, target)
+
+
+def _computed_count(node: gs.Node, fix: SizeFix) -> bool:
+    """Whether the count is a piece of a shape the graph computes (read off another tensor's shape)."""
+    return fix.attribute is None and node.op == "Concat" and not isinstance(node.inputs[fix.input_index], gs.Constant)
 
 
 def _count_type(node: gs.Node) -> np.dtype:

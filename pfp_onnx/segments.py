@@ -82,6 +82,7 @@ class ActivationCache:
     def __init__(self) -> None:
         self._folder = Path(tempfile.mkdtemp(prefix="pfp-onnx-segments-"))
         self._ids: dict[str, int] = {}
+        self._next_id = 0  # never reused: a forgotten tensor's id must not name a later one's files
 
     @property
     def names(self) -> set[str]:
@@ -89,8 +90,10 @@ class ActivationCache:
 
     def write(self, batch: int, values: Mapping[str, np.ndarray]) -> None:
         for name, value in values.items():
-            identifier = self._ids.setdefault(name, len(self._ids))
-            np.save(self._folder / f"{identifier}-{batch}.npy", np.ascontiguousarray(value))
+            if name not in self._ids:
+                self._ids[name], self._next_id = self._next_id, self._next_id + 1
+            identifier = self._ids[name]
+            np.save(self._folder / f"{identifier}-{batch}.npy", np.asarray(value, order="C"))  # 0-d stays 0-d
 
     def read(self, batch: int, names: Iterable[str]) -> dict[str, np.ndarray]:
         return {name: np.load(self._folder / f"{self._ids[name]}-{batch}.npy") for name in names}

@@ -1,4 +1,4 @@
-"""Which channels of a group survive, and how the kept ones are reweighted (PFP.md §4).
+"""Which channels of a group survive, and how the kept ones are reweighted (docs/method.md §4).
 
 The allocation fixes how many channels a group keeps; this module picks them from the sensitivities:
 deterministically (the paper's tables), by importance sampling (the variant the error bound is proved for),

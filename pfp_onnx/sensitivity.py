@@ -1,4 +1,4 @@
-"""PFP sensitivities of a layer's input channels over one calibration batch (PFP.md §1).
+"""PFP sensitivities of a layer's input channels over one calibration batch (docs/method.md §1).
 
 s_c is the largest *relative contribution* any single weight·activation product of channel c makes to
 the positive or negative part of any output neuron, over the batch:

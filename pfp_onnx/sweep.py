@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from pfp_onnx.errors import OptionError
-from pfp_onnx.options import RECOVERIES, ROUND_TO_AUTO
+from pfp_onnx.options import DEFAULT_RECOVERY, RECOVERIES, ROUND_TO_AUTO
 
 if TYPE_CHECKING:
     from pfp_onnx.pipeline import DataSource, Method, ModelSource, Progress
@@ -35,7 +35,7 @@ class SweepRow:
 
 def parse_methods(text: str) -> list[Method]:
     """'pfp/pfp/none,l1/uniform/none,pfp/pfp/randomized/bias' → Methods: criterion/allocation, then
-    optionally a sampling mode and/or a recovery, in either order (defaults: deterministic, lstsq)."""
+    optionally a sampling mode and/or a recovery, in either order (defaults: deterministic, sequential)."""
     from pfp_onnx.pipeline import Method
 
     methods = []
@@ -44,7 +44,7 @@ def parse_methods(text: str) -> list[Method]:
         if len(parts) < 2:
             raise OptionError(f"Method '{item}' must read criterion/allocation[/mode][/recovery], "
                               "e.g. pfp/pfp or l1/uniform or pfp/pfp/lstsq.")
-        extras = {"mode": "deterministic", "recovery": "lstsq"}
+        extras = {"mode": "deterministic", "recovery": DEFAULT_RECOVERY}
         for extra in parts[2:]:
             extras["recovery" if extra in RECOVERIES else "mode"] = extra
         methods.append(Method(parts[0], parts[1], **extras).check())

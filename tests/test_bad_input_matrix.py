@@ -227,7 +227,8 @@ CASES = {
     # Checker-valid models that onnxruntime cannot load or run: the model's fault, said as such.
     "custom operator": Case(_options("--budget", 0.7), "com.example",
                             model=_saved(fixture_changed(_custom_operator), "custom.onnx")),
-    "runs at one batch size only": Case(_options("--budget", 0.7), "cannot run",
+    # the Reshape to [8, 64] also freezes most groups (it splits the channels at batch 1): a budget they allow
+    "runs at one batch size only": Case(_options("--budget", 0.95), "cannot run",
                                         model=_saved(fixture_changed(_reshape_for_one_batch_size), "fixed.onnx")),
 }
 

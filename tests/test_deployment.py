@@ -297,7 +297,7 @@ def test_fixed_batch_models_run_whole_batches_only():
 # ---- a MAC budget --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("allocation", ["pfp", "uniform"])
 def test_mac_budget_bounds_the_macs_and_prunes_to_the_oracle(allocation):
-    """--budget-of macs counts each weight once per output position (PFP.md §3): the MACs per point meet
+    """--budget-of macs counts each weight once per output position (docs/method.md §3): the MACs per point meet
     the budget, not necessarily the weights; the header, the JSON report and the metadata say which; the
     pruned model equals the original with the removed channels zeroed."""
     from test_refit import recovery_oracle

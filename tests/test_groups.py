@@ -156,8 +156,6 @@ def test_square_conv_in_a_residual_is_producer_and_consumer_of_one_group():
 @pytest.mark.parametrize("name, producer, reason", [
     ("frozen_cases", "conv_out", "graph output 'conv_out'"),
     ("frozen_cases", "conv_soft", "Softmax 'softmax'"),
-    ("frozen_cases", "conv_c", "Concat 'concat' joins along axis 2"),
-    ("frozen_cases", "conv_d", "Concat 'concat' joins along axis 2"),
     ("frozen_cases", "conv_e", "'y'"),
     ("frozen_cases", "conv_t", "Conv 'conv_t2' reads channels on axis 2"),
     ("frozen_cases", "conv_h", "group=2"),
@@ -174,16 +172,18 @@ def test_frozen_groups_say_why(name, producer, reason):
     assert any(reason in text for text in group.frozen), group.frozen
 
 
-def test_frozen_cases_keep_two_prunable_groups():
+def test_frozen_cases_keep_three_prunable_groups():
+    """conv_f's, the seven convs summed into `merged`, and conv_c ≡ conv_d: a Concat along a spatial axis
+    couples them (channel c of both is channel c of the output)."""
     analysis = analyse("frozen_cases")
     prunable = {group.producers for group in analysis.prunable_groups}
     merged = ("conv_out2", "conv_soft2", "conv_cd", "conv_e2", "conv_t2", "conv_h2", "conv_f2")
-    assert prunable == {("conv_f",), merged}
+    assert prunable == {("conv_f",), merged, ("conv_c", "conv_d")}
     assert group_of(analysis, "conv_f2").consumers == ("logits",)
     # the grouped conv starts no group of its own and reads a frozen one
     grouped = layer(analysis, "conv_dw")
     assert grouped.out_groups == () and grouped.in_groups == ()
-    reachable = {"conv_f", "conv_f2", *merged, "logits"}
+    reachable = {"conv_f", "conv_f2", "conv_c", "conv_d", *merged, "logits"}
     assert analysis.weights_in_prunable_groups == sum(
         layer.weights for layer in analysis.layers if layer.node in reachable)
 
@@ -592,7 +592,8 @@ def _expanded_to_shape(b, h):
 
 
 def _width_of_another_tensor(b, h):
-    """Reshape(GAP(h), [N, C of other]) where `other` has as many channels, but its own group."""
+    """Reshape(GAP(h), [N, C of other]) where `other` has as many channels, but its own group: the count
+    read off `other` becomes a constant (as torch's attention reads embed_dim off its input)."""
     other = b.node("Relu", [b.conv("conv_other", "x", 3, 6, kernel=1)], "other")
     width = b.node("Gather", [b.node("Shape", [other], "c.shape"), _int64(b, "c.index", 1)], "c", axis=0)
     target = b.node("Concat", [_batch_size(b, h), b.node("Unsqueeze", [width, _int64(b, "c.axes", [0])], "c.vector")],
@@ -600,6 +601,16 @@ def _width_of_another_tensor(b, h):
     flat = b.node("Reshape", [b.node("GlobalAveragePool", [h], "gap"), target], "flat")
     other = b.gemm("dense_other", b.node("Flatten", [other], "other.flat"), 96, 4)
     return b.node("Add", [b.gemm("dense", flat, 6, 4), other], "sum"), ["N", 4]
+
+
+def _shape_of_another_tensor(b, h):
+    """Reshape(GAP(h), Shape(GAP(other))): the whole target is another tensor's shape, with no piece to
+    replace."""
+    other = b.node("GlobalAveragePool", [b.node("Relu", [b.conv("conv_other", "x", 3, 6, kernel=1)], "other")],
+                   "other.gap")
+    flat = b.node("Reshape", [b.node("GlobalAveragePool", [h], "gap"), b.node("Shape", [other], "target")], "flat")
+    return b.node("Add", [b.conv("conv2", flat, 6, 4, kernel=1), b.conv("conv3", other, 6, 4, kernel=1)], "sum"), \
+        ["N", 4, 1, 1]
 
 
 def _one_target_for_two(b, h):
@@ -632,9 +643,10 @@ SHAPE_SPELLINGS = {  # name: (the nodes from conv1's [N, 6, 4, 4] to an output, 
     "bias reshaped to [1, -1, 1, 1]": (_reshaped_bias([1, -1, 1, 1]), None),
     "channel count cast to float": (_count_as_float, "Cast 'count' reads the size of the channel axis (input 0)"),
     "Expand to the tensor's shape": (_expanded_to_shape, "Expand 'expand' reads the size of the channel axis"),
-    "width of another tensor": (_width_of_another_tensor,
+    "width of another tensor": (_width_of_another_tensor, None),
+    "shape of another tensor": (_shape_of_another_tensor,
                                 "Reshape 'flat' takes the width of its channel axis from another tensor's channels"),
-    "one target for two tensors": (_one_target_for_two, "Reshape 'flat0' has a target shape pfp-onnx cannot rewrite"),
+    "one target for two tensors": (_one_target_for_two, "'target' counts these channels for other readers too"),
     "NHWC flatten of 16 positions": (_nhwc_flatten, "Reshape 'flat' does not keep the channels in whole blocks"),
 }
 
@@ -714,3 +726,124 @@ def test_analyze_prints_the_figures_and_the_largest_frozen_groups_first():
         == as_json["weights_total"]
     assert as_json["largest_frozen_groups"] == [group.id for group in analysis.largest_frozen_groups()]
     assert [group["weights"] for group in as_json["groups"]] == [analysis.group_weights(g.id) for g in analysis.groups]
+
+
+# ---- attention heads (docs/heads.md) ---------------------------------------------------------------------
+def test_heads_are_the_units_of_their_group():
+    """hf_attention: q, k and v's 12 outputs are one group of 3 heads of 4 — each projection's weight
+    columns and bias in runs of 4, the out-projection's input rows too, the head count in the three
+    Reshape targets and 4 · heads in the merge's target (read off the normalised stream, made a constant)."""
+    analysis = analyse("hf_attention")
+    heads = group_of(analysis, "query")
+    assert heads.prunable and (heads.width, heads.unit) == (3, 4)
+    assert set(heads.producers) == {"query", "key", "value"} and heads.consumers == ("dense",)
+    assert {WeightSlice(name, 1, 1, "producer", 4) for name in ("query", "key", "value")} <= set(heads.slices)
+    assert WeightSlice("value.add", 1, 0, "param", 4) in heads.slices
+    assert consumer_slices(heads)["dense"] == WeightSlice("dense", 1, 0, "consumer", 4)
+    assert SizeFix("query.heads", 1, 2, (heads.id,)) in analysis.size_fixes
+    assert SizeFix("merge_shape", 1, 0, (heads.id,), 4) in analysis.size_fixes
+    dense, query = layer(analysis, "dense"), layer(analysis, "query")
+    assert (dense.in_units, dense.in_block, dense.kernel) == (3, 4, 1)
+    assert (query.out_units, query.kernel, query.weights) == (3, 4, 12 * 12)
+    assert "MatMul 'query' makes attention heads from them" in group_of(analysis, "embed").frozen
+    assert group_of(analysis, "fc1").prunable and group_of(analysis, "fc1").unit == 1  # the MLP's hidden width
+
+
+def test_a_fused_projection_couples_its_q_k_v_parts():
+    """torch_multihead_attention: the fused in-projection's 24 outputs are q | k | v; the unflatten to
+    [T, N, 3, E] couples channel c of each part, the split into heads makes them heads: one group of 2
+    heads at offsets 0, 2 and 4 of the weight's columns. N · heads is one Mul read by the three Reshapes,
+    rewritten for all of them; the widths torch reads off the stream are replaced."""
+    analysis = analyse("torch_multihead_attention")
+    heads = group_of(analysis, "in_proj")
+    assert heads.prunable and (heads.width, heads.unit) == (2, 4)
+    assert {piece.offset for piece in heads.slices if piece.node == "in_proj"} == {0, 2, 4}
+    in_proj = layer(analysis, "in_proj")
+    assert in_proj.out_groups == (heads.id,) * 3 and (in_proj.out_units, in_proj.kernel) == (6, 4)
+    assert [fix for fix in analysis.size_fixes if fix.node == "batch_heads"] == [SizeFix("batch_heads", 1, 0,
+                                                                                        (heads.id,))] * 3
+    assert SizeFix("unflatten_shape", 2, 0, (heads.id,), 4) in analysis.size_fixes
+    assert SizeFix("flat_shape", 1, 0, (heads.id,), 4) in analysis.size_fixes
+    assert "Div 'head_dim.div' computes with the size of a channel axis" in group_of(analysis, "embed").frozen
+
+
+def test_a_concat_of_token_sequences_couples_their_channels():
+    analysis = analyse("timm_attention")
+    tokens = group_of(analysis, "t1")
+    assert tokens.prunable and set(tokens.producers) == {"t1", "t2"} and tokens.consumers == ("t3",)
+    assert group_of(analysis, "qkv").width == 2 and group_of(analysis, "qkv").prunable
+
+
+def _attention(b, extra):
+    """q, k, v of 3 heads of 4 on a dense stream [N, 5, 12] (MatMul, Reshape [0, 0, 3, 4], Transpose),
+    softmax(q·kᵀ)·v merged back and projected; `extra(b, q_flat, scores)` may add a reader and returns
+    the scores to use."""
+    x = b.input("x", ["N", 5, 6])
+    s = b.node("Relu", [b.matmul("embed", x, 6, 12)], "stream")
+    heads = b.constant("heads_shape", [0, 0, 3, 4], dtype=np.int64)
+    flat = {name: b.matmul(name, s, 12, 12) for name in ("query", "key", "value")}
+    q, k, v = (b.node("Transpose", [b.node("Reshape", [flat[name], heads], f"{name}.heads")], f"{name}.t",
+                      perm=perm) for name, perm in (("query", [0, 2, 1, 3]), ("key", [0, 2, 3, 1]),
+                                                    ("value", [0, 2, 1, 3])))
+    scores = extra(b, flat["query"], b.node("MatMul", [q, k], "scores"))
+    context = b.node("MatMul", [b.node("Softmax", [scores], "weights", axis=-1), v], "context")
+    context = b.node("Transpose", [context], "context.t", perm=[0, 2, 1, 3])
+    merged = b.node("Reshape", [context, b.constant("merge_shape", [0, 0, 12], dtype=np.int64)], "merged")
+    b.matmul("dense", merged, 12, 12)
+    b.output("dense", ["N", 5, 12])
+
+
+def _head_cut_by_a_slice(b, query, scores):
+    b.matmul("side", b.node("Slice", [query, b.constant("cut.starts", [0], dtype=np.int64),
+                                      b.constant("cut.ends", [6], dtype=np.int64),
+                                      b.constant("cut.axes", [2], dtype=np.int64)], "cut"), 6, 2)
+    b.output("side", ["N", 5, 2])
+    return scores
+
+
+def _bias_per_head(b, query, scores):
+    return b.node("Add", [scores, b.constant("relative_bias", b.rng.normal(size=(3, 5, 5)))], "biased")
+
+
+def _heads_averaged(b, query, scores):
+    b.node("ReduceMean", [scores], "averaged", axes=[1], keepdims=0)
+    b.output("averaged", ["N", 5, 5])
+    return scores
+
+
+@pytest.mark.parametrize("extra, reason", [
+    (_head_cut_by_a_slice, "its channels are cut inside a head of 4"),
+    (_bias_per_head, "Add 'biased' reads a constant with one entry per head"),
+    (_heads_averaged, "ReduceMean 'averaged' reduces over the channels"),
+], ids=["head cut by a Slice", "bias per head", "heads averaged"])
+def test_attention_that_cannot_lose_heads_says_why(extra, reason):
+    from zoo import _GraphBuilder
+
+    b = _GraphBuilder("attention_frozen", 23)
+    _attention(b, extra)
+    analysis = analyse_channel_groups(model := b.build(), input_shapes(model))
+    heads = [group for group in analysis.groups if "key" in group.producers]  # a cut head: two groups
+    assert heads and all(not group.prunable and any(text.startswith(reason) for text in group.frozen)
+                         for group in heads), [group.frozen for group in heads]
+
+
+def test_a_count_another_reader_also_reads_freezes_the_heads():
+    """torch_multihead_attention with N · heads also read by a graph output: rewriting it for the heads
+    would change that output, so the heads freeze and say so."""
+    model = ZOO["torch_multihead_attention"]()
+    model.graph.node.append(helper.make_node("Identity", ["batch_heads"], ["batch_heads.copy"], name="copy"))
+    model.graph.output.append(helper.make_tensor_value_info("batch_heads.copy", TensorProto.INT64, []))
+    heads = group_of(analyse_channel_groups(model, input_shapes(model)), "in_proj")
+    assert "'batch_heads' counts these channels for other readers too" in heads.frozen
+
+
+def test_shapes_onnx_leaves_open_are_inferred_again_from_the_computed_targets():
+    """ONNX's data propagation does not divide: torch's embed_dim / heads leaves every shape after the split
+    into heads open, until the analysis infers them again with the targets its walk computed."""
+    from pfp_onnx.groups import tensor_shapes
+    from pfp_onnx.model import with_input_shapes
+
+    model = ZOO["torch_multihead_attention"]()
+    assert tensor_shapes(with_input_shapes(model, input_shapes(model)))["q.heads"] == (5, 2, None)
+    shapes = analyse_channel_groups(model, input_shapes(model)).shapes
+    assert shapes["q.heads"] == (5, 2, 4) and shapes["context"] == (2, 5, 4)

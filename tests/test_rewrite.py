@@ -1,4 +1,4 @@
-"""The rewrite against the zero-channel oracle (PFP.md §6).
+"""The rewrite against the zero-channel oracle (docs/method.md §6).
 
 The pruned model must compute exactly what the original computes once every removed channel's entries
 are zeroed at all its consumers and the kept entries multiplied by their scale. The oracle is built here,
@@ -144,9 +144,12 @@ def prune_and_check(model: onnx.ModelProto, analysis: ChannelAnalysis, selection
 
     original_sizes, pruned_sizes = constant_input_sizes(model), constant_input_sizes(pruned)
     split_nodes = {node.name for node in model.graph.node if node.op_type == "Split"}
+    concat_nodes = {node.name for node in model.graph.node if node.op_type == "Concat"}
     for key, size in pruned_sizes.items():
-        if key not in original_sizes:  # the one input a rewrite may add: equal Split parts written out
-            assert key[0] in split_nodes and key[1] == 1, f"rewrite added constant input {key}"
+        if key not in original_sizes:  # what a rewrite may add: equal Split parts written out, or a count
+            # a shape's Concat read off another tensor, made a constant
+            assert key[0] in split_nodes and key[1] == 1 or key[0] in concat_nodes and size == 1, \
+                f"rewrite added constant input {key}"
             continue
         assert size <= original_sizes[key], f"constant input {key} grew from {original_sizes[key]} to {size}"
     removed = any(len(selection.kept) < analysis.group(group_id).width

@@ -50,3 +50,17 @@ def test_pieces_compute_what_the_whole_model_computes():
     finally:
         cache.close()
     assert not cache._folder.exists()
+
+
+def test_a_forgotten_tensor_never_shares_files_with_a_later_one():
+    cache = ActivationCache()
+    try:
+        cache.write(0, {"a": np.zeros(2), "b": np.ones(3), "c": np.full(4, 2.0)})
+        cache.forget(["a"])
+        cache.write(0, {"d": np.full(5, 7.0)})
+        values = cache.read(0, ["b", "c", "d"])
+        assert [value.tolist() for value in values.values()] == [[1.0] * 3, [2.0] * 4, [7.0] * 5]
+        cache.write(1, {"scalar": np.array(3.0)})
+        assert cache.read(1, ["scalar"])["scalar"].shape == ()  # 0-d stays 0-d (a shape value)
+    finally:
+        cache.close()

@@ -134,7 +134,7 @@ def test_scale_uses_the_draws_actually_made(monkeypatch):
 
 
 def test_hybrid_keeps_a_channel_whose_share_is_exactly_one_over_m():
-    """The heavy set is p_c ≥ 1/m (PFP.md §4), ties included: s = [2, 2, 2, 3] for 2 channels needs m = 3
+    """The heavy set is p_c ≥ 1/m (docs/method.md §4), ties included: s = [2, 2, 2, 3] for 2 channels needs m = 3
     draws, and the last channel's share 3/9 is exactly 1/3, so it is kept every time with scale 1."""
     sensitivity = np.array([2.0, 2.0, 2.0, 3.0])
     assert sample_count_for(sensitivity / sensitivity.sum(), 2) == 3

@@ -1,4 +1,4 @@
-"""PFP sensitivities against a slow, literal transcription of PFP.md §1 (explicit loops everywhere)."""
+"""PFP sensitivities against a slow, literal transcription of docs/method.md §1 (explicit loops everywhere)."""
 
 from __future__ import annotations
 

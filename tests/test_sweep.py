@@ -42,7 +42,7 @@ def test_baselines_meet_the_budget(criterion, allocation, round_to):
                                round_to=round_to)
     totals = result.report.totals
     assert totals.layer_weights_after <= 0.5 * totals.layer_weights_before
-    assert result.report.method == f"{criterion}/{allocation}/lstsq"  # recovery is on by default
+    assert result.report.method == f"{criterion}/{allocation}/sequential"  # recovery is on by default
     if allocation == "uniform":
         assert result.report.epsilon is None
         rows = [row for row in result.report.groups if not row.frozen]
@@ -89,8 +89,8 @@ def test_sweep_command_writes_csv_and_plot(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(table.open()))
     assert [(row["method"], row["budget"]) for row in rows] == [
-        ("original", "1.0"), ("pfp/pfp/none", "0.8"), ("pfp/pfp/none", "0.5"), ("random/uniform/lstsq", "0.8"),
-        ("random/uniform/lstsq", "0.5")]
+        ("original", "1.0"), ("pfp/pfp/none", "0.8"), ("pfp/pfp/none", "0.5"), ("random/uniform/sequential", "0.8"),
+        ("random/uniform/sequential", "0.5")]
     assert all(float(row["weights_kept"]) <= float(row["budget"]) for row in rows)
     assert b"\r" not in table.read_bytes()  # plain \n line endings
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -152,7 +152,7 @@ def test_sweep_command_refuses_bad_options_with_only_an_error(tmp_path, option):
 
 def test_parse_methods():
     assert [m.label for m in parse_methods("pfp/pfp, l1/uniform/none,pfp/pfp/randomized,pfp/pfp/bias/hybrid")] == [
-        "pfp/pfp/lstsq", "l1/uniform/none", "pfp/pfp/randomized/lstsq", "pfp/pfp/hybrid/bias"]
+        "pfp/pfp/sequential", "l1/uniform/none", "pfp/pfp/randomized/sequential", "pfp/pfp/hybrid/bias"]
     with pytest.raises(OptionError, match="criterion/allocation"):
         parse_methods("pfp")
     with pytest.raises(OptionError, match="--criterion"):

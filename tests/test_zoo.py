@@ -1,5 +1,5 @@
 """End to end over real architectures: compress every miniature in `architectures.ARCHITECTURES` and every
-checked-in PyTorch export, and hold each result to the contracts of PFP.md §6.
+checked-in PyTorch export, and hold each result to the contracts of docs/method.md §6.
 
 Each compressed model must pass the full checker, run in onnxruntime, keep the original's signature and
 the layer-weight budget, and compute exactly what the zero-channel oracle (test_rewrite.zeroed_oracle)
@@ -51,7 +51,7 @@ def model_and_data(model_id: str) -> tuple[onnx.ModelProto, dict[str, np.ndarray
 
 @functools.lru_cache(maxsize=None)
 def feasible(model_id: str, budget: float) -> float:
-    """The budget, or — where frozen layers alone keep more (a transformer's attention and residual stream)
+    """The budget, or — where frozen layers alone keep more (a transformer's residual stream and its readers)
     — the same fraction of what can be pruned: 1 − p + p · budget for a prunable share p."""
     model, data = model_and_data(model_id)
     analysis = pfp_onnx.analyze(model, data)
@@ -147,7 +147,8 @@ def test_analyze(model_id: str):
 def test_positions_are_output_rows_per_point(model_id: str):
     """A layer's positions carry its MACs, a MAC budget and PFP's patch count: they must be its output's
     elements per point ÷ its output units, checked here by running the model on 2 points. (Attention
-    projections see their tokens folded into the batch, [T·N, E]: T rows per point, not 1.)"""
+    projections see their tokens folded into the batch, [T·N, E]: T rows per point, not 1; one whose
+    outputs are prunable heads counts heads, each its kernel's head_dim outputs.)"""
     model, data = model_and_data(model_id)
     model = load(model)[0]  # the node names the analysis uses
     analysis = pfp_onnx.analyze(model, data)
@@ -159,7 +160,8 @@ def test_positions_are_output_rows_per_point(model_id: str):
                                    providers=["CPUExecutionProvider"])
     outputs = session.run(names, {name: array[:2] for name, array in data.items()})
     for layer, output in zip(analysis.layers, outputs):
-        assert layer.positions is not None and output.size == 2 * layer.positions * layer.out_units, \
+        units = layer.out_units * (layer.kernel if layer.conv is None else 1)
+        assert layer.positions is not None and output.size == 2 * layer.positions * units, \
             (layer.node, layer.positions, layer.out_units, output.shape)
     assert all(value is not None for value in pfp_onnx.smallest_budgets(analysis).values())
 
@@ -167,7 +169,7 @@ def test_positions_are_output_rows_per_point(model_id: str):
 @pytest.mark.parametrize("budget_of", ["weights", "macs"])
 def test_smallest_budget_is_the_feasible_floor(budget_of: str):
     """What `analyze` reports as the smallest feasible budget is accepted, and 0.001 less is refused (the
-    transformer, whose frozen attention keeps most of its weights)."""
+    transformer, whose frozen residual stream keeps its patch embedding and head whole)."""
     model, data = model_and_data("export:vit_tiny.dynamo")
     floor = pfp_onnx.smallest_budgets(pfp_onnx.analyze(model, data))[budget_of]
     assert 0.1 < floor < 0.9
@@ -181,14 +183,42 @@ def test_smallest_budget_is_the_feasible_floor(budget_of: str):
 
 
 @pytest.mark.parametrize("variant", ["torchscript", "dynamo"])
-def test_transformer_export_prunes_its_mlp_and_nothing_else(variant):
-    """The ViT's shape arithmetic (Shape → Gather → Concat of int64 pieces) makes no channel groups; its
-    one prunable group is the MLP's hidden layer, and attention and the residual stream freeze."""
+def test_transformer_export_prunes_its_heads_and_mlp(variant):
+    """nn.MultiheadAttention in a ViT, as either exporter writes it (docs/heads.md): its 4 heads of 8 are
+    one group — the fused in-projection makes them, the out-projection reads them — and the MLP's hidden
+    layer another; the LayerNorm'd residual stream stays. Its shape arithmetic makes no channel groups."""
     analysis = pfp_onnx.analyze(*model_and_data(f"export:vit_tiny.{variant}"))
     assert all(group.producers for group in analysis.groups), [g.frozen for g in analysis.groups if not g.producers]
-    (mlp,) = analysis.prunable_groups
-    assert mlp.width == 64 and len(mlp.producers) == 1 and len(mlp.consumers) == 1
-    assert len(analysis.groups) <= 6  # patch embedding, QKV, out-projection (dynamo), MLP out, MLP hidden, head
+    heads, mlp = analysis.prunable_groups
+    assert (heads.width, heads.unit, len(heads.producers), len(heads.consumers)) == (4, 8, 1, 1)
+    assert (mlp.width, mlp.unit, len(mlp.producers), len(mlp.consumers)) == (64, 1, 1, 1)
+    assert len(analysis.groups) <= 6  # patch embedding, heads, out-projection (torchscript), MLP out, hidden, head
+
+
+# dynamo writes DETR's separate q, k, v projections as Split + Transpose of one constant (docs/heads.md):
+# MatMuls of two activations to the analysis until constants are folded on loading
+UNFOLDED = pytest.mark.xfail(reason="in-projection weights computed from one constant", strict=True)
+TRANSFORMERS = ["export:vit_small.torchscript", "export:vit_small.dynamo", "export:detr_style.torchscript",
+                pytest.param("export:detr_style.dynamo", marks=UNFOLDED)]
+
+
+@pytest.mark.parametrize("model_id", TRANSFORMERS)
+def test_transformers_prune_to_half_their_weights(model_id: str):
+    """Issue 23 §5's goal: a ViT-S-style model (timm and Hugging Face blocks) and a DETR-style
+    encoder/decoder compress to a weight budget of 0.5 — heads, MLP hidden widths and the DETR backbone
+    going — and the result equals its zero-head oracle."""
+    model, data = model_and_data(model_id)
+    analysis = pfp_onnx.analyze(model, data)
+    assert pfp_onnx.smallest_budgets(analysis)["weights"] < 0.5
+    result = pfp_onnx.compress(model, data, budget=0.5, recovery="none", holdout=0.25, seed=0)
+    totals = result.report.totals
+    assert totals.layer_weights_after <= 0.5 * totals.layer_weights_before
+    heads = [group for group in result.analysis.prunable_groups if group.unit > 1]
+    assert heads and any(len(result.selections[group.id].kept) < group.width for group in heads)
+    oracle = recovery_oracle(result)
+    for feeds in other_feeds(model, data):
+        for got, want in zip(run(result.model, feeds), run(oracle, feeds)):
+            np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
 
 
 def test_channel_shuffle_freezes_with_a_reason_about_the_shuffle():

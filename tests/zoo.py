@@ -277,10 +277,10 @@ def branches() -> onnx.ModelProto:
 def frozen_cases() -> onnx.ModelProto:
     """Every way a group must freeze, beside two prunable groups so compress can still act.
 
-    conv_out's output is a graph output; conv_soft feeds Softmax(axis=1); conv_c and conv_d meet in a
-    Concat along a spatial axis; conv_e is added to the graph input y; conv_t feeds a Transpose that moves
-    the channels off axis 1 before a conv; conv_h feeds a grouped (not depthwise) conv.
-    conv_f → Relu → conv_f2 is prunable, and so is the group of the six convs summed into `merged`.
+    conv_out's output is a graph output; conv_soft feeds Softmax(axis=1); conv_e is added to the graph
+    input y; conv_t feeds a Transpose that moves the channels off axis 1 before a conv; conv_h feeds a
+    grouped (not depthwise) conv. conv_f → Relu → conv_f2 is prunable, and so is the group of the six convs
+    summed into `merged`, and conv_c ≡ conv_d, which meet in a Concat along a spatial axis.
     """
     b = _GraphBuilder("frozen_cases", seed=8)
     x = b.input("x", ["N", 4, 8, 8])
@@ -666,3 +666,139 @@ def tf2onnx_head() -> onnx.ModelProto:
 
 
 ZOO.update({"paddle_flatten": paddle_flatten, "tf2onnx_head": tf2onnx_head})
+
+
+# ---- attention: heads, fused projections and the shape arithmetic exporters write around them ---------
+def _int64(b: _GraphBuilder, name: str, values) -> str:
+    return b.constant(name, values, dtype=np.int64)
+
+
+def _unsqueezed(b: _GraphBuilder, scalar: str, name: str) -> str:
+    return b.node("Unsqueeze", [scalar, _int64(b, f"{name}.axes", [0])], name)
+
+
+def _stream(b: _GraphBuilder, x: str, in_features: int, width: int) -> str:
+    """A residual-stream stand-in: a dense layer, then LayerNorm over its channels (which freeze)."""
+    h = b.matmul("embed", x, in_features, width)
+    return b.node("LayerNormalization", [h, b.constant("norm.scale", b.rng.uniform(0.5, 1.5, width)),
+                                         b.bias("norm.shift", (width,))], "norm", axis=-1)
+
+
+def hf_attention() -> onnx.ModelProto:
+    """Hugging Face's ViTSelfAttention on [N, T, E] (E 12, 3 heads of 4), beside a GELU MLP:
+
+    q, k, v = MatMul + bias each → Reshape [0, 0, 3, 4] → Transpose to [N, 3, T, 4] (k to [N, 3, 4, T])
+    → q·k / 2 → Softmax → ·v → Transpose [N, T, 3, 4] → Reshape to Concat(Shape[:2], E read off the
+    normalised stream) → dense + bias; MLP 12 → 16 (Erf GELU) → 12; the two summed.
+    """
+    b = _GraphBuilder("hf_attention", seed=20)
+    s = _stream(b, b.input("x", ["N", 5, 6]), 6, 12)
+    heads = _int64(b, "heads_shape", [0, 0, 3, 4])
+    parts = {}
+    for name, perm in (("query", [0, 2, 1, 3]), ("key", [0, 2, 3, 1]), ("value", [0, 2, 1, 3])):
+        h = b.node("Add", [b.matmul(name, s, 12, 12), b.bias(f"{name}.bias", (12,))], f"{name}.add")
+        parts[name] = b.node("Transpose", [b.node("Reshape", [h, heads], f"{name}.heads")], f"{name}.t", perm=perm)
+    scores = b.node("Div", [b.node("MatMul", [parts["query"], parts["key"]], "scores"), b.constant("root", 2.0)],
+                    "scaled")
+    context = b.node("MatMul", [b.node("Softmax", [scores], "weights", axis=-1), parts["value"]], "context")
+    context = b.node("Transpose", [context], "context.t", perm=[0, 2, 1, 3])                  # [N, T, 3, 4]
+    leading = b.node("Slice", [b.node("Shape", [context], "context.shape"), _int64(b, "lead.starts", [0]),
+                               _int64(b, "lead.ends", [2])], "leading")
+    width = b.node("Gather", [b.node("Shape", [s], "stream.shape"), _int64(b, "width.index", 2)], "width", axis=0)
+    target = b.node("Concat", [leading, _unsqueezed(b, width, "width.vector")], "merge_shape", axis=0)
+    merged = b.node("Reshape", [context, target], "merged")
+    attended = b.node("Add", [b.matmul("dense", merged, 12, 12), b.bias("dense.bias", (12,))], "attended")
+    h = b.node("Add", [b.matmul("fc1", s, 12, 16), b.bias("fc1.bias", (16,))], "fc1.add")
+    gelu = b.node("Mul", [b.node("Mul", [h, b.constant("half", 0.5)], "gelu.half"), b.node(
+        "Add", [b.node("Erf", [b.node("Div", [h, b.constant("sqrt2", np.sqrt(2.0))], "gelu.div")], "gelu.erf"),
+                b.constant("one", 1.0)], "gelu.add")], "gelu")
+    b.node("Add", [attended, b.matmul("fc2", gelu, 16, 12)], "out")
+    b.output("out", ["N", 5, 12])
+    return b.build()
+
+
+def torch_multihead_attention() -> onnx.ModelProto:
+    """nn.MultiheadAttention as TorchScript writes it (sequence first, need_weights: 3-D batched MatMuls),
+    E 8 in 2 heads of 4, on a normalised stream [T, N, E] (T 5):
+
+    fused in-projection [E, 3E] + bias → Reshape to Concat(Shape[0 : Reshape(-1 mod 3)], [3], E read off
+    the stream) → Unsqueeze(0) → Transpose [3,1,2,0,4] → Squeeze(3) → Gather 0, 1, 2 (q, k, v) → each
+    Reshape to [T, N·heads (one Mul, read by all three), E / heads] → Transpose [N·heads, T, 4]
+    → q·scale · kᵀ → Softmax → ·v → Transpose → Reshape [T·N, E read off the stream]
+    → Gemm out-projection → Reshape [T, N, E] (its width read off the Gemm) → Transpose to batch first.
+    """
+    b = _GraphBuilder("torch_multihead_attention", seed=21)
+    x = b.node("Transpose", [b.input("x", ["N", 5, 6])], "sequence_first", perm=[1, 0, 2])
+    s = _stream(b, x, 6, 8)                                                              # [T, N, E]
+    shape = b.node("Shape", [s], "stream.shape")
+    tokens, batch, width = (b.node("Gather", [shape, _int64(b, f"{name}.index", index)], name, axis=0)
+                            for index, name in ((0, "tokens"), (1, "batch"), (2, "width")))
+    proj = b.node("Add", [b.bias("in_proj.bias", (24,)), b.matmul("in_proj", s, 8, 24)], "proj")
+    rank_end = b.node("Reshape", [b.node("Mod", [_int64(b, "minus_one", -1), _int64(b, "three", 3)], "last"),
+                                  _int64(b, "vector", [1])], "last.vector")
+    leading = b.node("Slice", [b.node("Shape", [proj], "proj.shape"), _int64(b, "lead.start", [0]), rank_end],
+                     "leading")
+    target = b.node("Concat", [leading, _int64(b, "parts", [3]), _unsqueezed(b, width, "width.vector")],
+                    "unflatten_shape", axis=0)
+    h = b.node("Reshape", [proj, target], "unflatten")                                  # [T, N, 3, E]
+    h = b.node("Unsqueeze", [h, _int64(b, "front", [0])], "unflatten.u")
+    h = b.node("Transpose", [h], "unflatten.t", perm=[3, 1, 2, 0, 4])
+    h = b.node("Squeeze", [h, _int64(b, "squeezed", [3])], "qkv")                        # [3, T, N, E]
+    stacked = b.node("Mul", [batch, _int64(b, "num_heads", 2)], "batch_heads")
+    head_dim = b.node("Cast", [b.node("Div", [width, _int64(b, "num_heads_div", 2)], "head_dim.div")], "head_dim",
+                      to=TensorProto.INT64)
+    parts = []
+    for index, name in enumerate(("q", "k", "v")):
+        part = b.node("Gather", [h, _int64(b, f"{name}.select", index)], name, axis=0)
+        split_shape = b.node("Concat", [_unsqueezed(b, tokens, f"{name}.tokens"), _unsqueezed(b, stacked, f"{name}.nh"),
+                                        _unsqueezed(b, head_dim, f"{name}.hd")], f"{name}.heads_shape", axis=0)
+        part = b.node("Reshape", [part, split_shape], f"{name}.heads")                  # [T, N·heads, 4]
+        parts.append(b.node("Transpose", [part], f"{name}.batched", perm=[1, 0, 2]))
+    q = b.node("Mul", [parts[0], b.constant("scale", 0.5)], "q.scaled")
+    keys = b.node("Transpose", [parts[1]], "k.t", perm=[0, 2, 1])
+    weights = b.node("Softmax", [b.node("MatMul", [q, keys], "scores")], "weights", axis=-1)
+    context = b.node("Transpose", [b.node("MatMul", [weights, parts[2]], "context")], "context.t", perm=[1, 0, 2])
+    rows = _unsqueezed(b, b.node("Mul", [tokens, batch], "rows"), "rows.vector")
+    flat = b.node("Reshape", [context, b.node("Concat", [rows, _unsqueezed(b, width, "width.vector2")], "flat_shape",
+                                              axis=0)], "flat")                         # [T·N, E]
+    out = b.gemm("out_proj", flat, 8, 8)
+    out_width = b.node("Gather", [b.node("Shape", [out], "out.shape"), _int64(b, "out.index", 1)], "out.width",
+                       axis=0)
+    target = b.node("Concat", [_unsqueezed(b, tokens, "o.t"), _unsqueezed(b, batch, "o.n"),
+                               _unsqueezed(b, out_width, "o.e")], "out_shape", axis=0)
+    b.node("Transpose", [b.node("Reshape", [out, target], "attended")], "out", perm=[1, 0, 2])
+    b.output("out", ["N", 5, 8])
+    return b.build()
+
+
+def timm_attention() -> onnx.ModelProto:
+    """timm's Attention on [N, T, E] (T 4, E 8, 2 heads of 4) and a Concat of two token sequences:
+
+    qkv [E, 3E] + bias → Reshape [-1, 4, 3, 2, 4] → Transpose [2,0,3,1,4] → Split(axis 0, ones)
+    → Squeeze (q, k, v) → q·kᵀ·scale → Softmax → ·v → Transpose [N, T, 2, 4] → Reshape [-1, 4, 8]
+    → proj; and t1, t2 = two dense layers of x, joined along the tokens, Relu, dense: their channels are
+    coupled by the Concat.
+    """
+    b = _GraphBuilder("timm_attention", seed=22)
+    x = b.input("x", ["N", 4, 6])
+    s = _stream(b, x, 6, 8)
+    qkv = b.node("Add", [b.matmul("qkv", s, 8, 24), b.bias("qkv.bias", (24,))], "qkv.add")
+    qkv = b.node("Reshape", [qkv, _int64(b, "qkv_shape", [-1, 4, 3, 2, 4])], "qkv.heads")
+    qkv = b.node("Transpose", [qkv], "qkv.t", perm=[2, 0, 3, 1, 4])                      # [3, N, 2, T, 4]
+    b.nodes.append(helper.make_node("Split", [qkv, _int64(b, "ones", [1, 1, 1])], ["q1", "k1", "v1"], name="unbind",
+                                    axis=0))
+    q, k, v = (b.node("Squeeze", [name, _int64(b, f"{name}.axes", [0])], f"{name[0]}") for name in ("q1", "k1", "v1"))
+    scores = b.node("MatMul", [q, b.node("Transpose", [k], "k.t", perm=[0, 1, 3, 2])], "scores")
+    weights = b.node("Softmax", [b.node("Mul", [scores, b.constant("scale", 0.5)], "scaled")], "weights", axis=-1)
+    context = b.node("Transpose", [b.node("MatMul", [weights, v], "context")], "context.t", perm=[0, 2, 1, 3])
+    merged = b.node("Reshape", [context, _int64(b, "merge_shape", [-1, 4, 8])], "merged")
+    b.node("Add", [b.matmul("proj", merged, 8, 8), b.bias("proj.bias", (8,))], "attended")
+    b.output("attended", ["N", 4, 8])
+    tokens = b.node("Concat", [b.matmul("t1", x, 6, 5), b.matmul("t2", x, 6, 5)], "tokens", axis=1)  # [N, 8, 5]
+    b.matmul("t3", b.node("Relu", [tokens], "tokens.relu"), 5, 3)
+    b.output("t3", ["N", 8, 3])
+    return b.build()
+
+
+ZOO.update({"hf_attention": hf_attention, "torch_multihead_attention": torch_multihead_attention,
+            "timm_attention": timm_attention})
