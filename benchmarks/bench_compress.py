@@ -40,11 +40,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import pfp_onnx
 from pfp_onnx.capture import ConsumerProbe, capture_sensitivities, consumer_probes
-from pfp_onnx.conv_parts import with_conv_parts
+from pfp_onnx.sensitivity.conv_parts import with_conv_parts
 from pfp_onnx.groups import analyse_channel_groups
-from pfp_onnx.max_times import MaxTimesScorer
+from pfp_onnx.sensitivity.max_times import MaxTimesScorer
 from pfp_onnx.runtime import choose_device, create_session
-from pfp_onnx.sensitivity import ConvScorer
+from pfp_onnx.sensitivity.scorers import ConvScorer
 
 try:
     import torch

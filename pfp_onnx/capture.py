@@ -14,14 +14,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from pfp_onnx.conv_parts import CUDA_OPTIONS, with_conv_parts
 from pfp_onnx.data import model_feeds
 from pfp_onnx.groups import ChannelAnalysis, Layer
 from pfp_onnx.model import free_graph_weights, model_bytes, to_graph
-from pfp_onnx.recover import FeatureStatistics, accumulate_features
+from pfp_onnx.recovery import FeatureStatistics, accumulate_features, patches
 from pfp_onnx.runtime import SESSION_BYTES_LIMIT, Device, create_session
-from pfp_onnx.refit import patches
-from pfp_onnx.sensitivity import ConvScorer, ConvTransposeScorer, DenseScorer, UnfoldBuffer
+from pfp_onnx.sensitivity import (CUDA_OPTIONS, ConvScorer, ConvTransposeScorer, DenseScorer, UnfoldBuffer,
+                                  with_conv_parts)
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
     """Sensitivity s_c of every prunable group's channels: the max over its consumers and all points.
 
     The session runs the model with every Relu-fed conv computed from its two sign parts, which are also
-    outputs (pfp_onnx.conv_parts): their scorers take z± from there instead of a BLAS pass of their own.
+    outputs (pfp_onnx.sensitivity.conv_parts): their scorers take z± from there instead of a BLAS pass of their own.
     In the same pass, `statistics` (consuming layer → FeatureStatistics) collect the input moments that
     training-free recovery needs. With sensitivity=False only those are collected and None is returned.
     """

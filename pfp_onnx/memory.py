@@ -1,7 +1,7 @@
 """How many calibration points fit in one capture batch.
 
 A capture batch holds, for every point at once, the input of every layer that reads a prunable group and
-both sign parts of each scored conv's output (pfp_onnx.conv_parts): about 20 MB a point for a 224×224
+both sign parts of each scored conv's output (pfp_onnx.sensitivity.conv_parts): about 20 MB a point for a 224×224
 ResNet-18, GBs for a segmentation model at full resolution. At the default batch size such a model would
 be killed by the operating system without a word, so the batch is lowered, and the user told, when it
 would not fit in the memory left (on the machine, or under the container's cgroup limit: inside a container

@@ -12,7 +12,7 @@ ALLOCATIONS = ("pfp", "uniform")  # pfp_onnx.pipeline
 # follows; each weight counted once per output position).
 BUDGET_OF = ("weights", "macs")  # pfp_onnx.pipeline
 CRITERIA = ("pfp", "l1", "l2", "random")  # pfp_onnx.baselines
-RECOVERIES = ("none", "bias", "lstsq", "sequential")  # pfp_onnx.refit
+RECOVERIES = ("none", "bias", "lstsq", "sequential")  # pfp_onnx.recovery.refit
 # Re-fitting each layer on the pruned model's own activations kept the most fidelity on every real model
 # measured (docs/performance.md), at a cost compress can afford.
 DEFAULT_RECOVERY = "sequential"

@@ -29,13 +29,12 @@ from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.memory import available_bytes, capture_bytes_per_point, fitting_batch_size
 from pfp_onnx.model import (check_model, free_graph_weights, load_model, parameter_count, with_metadata,
                             with_unique_node_names)
-from pfp_onnx.recover import FeatureStatistics
-from pfp_onnx.refit import new_statistics, recoverable_layers, replacements, with_zero_biases
+from pfp_onnx.recovery import (FeatureStatistics, new_statistics, recoverable_layers, replacements,
+                               sequential_replacements, with_zero_biases)
 from pfp_onnx.report import BudgetTrial, CompressReport, GroupRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, choose_device
 from pfp_onnx.select import Selection, select_channels
-from pfp_onnx.sequential import sequential_replacements
 from pfp_onnx.verify import ReferenceOutputs, Verification, blame, check_runs, runtime_failure, verify
 from pfp_onnx.version import __version__
 
@@ -285,7 +284,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
 
 def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes: dict,
                 progress: Progress | None) -> dict:
-    """Re-fit the one-pass weights on the pruned model's own activations (pfp_onnx.sequential), its passes
+    """Re-fit the one-pass weights on the pruned model's own activations (pfp_onnx.recovery.sequential), its passes
     reported as one stage."""
     points = prepared.sensitivity_part
 

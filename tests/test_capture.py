@@ -8,13 +8,13 @@ import onnxruntime as ort
 import pytest
 
 from pfp_onnx import capture
-from pfp_onnx import conv_parts as capture_parts
+from pfp_onnx.sensitivity import conv_parts as capture_parts
 from pfp_onnx.capture import capture_sensitivities, consumer_probes
 from pfp_onnx.data import validate
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.model import with_outputs
 from pfp_onnx.runtime import choose_device
-from pfp_onnx.sensitivity import conv_sensitivity, dense_sensitivity
+from pfp_onnx.sensitivity.scorers import conv_sensitivity, dense_sensitivity
 from test_cli import DATA, MODEL
 
 
@@ -38,7 +38,7 @@ def test_batch_size_does_not_change_sensitivities(setting):
 def test_matches_direct_computation(setting, conv_parts, monkeypatch):
     """Group sensitivity = max over the group's consumers of each consumer's own sensitivity. With z± by
     BLAS the capture computes exactly what the direct computation does; with the capture model's sign-part
-    convs (pfp_onnx.conv_parts) z± and the activations are the same sums in another order, so equal up
+    convs (pfp_onnx.sensitivity.conv_parts) z± and the activations are the same sums in another order, so equal up
     to float32 rounding (as different batch sizes are)."""
     model, data, analysis, device = setting
     if conv_parts:  # every Relu-fed conv of the small fixture, whatever its size

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pfp_onnx import conv_gram, recover
-from pfp_onnx.recover import ConvPatches, FeatureStatistics, accumulate_features, layer_features
+from pfp_onnx.recovery import conv_gram
+from pfp_onnx.recovery import least_squares as recover
+from pfp_onnx.recovery.least_squares import ConvPatches, FeatureStatistics, accumulate_features, layer_features
 
 # (activation shape, pads, dilations, kernel): every one stride 1, as the shifted products require.
 CASES = {
@@ -192,7 +193,7 @@ def test_compress_recovers_the_exact_weights_with_shifted_products(monkeypatch):
     the float32 unfolded path does (on this fixture at most 2.6e-4 of a layer's largest value unfolded,
     5.5e-5 shifted)."""
     import pfp_onnx
-    from pfp_onnx import refit
+    from pfp_onnx.recovery import refit
 
     fixtures = Path(__file__).resolve().parents[1] / "fixtures"
     model = str(fixtures / "mnist_resnet.onnx")

@@ -9,15 +9,16 @@ import pytest
 from onnx import numpy_helper
 
 from architectures import ARCHITECTURES
-from pfp_onnx import capture, conv_parts, runtime
+from pfp_onnx import capture, runtime
+from pfp_onnx.sensitivity import conv_parts
 from pfp_onnx.capture import capture_sensitivities
-from pfp_onnx.conv_parts import CUDA_OPTIONS, with_conv_parts
+from pfp_onnx.sensitivity.conv_parts import CUDA_OPTIONS, with_conv_parts
 from pfp_onnx.data import validate
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.model import with_outputs
-from pfp_onnx.recover import ConvPatches, layer_features
+from pfp_onnx.recovery.least_squares import ConvPatches, layer_features
 from pfp_onnx.runtime import CPU, CUDA, Device, choose_device
-from pfp_onnx.sensitivity import ConvScorer
+from pfp_onnx.sensitivity.scorers import ConvScorer
 from test_cli import DATA, MODEL
 from test_grid_screen import grid_path_taken
 from zoo import _GraphBuilder, random_inputs

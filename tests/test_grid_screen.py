@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pfp_onnx import grid_screen, sensitivity
-from pfp_onnx.grid_screen import grid_candidates, inverse_at, largest_inverse_of_parts
-from pfp_onnx.max_times import Z_EPS, inverse_of_parts
-from pfp_onnx.sensitivity import ConvScorer, UnfoldBuffer
+from pfp_onnx.sensitivity import grid_screen
+from pfp_onnx.sensitivity import scorers as sensitivity
+from pfp_onnx.sensitivity.grid_screen import grid_candidates, inverse_at, largest_inverse_of_parts
+from pfp_onnx.sensitivity.max_times import Z_EPS, inverse_of_parts
+from pfp_onnx.sensitivity.scorers import ConvScorer, UnfoldBuffer
 
 # (kernel, strides, pads in ONNX order, dilations, spatial)
 GEOMETRIES = {
@@ -226,7 +227,7 @@ def test_seed_takes_every_product_of_each_channels_most_promising_value(name):
 
 def test_no_screening_means_no_grid(monkeypatch):
     """SCREEN_MAX_FRACTION = 0 turns every screen off: parts are then scored on unfolded patches."""
-    from pfp_onnx import max_times
+    from pfp_onnx.sensitivity import max_times
 
     monkeypatch.setattr(max_times, "SCREEN_MAX_FRACTION", 0.0)
     monkeypatch.setattr(sensitivity, "grid_candidates", lambda *arguments, **keywords: pytest.fail("screened"))

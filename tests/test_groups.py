@@ -9,7 +9,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from pfp_onnx.groups import ChannelAnalysis, ChannelGroup, SizeFix, WeightSlice, analyse_channel_groups
 from pfp_onnx.model import with_outputs
-from pfp_onnx.recover import ConvPatches, layer_features
+from pfp_onnx.recovery.least_squares import ConvPatches, layer_features
 from zoo import ZOO, extra_outputs, input_shapes, outer_scope_subgraph
 
 

@@ -15,7 +15,7 @@ from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.model import with_outputs
 from pfp_onnx.runtime import choose_device
-from pfp_onnx.sensitivity import dense_sensitivity
+from pfp_onnx.sensitivity.scorers import dense_sensitivity
 from pfp_onnx.select import Selection
 from test_rewrite import prune_and_check
 from zoo import ZOO, input_shapes, random_inputs

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pfp_onnx import max_times
-from pfp_onnx.max_times import MaxTimesScorer
-from pfp_onnx.sensitivity import ConvScorer
+from pfp_onnx.sensitivity import max_times
+from pfp_onnx.sensitivity.max_times import MaxTimesScorer
+from pfp_onnx.sensitivity.scorers import ConvScorer
 
 ON = dict(TIER_MIN_CANDIDATES=0, COMPACT_MIN_FILTERS=0, COMPACT_MIN_CANDIDATES=0)
 OFF = dict(TIER_MIN_CANDIDATES=10**9, COMPACT_MIN_FILTERS=10**9, COMPACT_MIN_CANDIDATES=10**9)
@@ -128,9 +128,9 @@ def test_conv_scorer_scores_the_same_with_and_without_shortcuts(monkeypatch, pad
 @pytest.mark.parametrize("stacked_whole", [True, False], ids=["stacked whole", "rows in blocks"])
 @pytest.mark.parametrize("screen_fraction", [0.0, 1 / 8])
 def test_compiled_tiles_change_no_float(monkeypatch, stacked_whole, screen_fraction):
-    """The compiled tiles (pfp_onnx.max_tiles) over partial tiles, chunks of tiles on threads and blocks of
+    """The compiled tiles (pfp_onnx.sensitivity.max_tiles) over partial tiles, chunks of tiles on threads and blocks of
     rows: the same floats as every product in numpy, with zeros, ties and overflowing values."""
-    from pfp_onnx import max_tiles
+    from pfp_onnx.sensitivity import max_tiles
 
     rng = np.random.default_rng(11)
     weight = rng.standard_normal((20, 6, 3, 3)).astype(np.float32)
@@ -155,7 +155,7 @@ def test_compiled_tiles_change_no_float(monkeypatch, stacked_whole, screen_fract
 def test_compiled_tiles_skip_rows_that_cannot_raise_the_running_max():
     """A row whose every screen bound is at most its channel's running max leaves it as it is, and a row with a
     product above it raises it to that product exactly."""
-    from pfp_onnx.max_tiles import fold_tiles
+    from pfp_onnx.sensitivity.max_tiles import fold_tiles
 
     stacked = np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)  # rows (channels) × stacked filters
     inverse = np.array([[0.5, 0.25, 1.0], [1.0, 0.5, 0.125]], dtype=np.float32)  # [2F, P]
@@ -172,7 +172,7 @@ def test_compiled_kernels_work_without_a_cache(monkeypatch):
     """Where numba can write no cache it refuses cache=True (RuntimeError): the kernel is then compiled without."""
     import numba
 
-    from pfp_onnx import max_tiles
+    from pfp_onnx.sensitivity import max_tiles
 
     njit, options = numba.njit, []
 

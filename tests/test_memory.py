@@ -9,7 +9,7 @@ import pytest
 import pfp_onnx
 from pfp_onnx import memory, pipeline
 from pfp_onnx.capture import _run_bound, consumer_probes
-from pfp_onnx.conv_parts import with_conv_parts
+from pfp_onnx.sensitivity.conv_parts import with_conv_parts
 from pfp_onnx.groups import analyse_channel_groups
 from pfp_onnx.runtime import choose_device, create_session
 from architectures import ARCHITECTURES

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pfp_onnx.recover import (
+from pfp_onnx.recovery.least_squares import (
     ConvPatches,
     FeatureStatistics,
     accumulate_features,

@@ -8,7 +8,7 @@ import pytest
 from onnx import numpy_helper
 
 import pfp_onnx
-from pfp_onnx.refit import GRAM_FEATURE_LIMIT, new_statistics, recoverable_layers
+from pfp_onnx.recovery.refit import GRAM_FEATURE_LIMIT, new_statistics, recoverable_layers
 from architectures import ARCHITECTURES
 from test_cli import DATA, MODEL
 from test_rewrite import assert_same_outputs, run, zeroed_oracle

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pfp_onnx.runtime import choose_device, create_session
-from pfp_onnx.segments import ActivationCache, backward_closure, element_types, segment
+from pfp_onnx.recovery.segments import ActivationCache, backward_closure, element_types, segment
 from pfp_onnx.model import with_outputs
 from zoo import ZOO, random_inputs
 

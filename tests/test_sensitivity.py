@@ -7,9 +7,9 @@ import itertools
 import numpy as np
 import pytest
 
-from pfp_onnx import max_times
-from pfp_onnx.grid_screen import inverse_at
-from pfp_onnx.sensitivity import conv_sensitivity, conv_transpose_sensitivity, dense_sensitivity
+from pfp_onnx.sensitivity import max_times
+from pfp_onnx.sensitivity.grid_screen import inverse_at
+from pfp_onnx.sensitivity.scorers import conv_sensitivity, conv_transpose_sensitivity, dense_sensitivity
 
 EPS = np.finfo(np.float32).eps
 
@@ -249,7 +249,7 @@ def test_invariant_to_per_filter_scaling():
 
 def test_chunking_does_not_change_the_result(monkeypatch):
     """Tiny chunk budgets force many point chunks and position blocks (on threads); the max must not notice."""
-    import pfp_onnx.sensitivity as sensitivity
+    import pfp_onnx.sensitivity.scorers as sensitivity
 
     rng = np.random.default_rng(11)
     activation = random_activation(rng, (4, 6, 7, 7))
@@ -273,7 +273,7 @@ def test_kernels_agree_bit_for_bit_over_streamed_batches(monkeypatch, screen_fra
     """Sparse ReLU-like activations fed in batches, as a capture does: whichever path each batch takes
     (a screen kept, a screen abandoned for the dense paths, every product, bounds), the running maxima
     are the same floats."""
-    import pfp_onnx.sensitivity as sensitivity
+    import pfp_onnx.sensitivity.scorers as sensitivity
 
     rng = np.random.default_rng(12)
     weight = rng.standard_normal((40, 8, 3, 3)).astype(np.float32)
@@ -298,7 +298,7 @@ def test_kernels_agree_bit_for_bit_over_streamed_batches(monkeypatch, screen_fra
 def test_many_screen_blocks_and_waves_match_one_block(monkeypatch, screen_fraction):
     """Blocks of a few positions, screened in waves on threads, some abandoned for the dense paths and
     merged into ranges: the same floats as every product in one go."""
-    import pfp_onnx.sensitivity as sensitivity
+    import pfp_onnx.sensitivity.scorers as sensitivity
 
     rng = np.random.default_rng(13)
     weight = rng.standard_normal((20, 5, 3, 3)).astype(np.float32)
@@ -326,7 +326,7 @@ def test_a_wave_that_gives_up_sends_the_rest_of_the_batch_to_the_dense_path(monk
     """When every block of a wave leaves too many products (and so finds nothing to raise the thresholds),
     the later waves are not screened at all: their positions go straight to the dense path, and the
     result is still every product's."""
-    import pfp_onnx.sensitivity as sensitivity
+    import pfp_onnx.sensitivity.scorers as sensitivity
 
     rng = np.random.default_rng(14)
     weight = rng.standard_normal((20, 5, 3, 3)).astype(np.float32)
@@ -366,7 +366,7 @@ def test_a_wave_that_gives_up_sends_the_rest_of_the_batch_to_the_dense_path(monk
 def every_product_then_bounds(monkeypatch, rows, weight):
     """dense_sensitivity from every product, then from bound-then-verify alone (no screen, no seed), then from
     the compiled tiles alone; the last two must be the first's floats."""
-    import pfp_onnx.sensitivity as sensitivity
+    import pfp_onnx.sensitivity.scorers as sensitivity
 
     results = []
     for bound_min_filters, tile_min_products in ((10**9, 10**18), (0, 10**18), (0, 0)):
@@ -395,7 +395,7 @@ def test_bounds_ignore_an_overflowing_screen_as_a_lower_bound(monkeypatch, tile_
     """Row 0 gives channel 0 a screen bound of inf (a huge activation times the large inv_z of filter 1,
     which does not read channel 0) and a p-norm of 0: inf · 0 must not poison channel 0's threshold, so
     that row 1, where channel 0 scores 1, is still evaluated."""
-    import pfp_onnx.sensitivity as sensitivity
+    import pfp_onnx.sensitivity.scorers as sensitivity
 
     weight = np.eye(2, dtype=np.float32)
     rows = np.array([[3e38, 1e-3], [1.0, 0.0]], dtype=np.float32)
@@ -421,7 +421,7 @@ def test_bounds_keep_products_whose_bound_overflows(monkeypatch, fraction, min_f
     """A subnormal weight beside a huge activation: the running max over a tiny weight needs a threshold
     beyond float32, and the next point's bound a · max inv_z overflows to inf. The screen and the p-norm
     bound must still evaluate that point (its g is 1), as every-product scoring does."""
-    import pfp_onnx.sensitivity as sensitivity
+    import pfp_onnx.sensitivity.scorers as sensitivity
 
     weight = np.array([[1.0, 1.4e-45]], dtype=np.float32)
     first = np.array([[1e-7, 3.4e38]], dtype=np.float32)  # z ≈ 5.8e-7: channel 1 scores ≈ 0.83
@@ -643,7 +643,7 @@ def test_conv_transpose_scatter_matches_onnxruntime():
 def test_scorers_sharing_an_unfold_buffer_score_as_alone():
     """Two convs fed in turn through one UnfoldBuffer (as a capture does) score what they score alone,
     and the buffer's memory is taken once and reused."""
-    import pfp_onnx.sensitivity as sensitivity
+    import pfp_onnx.sensitivity.scorers as sensitivity
 
     rng = np.random.default_rng(31)
     weights = [rng.standard_normal((6, 4, 3, 3)).astype(np.float32), rng.standard_normal((5, 4, 1, 1)).astype(np.float32)]

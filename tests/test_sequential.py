@@ -1,4 +1,4 @@
-"""Sequential reconstruction (pfp_onnx.sequential): exact where nothing changed, never worse than one-pass
+"""Sequential reconstruction (pfp_onnx.recovery.sequential): exact where nothing changed, never worse than one-pass
 least squares on the data it fits, equal to its oracle, and scheduled by depth."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from hypothesis import strategies as st
 import pfp_onnx
 from pfp_onnx.model import with_outputs
 from pfp_onnx.pipeline import Method, prepare, prune
-from pfp_onnx.recover import layer_features
-from pfp_onnx.refit import as_out_by_features, bias_site, patches
+from pfp_onnx.recovery.least_squares import layer_features
+from pfp_onnx.recovery.refit import as_out_by_features, bias_site, patches
 from pfp_onnx.rewrite import rewrite
 from pfp_onnx.runtime import choose_device, create_session
-from pfp_onnx.sequential import (RefitLayer, TargetMoments, by_depth, refit_layers, refit_to_targets,
+from pfp_onnx.recovery.sequential import (RefitLayer, TargetMoments, by_depth, refit_layers, refit_to_targets,
                                  sequential_replacements)
 from pfp_onnx.model import to_graph
 from test_graph_fuzz import _Network
@@ -70,7 +70,7 @@ def test_target_moments_do_not_depend_on_batching():
 def test_conv_moments_equal_the_unfolded_product(geometry):
     """Tap by tap on the padded input gives what the patch matrix gives, features ordered c·K + k."""
     from pfp_onnx.conv_geometry import padded_and_out
-    from pfp_onnx.recover import ConvPatches
+    from pfp_onnx.recovery.least_squares import ConvPatches
 
     strides, pads, dilations, kernel = geometry
     rng = np.random.default_rng(7)
@@ -139,7 +139,7 @@ def _layer_error(layer: RefitLayer, matrix: np.ndarray, bias: np.ndarray, featur
 
 def _effective(prepared, changes, selections, layer: RefitLayer) -> tuple[np.ndarray, np.ndarray]:
     """A layer's weights over the features its pruned input holds, and its bias, as the pruned model has them."""
-    from pfp_onnx.refit import kept_features
+    from pfp_onnx.recovery.refit import kept_features
 
     nodes = {node.name: node for node in to_graph(prepared.model).nodes}
     node = nodes[layer.layer.node]

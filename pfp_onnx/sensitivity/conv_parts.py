@@ -22,7 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from pfp_onnx.groups import Layer
-from pfp_onnx.max_times import STACKED_CACHE_BYTES
+from pfp_onnx.sensitivity.max_times import STACKED_CACHE_BYTES
 from pfp_onnx.model import node_names
 
 __all__ = ["CUDA_OPTIONS", "PARTS_MIN_FEATURES", "with_conv_parts"]

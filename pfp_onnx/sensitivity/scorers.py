@@ -12,11 +12,11 @@ Why it is fast: with inv_z[f, p] = 1/|z[f, p]| the quantity factorises as
     s_c = max_k max_p a_unf[c, k, p] · max_f |W[f, c, k]| · inv_z±[f, p],
 a "max-times" matrix product costing C·K·F·P per point (BLAS cannot do it), with z itself from one BLAS
 matmul — or, for convs fed by a Relu, from the capture model, which computes it anyway
-(pfp_onnx.conv_parts). Almost none of the max-times product is evaluated: a running max is kept, and the
+(pfp_onnx.sensitivity.conv_parts). Almost none of the max-times product is evaluated: a running max is kept, and the
 bound a_unf · max_f |W| · max_f inv_z (one pass over the patches) shows that nearly every (c, k, p)
-cannot raise it; only the rest are evaluated exactly (see pfp_onnx.max_times). Convs whose parts come from
+cannot raise it; only the rest are evaluated exactly (see pfp_onnx.sensitivity.max_times). Convs whose parts come from
 the capture model are screened on their input values instead, never unfolding their patches
-(pfp_onnx.grid_screen). The points of a batch are concatenated along p (each keeps its own z). The
+(pfp_onnx.sensitivity.grid_screen). The points of a batch are concatenated along p (each keeps its own z). The
 *Scorer classes keep a running max over the batches they are fed; the *_sensitivity functions score a
 single batch.
 """
@@ -27,10 +27,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pfp_onnx import max_times
+from pfp_onnx.sensitivity import max_times
 from pfp_onnx.conv_geometry import padded_and_out, zero_padded
-from pfp_onnx.grid_screen import grid_candidates, grid_seed, inverse_at, largest_inverse_of_parts
-from pfp_onnx.max_times import MaxTimesScorer, inverse_of_parts, touched_positions
+from pfp_onnx.sensitivity.grid_screen import grid_candidates, grid_seed, inverse_at, largest_inverse_of_parts
+from pfp_onnx.sensitivity.max_times import MaxTimesScorer, inverse_of_parts, touched_positions
 
 __all__ = ["ConvScorer", "ConvTransposeScorer", "DenseScorer", "UnfoldBuffer", "conv_sensitivity",
            "conv_transpose_sensitivity", "dense_sensitivity"]
@@ -85,7 +85,7 @@ class ConvScorer:
 
     def update(self, activation: np.ndarray, parts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         """Fold one batch [N, C, *spatial]. parts: its z⁺ and |z⁻| [N, F, *out] when the capture model
-        computed them (pfp_onnx.conv_parts); used when the batch is nonnegative, as it is there."""
+        computed them (pfp_onnx.sensitivity.conv_parts); used when the batch is nonnegative, as it is there."""
         activation = np.asarray(activation, dtype=np.float32)
         if activation.ndim != self.spatial_rank + 2 or activation.shape[1] != self.channels:
             raise ValueError(
@@ -117,7 +117,7 @@ class ConvScorer:
     def _update_from_parts(self, points: np.ndarray, plus: np.ndarray, minus: np.ndarray, *,
                            out_shape: tuple[int, ...]) -> None:
         """Nonnegative points whose z⁺ and |z⁻| [N, F, P] came from the capture model: screened on the input
-        grid without unfolding (pfp_onnx.grid_screen), or on unfolded patches when that screen leaves too
+        grid without unfolding (pfp_onnx.sensitivity.grid_screen), or on unfolded patches when that screen leaves too
         much (or screening is off)."""
         if max_times.SCREEN_MAX_FRACTION > 0:
             geometry = dict(kernel_shape=self.kernel_shape, out_shape=out_shape, strides=self.strides,

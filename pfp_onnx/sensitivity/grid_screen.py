@@ -1,7 +1,7 @@
 """Screen a conv's products on its input grid, without unfolding its patches.
 
 Once a layer's running max is set, the max-times screen a_unf[(k, c), p] · L[p] > T[(k, c)] (L = max_f
-inv_z, T the row thresholds of pfp_onnx.max_times) leaves ~0.01% of a ResNet's products, but reading its
+inv_z, T the row thresholds of pfp_onnx.sensitivity.max_times) leaves ~0.01% of a ResNet's products, but reading its
 K·C·P unfolded values, and unfolding them first, cost more than onnxruntime's pass that computes z±. Each
 patch value is an input value a[c, q] read by K taps, so a coarser test on the input itself,
 a[c, q] · M[q] > min_k T[(k, c)] with M[q] the largest L over the outputs whose patches read q, holds for
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from pfp_onnx.conv_geometry import tap_window
-from pfp_onnx.max_times import MAX_THREADS, Z_EPS, inverse_in_place, nonzero_2d, parallel_map
+from pfp_onnx.sensitivity.max_times import MAX_THREADS, Z_EPS, inverse_in_place, nonzero_2d, parallel_map
 
 __all__ = ["GRID_MAX_FRACTION", "grid_candidates", "grid_seed", "inverse_at", "largest_inverse_of_parts"]
 

@@ -2,8 +2,8 @@
 
 For one consuming layer with weight W [F, K·C] (columns ordered (k, c) like the patches) and blocks of
 nonnegative patches a_unf [K·C, P], it keeps s_c = max g[f, c, k, p] = max |W±[f, (k, c)]| · a_unf[(k, c), p]
-/ z±[f, p] (see pfp_onnx.sensitivity for the definition). z± come from BLAS or from the capture model
-(pfp_onnx.conv_parts); the max-times part, which BLAS cannot do, is mostly ruled out by bounds and
+/ z±[f, p] (see pfp_onnx.sensitivity.scorers for the definition). z± come from BLAS or from the capture model
+(pfp_onnx.sensitivity.conv_parts); the max-times part, which BLAS cannot do, is mostly ruled out by bounds and
 evaluated exactly only where a bound says it might matter.
 """
 
@@ -31,7 +31,7 @@ MAX_TIMES_BYTES = 8 * 2**20
 # 10-12% faster than 512 KB in fold_candidates on ResNet-56, ResNet-50 and a trained ResNet-18; 8 MB slower).
 VERIFY_BYTES = 2 * 2**20
 MAX_THREADS = min(8, os.cpu_count() or 1)
-# Dense work (patch rows × stacked filters × positions) from which the compiled tiles (pfp_onnx.max_tiles) take
+# Dense work (patch rows × stacked filters × positions) from which the compiled tiles (pfp_onnx.sensitivity.max_tiles) take
 # over from numpy's dense paths. Measured with every dense block on tiles: the same time on ResNet-56 and the
 # MNIST ResNet-20 once numba is loaded, and loading it costs ~1 s a process (~5 s the first time, while it
 # compiles into its cache), so small blocks stay in numpy; on a trained ResNet-50 (0.1–3 G products a block)
@@ -96,20 +96,20 @@ def _pool() -> ThreadPoolExecutor:
 
 class MaxTimesScorer:
     """Running max of g over patch blocks of nonnegative data points, for one weight [F, C, K] (the
-    *Scorer classes of pfp_onnx.sensitivity feed it unfolded, sign-split batches).
+    *Scorer classes of pfp_onnx.sensitivity.scorers feed it unfolded, sign-split batches).
 
     Per block, z± come from one BLAS product (or, for convs of the capture model's sign parts, from
-    pfp_onnx.conv_parts); then the cheapest sufficient path runs:
+    pfp_onnx.sensitivity.conv_parts); then the cheapest sufficient path runs:
     - screen, then verify: g ≤ a_unf · max_f |W[f, c, k]| · max_f inv_z[f, p] costs one pass over the
       patches and, once the running max is established, rules out nearly every (c, k, p) (97–99.9% on a
       trained ResNet after its first batch); the rest are evaluated exactly. Before its first screen, a
       layer seeds its running max with the exact g at each row's most promising position.
     - when the screen leaves too many products (over SCREEN_MAX_FRACTION, or for many filters, over the
-      point where the BLAS bound is cheaper): every product, compiled tile by tile (pfp_onnx.max_tiles) for
+      point where the BLAS bound is cheaper): every product, compiled tile by tile (pfp_onnx.sensitivity.max_tiles) for
       large blocks, else in numpy (few filters) or bound-then-verify (many).
     A screen's survivors meet a tighter, tiered bound before their exact evaluation (fold_candidates): on a
     trained ResNet it rules out three quarters of them for a few gathers each.
-    A caller that screens elsewhere (pfp_onnx.grid_screen, on a conv's input values) uses row_threshold,
+    A caller that screens elsewhere (pfp_onnx.sensitivity.grid_screen, on a conv's input values) uses row_threshold,
     seed_from and fold_candidates instead of update.
     Every path evaluates a product with the same float32 operations, so they agree bit for bit.
     """
@@ -144,7 +144,7 @@ class MaxTimesScorer:
     def update(self, flat: np.ndarray, inverse_z: np.ndarray | None = None) -> None:
         """Fold the data points whose patches are flat[K·C, P], rows ordered (k, c), P spanning all
         their positions. inverse_z, when given, are their 1/z± [2F, P] from z± computed elsewhere
-        (inverse_of_parts of pfp_onnx.conv_parts' outputs); otherwise z± come from BLAS."""
+        (inverse_of_parts of pfp_onnx.sensitivity.conv_parts' outputs); otherwise z± come from BLAS."""
         if inverse_z is None:
             inverse_z = inverse_in_place(self._z(flat))  # [2F, P]
         largest_inverse = inverse_z.max(axis=0)  # [P]
@@ -161,9 +161,9 @@ class MaxTimesScorer:
 
     def _update_by_tiles(self, flat: np.ndarray, inverse_z: np.ndarray, largest_inverse: np.ndarray,
                          first: int, last: int) -> None:
-        """Every product of positions [first, last), compiled (pfp_onnx.max_tiles), rows in blocks of about
+        """Every product of positions [first, last), compiled (pfp_onnx.sensitivity.max_tiles), rows in blocks of about
         MAX_TIMES_BYTES of |W±| when the layer does not keep them whole."""
-        from pfp_onnx.max_tiles import fold_tiles  # numba takes ~1 s to load: only layers this large need it
+        from pfp_onnx.sensitivity.max_tiles import fold_tiles  # numba takes ~1 s to load: only layers this large need it
 
         rows = len(flat)
         step = rows if self._stacked is not None else max(1, MAX_TIMES_BYTES // (8 * self.filters))

@@ -31,7 +31,7 @@ float64 copy of the chunk of features; reconstruct() adds the kept sub-block and
 caller decides which layers are worth it (e.g. skip above a size limit, or use (a) there). Features of a
 whole batch are K times the batch's activation; accumulate_features() unfolds it chunk by chunk, except
 for stride-1 convs whose border is small next to their output: their Gram comes from shifted products of
-the padded input (pfp_onnx.conv_gram), with nothing unfolded, and until the statistics are first read it is
+the padded input (pfp_onnx.recovery.conv_gram), with nothing unfolded, and until the statistics are first read it is
 held in the compact form of those products ((13 + 45)·C² numbers for a 3×3 conv over C channels, against
 81·C² for the Gram, which is then assembled once).
 """
@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pfp_onnx import conv_gram
+from pfp_onnx.recovery import conv_gram
 from pfp_onnx.conv_geometry import padded_and_out, tap_window, zero_padded
 
 __all__ = [
@@ -132,7 +132,7 @@ class FeatureStatistics:
     def add_shifted(self, count: int, shift: np.ndarray, shifted_sum: np.ndarray,
                     shifted_gram: np.ndarray | None) -> None:
         """Fold count rows' Σ(x − shift) and Σ(x − shift)(x − shift)ᵀ taken elsewhere (the conv Gram of
-        pfp_onnx.conv_gram; None for statistics without a Gram); shift must be this statistics' shift once
+        pfp_onnx.recovery.conv_gram; None for statistics without a Gram); shift must be this statistics' shift once
         it has one."""
         self._take_shift(np.asarray(shift, dtype=np.float64))
         self._count += count
@@ -305,7 +305,7 @@ def _window_sums(statistics: FeatureStatistics, activation: np.ndarray, conv: Co
 
 def _shifted_products(statistics: FeatureStatistics, activation: np.ndarray, conv: ConvPatches,
                       chunk_bytes: int) -> bool:
-    """Fold a stride-1 conv's batch by shifted products of its padded input (pfp_onnx.conv_gram) where that
+    """Fold a stride-1 conv's batch by shifted products of its padded input (pfp_onnx.recovery.conv_gram) where that
     is cheaper than unfolding; False where it is not (or the statistics' shift differs between taps). The
     first batch decides: later ones join the moments it began (a smaller last batch too)."""
     strides, pads, dilations, kernel_shape = (tuple(int(v) for v in field) for field in conv)

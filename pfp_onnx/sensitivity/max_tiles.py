@@ -8,7 +8,7 @@ and tile of positions p, with a running max s_c:
   skipped;
 - otherwise acc[p] = max_f fl(|W±[f, r]| · inv_z[f, p]) over the filters whose weight is nonzero (each weight
   is nonzero in at most one of |W⁺|, |W⁻|), vectorised along the tile's positions, and g = fl(acc[p] · a[r, p]):
-  the same float32 operations as every numpy path of pfp_onnx.max_times, so the results agree bit for bit.
+  the same float32 operations as every numpy path of pfp_onnx.sensitivity.max_times, so the results agree bit for bit.
 Tiles are spread over numba's threads, each with its own copy of the running maxima.
 """
 

@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from pfp_onnx.groups import ChannelAnalysis, Layer
 from pfp_onnx.model import from_graph, to_graph
 from pfp_onnx.options import RECOVERIES
-from pfp_onnx.recover import ConvPatches, FeatureStatistics, compensate_bias, reconstruct
+from pfp_onnx.recovery.least_squares import ConvPatches, FeatureStatistics, compensate_bias, reconstruct
 from pfp_onnx.select import Selection
 
 # In increasing order of what they collect and cost: sequential starts from lstsq's one-pass weights.

@@ -1,6 +1,6 @@
 """Sequential reconstruction: re-fit each layer on the inputs it really receives in the pruned model.
 
-One-pass least squares (pfp_onnx.refit) fits every consuming layer as if the layers before it were intact,
+One-pass least squares (pfp_onnx.recovery.refit) fits every consuming layer as if the layers before it were intact,
 so the errors of a deep network add up. Here a layer L is re-fitted to reproduce the original's
 pre-activation y = W x + b0 from the activations x' of the pruned, already re-fitted prefix (channel
 pruning by reconstruction, He et al. 2017; ThiNet):
@@ -33,12 +33,12 @@ from pfp_onnx.data import model_feeds
 from pfp_onnx.groups import ChannelAnalysis, Layer
 from pfp_onnx.model import to_graph
 from pfp_onnx.conv_geometry import padded_and_out, tap_window, zero_padded
-from pfp_onnx.recover import ConvPatches, FeatureStatistics, accumulate_features, layer_features
-from pfp_onnx.refit import (as_out_by_features, bias_site, from_out_by_features, kept_features, patches,
+from pfp_onnx.recovery.least_squares import ConvPatches, FeatureStatistics, accumulate_features, layer_features
+from pfp_onnx.recovery.refit import (as_out_by_features, bias_site, from_out_by_features, kept_features, patches,
                             recoverable_layers)
 from pfp_onnx.rewrite import cut_constant, rewrite
 from pfp_onnx.runtime import Device, create_session
-from pfp_onnx.segments import ActivationCache, backward_closure, element_types, segment
+from pfp_onnx.recovery.segments import ActivationCache, backward_closure, element_types, segment
 from pfp_onnx.select import Selection
 
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
@@ -188,7 +188,7 @@ def sequential_replacements(model: onnx.ModelProto, original: onnx.ModelProto, a
     `model` is the analysed model (with the biases recovery added), `original` the user's model whose
     outputs are the targets; `batches()` streams the sensitivity points afresh, in the same order, for each
     pass. Each pass runs only the segments of the pruned and the original model between the tensors earlier
-    passes kept (pfp_onnx.segments) and what it reads. on_start(passes) may return a function told the
+    passes kept (pfp_onnx.recovery.segments) and what it reads. on_start(passes) may return a function told the
     points of every batch of every pass.
     """
     result: Replacements = dict(changes)
