@@ -26,7 +26,7 @@ from pfp_onnx.options import ALLOCATIONS, BUDGET_OF, CRITERIA, DEFAULT_RECOVERY,
 from pfp_onnx.fidelity import Fidelity, check_metric, measure
 from pfp_onnx.fidelity import warnings as fidelity_warnings
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
-from pfp_onnx.memory import available_bytes, capture_bytes_per_point, fitting_batch_size
+from pfp_onnx.memory import CAPTURE_SHARE, available_bytes, capture_bytes_per_point, fitting_batch_size
 from pfp_onnx.model import (check_model, free_graph_weights, load_model, parameter_count, with_metadata,
                             with_unique_node_names)
 from pfp_onnx.recovery import (FeatureStatistics, new_statistics, recoverable_layers, replacements,
@@ -235,10 +235,10 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     changes = None
     if method.recovery != "none":
         changes = replacements(proto, analysis, selections, prepared.statistics, method.recovery)
-    refit_seconds = {}
+    refit_seconds, refit_notes = {}, []
     if method.recovery == "sequential":
         stage_start = time.perf_counter()
-        changes = _sequential(prepared, selections, changes, progress)
+        changes = _sequential(prepared, selections, changes, progress, refit_notes)
         refit_seconds["refit"] = time.perf_counter() - stage_start
     pruned = with_metadata(rewrite(proto, analysis, selections, changes), {
         "pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
@@ -268,7 +268,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         measured = measure(verification, fidelity, fidelity_output, min_fidelity)
         alerts = fidelity_warnings(verification, measured)
     # after the fall-back, rounding cannot help: the odd-width hint would point to it in vain
-    notes = prepared.notes + (rounding_notes or _width_notes(analysis, selections, round_to, mode))
+    notes = (prepared.notes + (rounding_notes or _width_notes(analysis, selections, round_to, mode))
+             + tuple(refit_notes))
     report = CompressReport(
         model=prepared.name, budget=budget, budget_of=prepared.budget_of, method=method.label, mode=mode, seed=seed,
         round_to=str(round_to),
@@ -283,18 +284,20 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
 
 
 def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes: dict,
-                progress: Progress | None) -> dict:
-    """Re-fit the one-pass weights on the pruned model's own activations (pfp_onnx.recovery.sequential), its passes
-    reported as one stage."""
+                progress: Progress | None, notes: list[str]) -> dict:
+    """Re-fit the one-pass weights on the pruned model's own activations (pfp_onnx.recovery.sequential), its
+    passes reported as one stage, in the memory this machine has (what it cannot afford goes in `notes`)."""
     points = prepared.sensitivity_part
 
     def on_start(passes: int):
         return _stage_progress(progress, "refit", None if points.count is None else points.count * passes)
 
+    available = available_bytes()
     try:
         return sequential_replacements(prepared.model, prepared.original, prepared.analysis, selections, changes,
                                        lambda: points.batches(prepared.batch_size), prepared.device,
-                                       on_start=on_start)
+                                       on_start=on_start, notes=notes,
+                                       memory_limit=None if available is None else int(CAPTURE_SHARE * available))
     except ONNXRUNTIME_ERRORS as exc:
         raise blame(exc, prepared.original, prepared.name, points.batches(prepared.batch_size),
                     prepared.device) from exc

@@ -216,3 +216,29 @@ def test_compress_reports_the_refit_as_one_stage():
     refit = [(done, total) for stage, done, total in events if stage == "refit"]
     assert refit[0][0] == 0 and refit[-1][0] == refit[-1][1] and refit[-1][1] % 18 == 0  # 18 points a pass
     assert result.report.method == "pfp/pfp/sequential" and "refit" in result.report.seconds
+
+
+def test_a_depth_that_does_not_fit_keeps_its_largest_layers_one_pass():
+    """With room for the statistics of only the smallest layer of a depth, the others keep their one-pass
+    weights and a note says which; the model still equals its oracle."""
+    from pfp_onnx.recovery.sequential import statistics_bytes
+
+    model = ZOO["residual"]()
+    data = random_inputs(model, 16, seed=1)
+    prepared = prepare(model, data, budgets=[0.5], methods=[Method(recovery="sequential")], holdout=0)
+    one_pass = prune(prepared, budget=0.5, method=Method(recovery="lstsq"))
+    layers = refit_layers(prepared.model, prepared.analysis, one_pass.selections, one_pass.replacements)
+    sizes = sorted(statistics_bytes(item.layer, prepared.analysis, one_pass.selections) for item in layers)
+    notes: list[str] = []
+    changes = sequential_replacements(prepared.model, prepared.original, prepared.analysis, one_pass.selections,
+                                      one_pass.replacements, lambda: prepared.sensitivity_part.batches(BATCH), CPU,
+                                      memory_limit=sizes[0], notes=notes)
+    skipped = [item.layer.node for item in layers
+               if statistics_bytes(item.layer, prepared.analysis, one_pass.selections) > sizes[0]]
+    assert skipped and len(notes) == 1 and f"{len(skipped)} layer(s) kept their one-pass" in notes[0]
+    for node in skipped:  # untouched: the one-pass weights
+        np.testing.assert_array_equal(changes.get((node, 1)), one_pass.replacements.get((node, 1)))
+    refitted = [item.layer.node for item in layers if item.layer.node not in skipped]
+    assert refitted and all(one_pass.replacements.get((node, 1)) is None
+                            or not np.array_equal(changes[(node, 1)], one_pass.replacements[(node, 1)])
+                            for node in refitted)

@@ -182,17 +182,21 @@ def by_depth(layers: list[RefitLayer]) -> list[list[RefitLayer]]:
 def sequential_replacements(model: onnx.ModelProto, original: onnx.ModelProto, analysis: ChannelAnalysis,
                             selections: Mapping[int, Selection], changes: Mapping[tuple[str, int], np.ndarray],
                             batches: Batches, device: Device, *, ridge: float = 1e-3,
-                            on_start: Callable[[int], Callable[[int], None] | None] | None = None) -> Replacements:
+                            on_start: Callable[[int], Callable[[int], None] | None] | None = None,
+                            memory_limit: int | None = None, notes: list[str] | None = None) -> Replacements:
     """`changes` (one-pass replacements) with every affected layer re-fitted, depth after depth.
 
     `model` is the analysed model (with the biases recovery added), `original` the user's model whose
     outputs are the targets; `batches()` streams the sensitivity points afresh, in the same order, for each
     pass. Each pass runs only the segments of the pruned and the original model between the tensors earlier
     passes kept (pfp_onnx.recovery.segments) and what it reads. on_start(passes) may return a function told the
-    points of every batch of every pass.
+    points of every batch of every pass. A depth whose statistics would take more than `memory_limit` bytes
+    leaves its largest layers at their one-pass weights, and says so in `notes`.
     """
     result: Replacements = dict(changes)
     schedule = by_depth(refit_layers(model, analysis, selections, changes))
+    if memory_limit is not None:
+        schedule = _fitting(schedule, analysis, selections, memory_limit, notes if notes is not None else [])
     if not schedule:
         return result
     nodes = {node.name: node for node in to_graph(model).nodes}
@@ -257,6 +261,34 @@ class _Segment:
             self.cache.write(batch, {name: value for name, value in computed.items() if name in self.keep})
             values.update(computed)
         return values
+
+
+def statistics_bytes(layer: Layer, analysis: ChannelAnalysis, selections: Mapping[int, Selection]) -> int:
+    """What re-fitting one layer holds at once: its kept features' float64 Gram with the scatter and the
+    solve's copies of it (four [F', F'] matrices), and the cross moments with their scatter ([F', outputs])."""
+    features = len(kept_features(analysis, selections, layer)[0])
+    outputs = layer.out_units if layer.conv is not None else layer.out_units * layer.kernel  # a head's width
+    return 8 * (4 * features * features + 2 * features * outputs)
+
+
+def _fitting(schedule: list[list[RefitLayer]], analysis: ChannelAnalysis, selections: Mapping[int, Selection],
+             limit: int, notes: list[str]) -> list[list[RefitLayer]]:
+    """Each depth without its largest layers while its statistics exceed `limit` bytes."""
+    fitting, skipped, needed = [], [], 0
+    for chunk in schedule:
+        sizes = {item.layer.node: statistics_bytes(item.layer, analysis, selections) for item in chunk}
+        kept = sorted(chunk, key=lambda item: sizes[item.layer.node])
+        while kept and sum(sizes[item.layer.node] for item in kept) > limit:
+            largest = kept.pop()
+            skipped.append(largest.layer.node)
+            needed = max(needed, sizes[largest.layer.node])
+        if kept:
+            fitting.append([item for item in chunk if item in kept])
+    if skipped:
+        notes.append(f"{len(skipped)} layer(s) kept their one-pass least-squares weights ({', '.join(skipped[:3])}"
+                     f"{', …' if len(skipped) > 3 else ''}): re-fitting them on the pruned model's activations needs "
+                     f"up to {needed / 2**30:.1f} GB at once, more than the {limit / 2**30:.1f} GB it may take here")
+    return fitting
 
 
 def _install(pruned: onnx.ModelProto, analysis: ChannelAnalysis, selections: Mapping[int, Selection],
