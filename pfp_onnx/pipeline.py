@@ -296,7 +296,7 @@ def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes
     try:
         return sequential_replacements(prepared.model, prepared.original, prepared.analysis, selections, changes,
                                        lambda: points.batches(prepared.batch_size), prepared.device,
-                                       on_start=on_start, notes=notes,
+                                       on_start=on_start, notes=notes, points=points.count,
                                        memory_limit=None if available is None else int(CAPTURE_SHARE * available))
     except ONNXRUNTIME_ERRORS as exc:
         raise blame(exc, prepared.original, prepared.name, points.batches(prepared.batch_size),

@@ -242,3 +242,26 @@ def test_a_depth_that_does_not_fit_keeps_its_largest_layers_one_pass():
     assert refitted and all(one_pass.replacements.get((node, 1)) is None
                             or not np.array_equal(changes[(node, 1)], one_pass.replacements[(node, 1)])
                             for node in refitted)
+
+
+def test_a_layer_with_too_few_rows_per_feature_keeps_its_one_pass_weights():
+    """chain's dense layers see one row per point: on 24 points, gemm1's 54 features would be fitted to the
+    points themselves, so it keeps its one-pass weights; its convs, with many positions a point, are re-fitted."""
+    from pfp_onnx.recovery.sequential import MIN_ROWS_PER_FEATURE
+
+    model = ZOO["chain"]()
+    prepared = prepare(model, random_inputs(model, 24, seed=2), budgets=[0.5], methods=[Method(recovery="sequential")],
+                       holdout=0)
+    one_pass = prune(prepared, budget=0.5, method=Method(recovery="lstsq"))
+    layers = {item.layer.node: item for item in refit_layers(prepared.model, prepared.analysis, one_pass.selections,
+                                                              one_pass.replacements)}
+    assert "gemm1" in layers and 24 * layers["gemm1"].layer.positions < MIN_ROWS_PER_FEATURE * 54
+    run_with = lambda points: sequential_replacements(  # noqa: E731
+        prepared.model, prepared.original, prepared.analysis, one_pass.selections, one_pass.replacements,
+        lambda: prepared.sensitivity_part.batches(BATCH), CPU, points=points)
+    counted, uncounted = run_with(24), run_with(None)
+    np.testing.assert_array_equal(counted[("gemm1", 1)], one_pass.replacements[("gemm1", 1)])
+    assert not np.array_equal(uncounted[("gemm1", 1)], one_pass.replacements[("gemm1", 1)])
+    convs = [node for node, item in layers.items() if item.layer.conv is not None]
+    assert convs and all(not np.array_equal(counted[(node, 1)], one_pass.replacements.get((node, 1), np.zeros(0)))
+                         for node in convs)

@@ -41,6 +41,10 @@ from pfp_onnx.runtime import Device, create_session
 from pfp_onnx.recovery.segments import ActivationCache, backward_closure, element_types, segment
 from pfp_onnx.select import Selection
 
+# A layer re-fitted on fewer rows (points × output positions) than this many per kept feature fits the
+# calibration points rather than the model: it keeps its one-pass weights (a text-line classifier's 200 → 2
+# head on 240 points lost 16 points of held-out agreement to its sequential re-fit; docs/performance.md).
+MIN_ROWS_PER_FEATURE = 2
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 Replacements = dict[tuple[str, int], np.ndarray]
 
@@ -183,7 +187,8 @@ def sequential_replacements(model: onnx.ModelProto, original: onnx.ModelProto, a
                             selections: Mapping[int, Selection], changes: Mapping[tuple[str, int], np.ndarray],
                             batches: Batches, device: Device, *, ridge: float = 1e-3,
                             on_start: Callable[[int], Callable[[int], None] | None] | None = None,
-                            memory_limit: int | None = None, notes: list[str] | None = None) -> Replacements:
+                            memory_limit: int | None = None, notes: list[str] | None = None,
+                            points: int | None = None) -> Replacements:
     """`changes` (one-pass replacements) with every affected layer re-fitted, depth after depth.
 
     `model` is the analysed model (with the biases recovery added), `original` the user's model whose
@@ -191,10 +196,15 @@ def sequential_replacements(model: onnx.ModelProto, original: onnx.ModelProto, a
     pass. Each pass runs only the segments of the pruned and the original model between the tensors earlier
     passes kept (pfp_onnx.recovery.segments) and what it reads. on_start(passes) may return a function told the
     points of every batch of every pass. A depth whose statistics would take more than `memory_limit` bytes
-    leaves its largest layers at their one-pass weights, and says so in `notes`.
+    leaves its largest layers at their one-pass weights, and says so in `notes`; so does a layer that would
+    see fewer than MIN_ROWS_PER_FEATURE rows per feature over the `points` (when their number is known).
     """
     result: Replacements = dict(changes)
-    schedule = by_depth(refit_layers(model, analysis, selections, changes))
+    layers = refit_layers(model, analysis, selections, changes)
+    if points is not None:
+        layers = [item for item in layers if points * (item.layer.positions or 1)
+                  >= MIN_ROWS_PER_FEATURE * len(kept_features(analysis, selections, item.layer)[0])]
+    schedule = by_depth(layers)
     if memory_limit is not None:
         schedule = _fitting(schedule, analysis, selections, memory_limit, notes if notes is not None else [])
     if not schedule:
