@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -252,6 +253,7 @@ def _invoke(args, monkeypatch, failure: BaseException):
 
 
 def test_a_bug_ends_in_one_paragraph_and_a_crash_report(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the report goes where the test cleans up
     output = tmp_path / "out.onnx"
     args = ["compress", MODEL, "--data", DATA, "--budget", "0.5", "-o", output, "--report", tmp_path / "r.json"]
     result = _invoke(args, monkeypatch, IndexError("index 7 is out of bounds for axis 0 with size 4"))
@@ -285,6 +287,9 @@ def test_a_failed_report_write_leaves_no_model(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(report, "write_json", failing_json)
+    reports = tmp_path.parent / f"{tmp_path.name}-reports"  # the crash report, not beside the outputs
+    reports.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(reports))
     output = tmp_path / "o.onnx"
     from click.testing import CliRunner
 
@@ -292,3 +297,4 @@ def test_a_failed_report_write_leaves_no_model(tmp_path, monkeypatch):
                                                 "-o", str(output), "--report", str(tmp_path / "r.json")])
     assert result.exit_code == 70 and "No space left on device" in result.output
     assert sorted(path.name for path in tmp_path.iterdir()) == []
+    assert [path.name.startswith("pfp-onnx-crash-") for path in reports.iterdir()] == [True]
