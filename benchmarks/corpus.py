@@ -533,7 +533,8 @@ def run_one(entry: CorpusModel, points: int, seed: int, cache: Path) -> Outcome:
     outcome.fidelity = fidelity_of(report.verification)
     totals = report.totals
     details.append(f"pruned: layer weights {totals.layer_weights_before:,} → {totals.layer_weights_after:,}, "
-                   f"MACs {totals.macs_before:,} → {totals.macs_after:,}; stages (s) "
+                   + ("MACs unknown (sizes left open)" if totals.macs_before is None
+                      else f"MACs {totals.macs_before:,} → {totals.macs_after:,}") + "; stages (s) "
                    + ", ".join(f"{stage} {spent:.1f}" for stage, spent in report.seconds.items()))
     details += [f"note: {note}" for note in report.notes]
     broken = check_pruned(result.model, path, first_point(feeds))

@@ -129,7 +129,8 @@ class Bench:
         prepare_seconds = sum(prepared.seconds.values())
         return {"model": self.model.name, "method": method.recovery, "budget_of": prepared.budget_of,
                 "budget": budget, "weights_kept": totals.layer_weights_after / totals.layer_weights_before,
-                "macs_kept": totals.macs_after / totals.macs_before, "speedup": timing.speedup,
+                "macs_kept": None if totals.macs_before is None else totals.macs_after / totals.macs_before,
+                "speedup": timing.speedup,
                 "original_ms": timing.original_ms, "pruned_ms": timing.pruned_ms,
                 **(self.model.judge(self.original_predictions, self.predictions(pruned)) if judge else {}),
                 "prepare_s": prepare_seconds, "prune_s": prune_seconds, "compress_s": prepare_seconds + prune_seconds}

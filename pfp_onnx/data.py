@@ -235,18 +235,22 @@ def validate(arrays: Mapping[str, np.ndarray | NpzArray], model: onnx.ModelProto
 
 def _check_batched(model: onnx.ModelProto, specs: list[InputSpec]) -> None:
     """pfp-onnx feeds every input a batch of points sliced along axis 0: a scalar input has no such axis, and
-    an input whose axis 0 is fixed while another input's is not (or is fixed to another size) holds
-    something other than points there, such as a recurrent state [2, N, 128]."""
+    an input whose axis 0 is fixed while a later axis is open, beside inputs whose axis 0 is open, holds
+    something other than points there, such as a recurrent state [2, N, 128]. A whole input fixed at axis 0
+    (an LSTM state [1, 1, 128] beside audio [N, 576]) is a model exported for one batch size: it runs
+    batches of exactly that size."""
     shaped = {info.name for info in model.graph.input if info.type.tensor_type.HasField("shape")}
     described = {spec.name: f"'{spec.name}' {_describe(spec)}" for spec in specs}
     problems = [f"{described[spec.name]} is a scalar" for spec in specs if spec.name in shaped and not spec.dims]
-    fixed = [described[spec.name] for spec in specs if spec.dims and spec.dims[0] is not None]
+    fixed = [described[spec.name] for spec in specs if spec.dims and spec.dims[0] is not None
+             and any(dim is None for dim in spec.dims[1:])]
     open_batch = [described[spec.name] for spec in specs if spec.dims and spec.dims[0] is None]
     if fixed and open_batch:
         problems.append(f"{', '.join(fixed)} {'fixes' if len(fixed) == 1 else 'fix'} axis 0 while "
                         f"{', '.join(open_batch)} {'leaves' if len(open_batch) == 1 else 'leave'} it open")
-    elif len({spec.dims[0] for spec in specs if spec.dims}) > 1:
-        problems.append(f"{', '.join(fixed)} fix axis 0 to different sizes")
+    elif len({spec.dims[0] for spec in specs if spec.dims and spec.dims[0] is not None}) > 1:
+        problems.append(f"{', '.join(described[spec.name] for spec in specs if spec.dims and spec.dims[0])} fix "
+                        "axis 0 to different sizes")
     if problems:
         raise DataError(
             "pfp-onnx needs every model input to carry the calibration points on axis 0 (it feeds each input a "

@@ -75,6 +75,23 @@ def test_inputs_without_the_points_on_axis_0_are_refused():
         validate({"a": np.zeros((1, 4), np.float32), "b": np.zeros((2, 4), np.float32)}, fixed)
 
 
+def test_a_whole_input_fixed_at_one_batch_size_is_a_fixed_batch():
+    """silero-vad's LSTM export: audio [N, 576] beside states h, c [1, 1, 128] fixed whole: a model that runs
+    batches of exactly one point, which compress feeds it (it was refused once)."""
+    from pfp_onnx.pipeline import _fixed_batch
+
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["h"], ["h_mean"], keepdims=0), helper.make_node("Add", ["x", "h_mean"],
+                                                                                          ["y"])], "lstm_like",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 1])])
+    model = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+    data = validate({"x": np.ones((3, 1), np.float32), "h": np.zeros((3, 1, 128), np.float32)}, model)
+    assert data.count == 3
+    assert _fixed_batch(model) == 1
+
+
 def test_a_single_value_is_not_points(model):
     with pytest.raises(DataError, match="single value, not points"):
         validate({"input": np.float32(0.5)}, model)
