@@ -11,7 +11,6 @@ import onnx
 
 from pfp_onnx.groups import ChannelAnalysis
 from pfp_onnx.model import to_graph
-from pfp_onnx.options import CRITERIA
 
 
 def norm_scores(model: onnx.ModelProto, analysis: ChannelAnalysis, order: int) -> dict[int, np.ndarray]:

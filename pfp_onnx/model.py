@@ -128,7 +128,7 @@ def skeleton(model: onnx.ModelProto, *, for_inference: bool = False) -> onnx.Mod
     if (model_bytes(model) <= SKELETON_MODEL_BYTES and not for_inference) or not large:
         return model
     large_names = {init.name for init in large}
-    result = _without_initializers(model)
+    result = without_initializers(model)
     graph = result.graph
     graph.input.extend(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
                        for init in large if init.name not in {info.name for info in model.graph.input})
@@ -145,7 +145,7 @@ def externalized(model: onnx.ModelProto, data_path: str | os.PathLike, location:
     out of the caller's proto, and a copy first would hold the weights twice. Offsets are aligned so that
     onnxruntime may map the weights rather than copy them.
     """
-    shell = _without_initializers(model)
+    shell = without_initializers(model)
     with open(data_path, "wb") as handle:
         for tensor in model.graph.initializer:
             if not tensor.HasField("raw_data") or tensor_bytes(tensor) <= threshold:
@@ -180,37 +180,18 @@ def with_outputs(model: onnx.ModelProto, tensor_names: Iterable[str]) -> onnx.Mo
     return augmented
 
 
-def prefix(model: onnx.ModelProto, tensor_names: Iterable[str]) -> onnx.ModelProto:
-    """The part of `model` that computes the named tensors, which become its only outputs: a pass that
-    reads a few intermediate tensors does not pay for the layers after them."""
-    wanted = list(dict.fromkeys(tensor_names))
-    needed, kept = set(wanted), []
-    for node in reversed(model.graph.node):
-        if needed.intersection(node.output):
-            kept.append(node)
-            needed.update(node.input)
-            needed.update(_subgraph_inputs(node))
-    result = _without_initializers(model)
-    del result.graph.node[:], result.graph.output[:]
-    result.graph.node.extend(reversed(kept))
-    result.graph.initializer.extend(init for init in model.graph.initializer if init.name in needed)
-    original_outputs = {output.name: output for output in model.graph.output}
-    result.graph.output.extend(original_outputs[name] for name in wanted if name in original_outputs)
-    return with_outputs(result, wanted)
-
-
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
+def subgraph_inputs(node: onnx.NodeProto) -> set[str]:
     """Every name the node's subgraphs (If, Loop, Scan bodies) read, outer-scope values among them."""
     names: set[str] = set()
     for attribute in node.attribute:
         for graph in [attribute.g] if attribute.HasField("g") else list(attribute.graphs):
             for inner in graph.node:
                 names.update(inner.input)
-                names.update(_subgraph_inputs(inner))
+                names.update(subgraph_inputs(inner))
     return names
 
 
-def _without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+def without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
     """Every field of the model except its graph's initializers (small whatever the weights)."""
     result = onnx.ModelProto()
     _copy_fields(model, result, skip={"graph"})

@@ -23,7 +23,7 @@ from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, points_in
                            whole_batches)
 from pfp_onnx.errors import DataError, ModelError, OptionError
 from pfp_onnx.options import ALLOCATIONS, BUDGET_OF, CRITERIA, DEFAULT_RECOVERY, MODES, RECOVERIES
-from pfp_onnx.fidelity import Fidelity, check_metric, measure
+from pfp_onnx.fidelity import check_metric, measure
 from pfp_onnx.fidelity import warnings as fidelity_warnings
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
 from pfp_onnx.memory import CAPTURE_SHARE, available_bytes, capture_bytes_per_point, fitting_batch_size

@@ -14,11 +14,10 @@ import onnx_graphsurgeon as gs
 
 from pfp_onnx.groups import ChannelAnalysis, Layer
 from pfp_onnx.model import from_graph, to_graph
-from pfp_onnx.options import RECOVERIES
 from pfp_onnx.recovery.least_squares import ConvPatches, FeatureStatistics, compensate_bias, reconstruct
 from pfp_onnx.select import Selection
 
-# In increasing order of what they collect and cost: sequential starts from lstsq's one-pass weights.
+# The recoveries that start from one-pass least squares (sequential re-fits its weights further).
 LEAST_SQUARES = ("lstsq", "sequential")
 # Above this many input features (C·K) a layer's Gram matrix ((C·K+1)² float64, 32 MB at 2048) is not
 # collected, and least squares falls back to bias compensation for that layer; all Gram matrices

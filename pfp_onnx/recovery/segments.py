@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from pfp_onnx.model import _subgraph_inputs, _without_initializers, infer_shapes
+from pfp_onnx.model import infer_shapes, subgraph_inputs, without_initializers
 
 
 def element_types(model: onnx.ModelProto) -> dict[str, int]:
@@ -35,7 +35,7 @@ def backward_closure(model: onnx.ModelProto, names: Iterable[str]) -> set[str]:
     for node in reversed(model.graph.node):
         if needed.intersection(node.output):
             needed.update(node.input)
-            needed.update(_subgraph_inputs(node))
+            needed.update(subgraph_inputs(node))
     return needed
 
 
@@ -55,16 +55,16 @@ def segment(model: onnx.ModelProto, available: set[str], outputs: Iterable[str],
     for node in reversed(model.graph.node):
         if needed.intersection(node.output):
             kept_nodes.append(node)
-            needed.update(name for name in [*node.input, *_subgraph_inputs(node)] if name and name not in available)
+            needed.update(name for name in [*node.input, *subgraph_inputs(node)] if name and name not in available)
     kept_nodes.reverse()
     kept_ids = {id(node) for node in kept_nodes}
     produced = {name for node in kept_nodes for name in node.output}
-    reads = {name for node in kept_nodes for name in [*node.input, *_subgraph_inputs(node)]}
+    reads = {name for node in kept_nodes for name in [*node.input, *subgraph_inputs(node)]}
     read_available = sorted(reads & available - produced)
     outside = {name for node in model.graph.node if id(node) not in kept_ids
-               for name in [*node.input, *_subgraph_inputs(node)]}
+               for name in [*node.input, *subgraph_inputs(node)]}
     crossing = sorted((produced & keep & outside) - set(wanted))
-    result = _without_initializers(model)
+    result = without_initializers(model)
     graph = result.graph
     del graph.node[:], graph.output[:], graph.input[:], graph.value_info[:]
     graph.node.extend(kept_nodes)
