@@ -66,6 +66,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="one weight budget, one speed-up and half the calibration and test points")
     parser.add_argument("--mac-budgets-from", type=Path, default=None, metavar="CSV",
                         help="reuse the MAC budgets that an earlier run's CSV found for each speed-up (no bisection)")
+    parser.add_argument("--latency", action="store_true",
+                        help="also prune each speed-up with --budget-of latency (pfp-onnx's own latency table and "
+                             "closed loop, at the model's deployment batch and --threads): fidelity beside the MAC "
+                             "budget's at the speed-ups both measure")
     parser.add_argument("--bisection-steps", type=int, default=5, help="pruned models tried per speed-up (default 5)")
     parser.add_argument("--latency-seconds", type=float, default=4.0,
                         help="seconds of interleaved runs per latency measurement (default 4)")
@@ -191,6 +195,9 @@ def run_model(bench: Bench, arguments: argparse.Namespace, known_budgets: dict) 
         by_macs = dataclasses.replace(prepared, budget_of="macs")  # the capture is the same for either count
         plan = [(prepared, budget, None) for budget in arguments.budgets]
         plan += [(by_macs, budget, target) for target, budget in mac_budgets.items()]
+        if arguments.latency:
+            by_latency = with_latency_table(prepared, bench.model.deploy_batch, arguments.threads)
+            plan += [(by_latency, 1 / target, target) for target in arguments.speedups]
         for source, budget, target in plan:
             try:
                 row = bench.measure(source, method, budget)
@@ -200,6 +207,20 @@ def run_model(bench: Bench, arguments: argparse.Namespace, known_budgets: dict) 
             row["target_speedup"] = target
             bench.rows.append(row)
             print("  " + format_row(row), flush=True)
+
+
+def with_latency_table(prepared, batch: int, threads: int):
+    """The same preparation (the capture does not depend on what the budget counts) with the latency table
+    compress --budget-of latency would measure."""
+    from pfp_onnx import pipeline
+
+    sizes = pipeline._layer_sizes(prepared.analysis, "latency")
+    table, feed = pipeline._latency_table(prepared.model, prepared.analysis, sizes, prepared.device,
+                                          prepared.sensitivity_part, pipeline._fixed_batch(prepared.model), batch,
+                                          threads, None, None, prepared.name)
+    print(f"    latency table: {len(table.curves)} layers, width step {table.step}, "
+          f"{'cached' if table.cached else f'{table.seconds:.1f} s'}", flush=True)
+    return dataclasses.replace(prepared, budget_of="latency", latency=table, latency_feed=feed)
 
 
 def find_mac_budgets(bench: Bench, prepared, method: pfp_onnx.Method, arguments: argparse.Namespace,

@@ -20,6 +20,9 @@ def cpu_session(model: str | onnx.ModelProto, threads: int = 2) -> ort.Inference
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # Idle worker threads spin by default: run alternately, one session's spinning threads steal the cores
+    # of the other (pfp_onnx.latency.timing does the same).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     source = model if isinstance(model, str) else model.SerializeToString()
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -94,11 +94,12 @@ def _progress_bar():
         elapsed = now - started[stage]
         if total:
             filled = min(BAR_WIDTH, BAR_WIDTH * done // total)
-            line = f"{stage} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} points  {_clock(elapsed)}"
+            line = (f"{stage} [{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {done}/{total} {_unit(stage)}  "
+                    f"{_clock(elapsed)}")
             if 0 < done < total:
                 line += f", about {_clock(elapsed * (total - done) / done)} left"
         else:
-            line = f"{stage}: {done} points  {_clock(elapsed)}"
+            line = f"{stage}: {done} {_unit(stage)}  {_clock(elapsed)}"
         click.echo(f"\r{line.ljust(shown[0])}", err=True, nl=False)
         shown[0] = len(line)
         if total and done >= total:
@@ -125,18 +126,24 @@ def _progress_log():
         said[stage] = now
         elapsed = now - started[stage]
         if finished:
-            line = f"{stage}: {done} points in {_clock(elapsed)}"
+            line = f"{stage}: {done} {_unit(stage)} in {_clock(elapsed)}"
         elif total:
-            line = (f"{stage}: {done}/{total} points ({done / total:.0%}) after {_clock(elapsed)}, "
+            line = (f"{stage}: {done}/{total} {_unit(stage)} ({done / total:.0%}) after {_clock(elapsed)}, "
                     f"about {_clock(elapsed * (total - done) / done)} left")
         else:
-            line = f"{stage}: {done} points after {_clock(elapsed)}"
+            line = f"{stage}: {done} {_unit(stage)} after {_clock(elapsed)}"
         click.echo(line, err=True)
 
     return show
 
 
 LOG_SECONDS = 10
+# What a stage counts, where it is not calibration points: layer widths timed, pruned structures timed.
+STAGE_UNITS = {"latency": "timings", "speed-up": "structures"}
+
+
+def _unit(stage: str) -> str:
+    return STAGE_UNITS.get(stage, "points")
 
 
 def _clock(seconds: float) -> str:
@@ -176,8 +183,26 @@ _round_to_option = click.option(
 
 _budget_of_option = click.option(
     "--budget-of", type=click.Choice(BUDGET_OF), default="weights", show_default=True,
-    help="What --budget counts: the Conv/Gemm/MatMul weights, or their multiply-accumulates per point (macs: "
-         "what inference time follows).")
+    help="What --budget counts: the Conv/Gemm/MatMul weights, their multiply-accumulates per point (macs), or "
+         "the model's latency measured with onnxruntime on this machine (latency: each layer timed at a few "
+         "widths, the pruned model timed against the original until the speed-up is on target).")
+
+
+def _latency_options(command):
+    """Where --budget-of latency times: the deployment's batch and threads, and the table's cache."""
+    for option in reversed([
+        click.option("--latency-batch", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="--budget-of latency: the batch size the model will run at (a model exported with a "
+                          "fixed batch runs that one)."),
+        click.option("--latency-threads", type=click.IntRange(min=1),
+                     help="--budget-of latency: onnxruntime intra-op threads it will run with.  "
+                          "[default: onnxruntime's, one per physical core]"),
+        click.option("--latency-cache", type=click.Path(file_okay=False),
+                     help="Folder for latency tables, so a re-run does not time again.  "
+                          "[default: $PFP_ONNX_CACHE, else ~/.cache/pfp-onnx]"),
+    ]):
+        command = option(command)
+    return command
 
 
 def _floats(text: str, option: str) -> list[float]:
@@ -214,6 +239,10 @@ def main() -> None:
               help="Fraction of the Conv/Gemm/MatMul weights (or MACs, --budget-of) to keep, in (0, 1]. "
                    "Optional with --min-fidelity.")
 @_budget_of_option
+@click.option("--target-speedup", type=float, metavar="S",
+              help="The speed-up to prune for, measured with onnxruntime on this machine (e.g. 1.5): short for "
+                   "--budget-of latency --budget 1/S.")
+@_latency_options
 @click.option("--min-fidelity", type=float, metavar="F",
               help="Held-out fidelity to keep, in (0, 1] (see --fidelity). Without --budget: find the smallest "
                    "budget that keeps it (within 0.01). With --budget: a gate; below it, exit status 3 and no "
@@ -246,12 +275,16 @@ def main() -> None:
 @click.option("--external-data", is_flag=True,
               help="Store the output's weights in OUT.data beside it (automatic above 2 GB).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, readable=False), help="Also write the report as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, readable=False),
+              help="Also draw the allocation as a PNG: per layer, the output channels kept and its share of the "
+                   "latency (or weights). Needs matplotlib.")
 @click.option("-q", "--quiet", is_flag=True, help="Print only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Also print every frozen reason and each output's errors.")
 @_handled_errors
-def compress_command(model, data, budget, budget_of, min_fidelity, fidelity, fidelity_output, output, mode,
-                     criterion, allocation, recovery, holdout, batch_size, seed, device, exclude, exclude_ops, round_to, external_data, report_path, quiet,
-                     verbose):
+def compress_command(model, data, budget, budget_of, target_speedup, latency_batch, latency_threads, latency_cache,
+                     min_fidelity, fidelity, fidelity_output, output, mode, criterion, allocation, recovery, holdout,
+                     batch_size, seed, device, exclude, exclude_ops, round_to, external_data, report_path, plot_path,
+                     quiet, verbose):
     """Prune MODEL to keep BUDGET of its layer weights (or MACs) and write a smaller dense ONNX model."""
     from pfp_onnx import compress
     from pfp_onnx.model import check_output_path, default_output_path, remove_model, save_model
@@ -261,18 +294,26 @@ def compress_command(model, data, budget, budget_of, min_fidelity, fidelity, fid
     replacing = output is None and output_path.exists()
     if report_path is not None:
         check_output_path(report_path, model, data, output_path, option="--report")
+    if plot_path is not None:
+        check_output_path(plot_path, model, data, output_path, report_path, option="--plot")
+        _check_matplotlib()
     result = compress(model, data, budget=budget, mode=mode, criterion=criterion, allocation=allocation,
                       recovery=recovery, holdout=holdout, batch_size=batch_size, seed=seed, device=device,
                       exclude=exclude, exclude_ops=exclude_ops, round_to=round_to, budget_of=budget_of,
-                      min_fidelity=min_fidelity, fidelity=fidelity,
-                      fidelity_output=fidelity_output, progress=_progress_printer(quiet))
+                      min_fidelity=min_fidelity, fidelity=fidelity, fidelity_output=fidelity_output,
+                      progress=_progress_printer(quiet), target_speedup=target_speedup, latency_batch=latency_batch,
+                      latency_threads=latency_threads, latency_cache=latency_cache)
     gate_failed = result.report.fidelity is not None and result.report.fidelity.met is False
     if not gate_failed:
         save_model(result.model, output_path, external_data=external_data)
     try:
         if report_path is not None:
             write_json(result.report, report_path)
-    except BaseException:  # the command writes both or neither
+        if plot_path is not None:
+            from pfp_onnx.allocation_plot import plot_allocation
+
+            plot_allocation([(f"budget {result.report.budget:g}", result.report.layers)], plot_path, title=str(model))
+    except BaseException:  # the command writes all or none
         if not gate_failed:
             remove_model(output_path)
         raise
@@ -290,7 +331,7 @@ def compress_command(model, data, budget, budget_of, min_fidelity, fidelity, fid
                    err=True)
         sys.exit(GATE_STATUS)
     if not quiet:
-        click.echo(f"wrote {output_path}" + (f" and {report_path}" if report_path else ""))
+        click.echo("wrote " + " and ".join(str(path) for path in (output_path, report_path, plot_path) if path))
     for warning in result.report.warnings:  # even with -q: the model was written, but may not be usable
         click.echo(f"warning: {warning}", err=True)
 
@@ -346,40 +387,63 @@ def evaluate_command(original, pruned, data, epsilons, batch_size, device, as_js
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, readable=False),
               help="Also write the table (every column) as CSV.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, readable=False), help="Also draw a PNG (needs matplotlib).")
+@click.option("--plot-allocation", "allocation_path", type=click.Path(dir_okay=False, readable=False),
+              help="Also draw each budget's allocation of the first method as a PNG: per layer, the output "
+                   "channels kept and its share of the latency (or weights). Needs matplotlib.")
 @_budget_of_option
+@_latency_options
 @_run_options
 @_round_to_option
 @_handled_errors
-def sweep_command(model, data, budgets, methods, csv_path, plot_path, budget_of, holdout, batch_size, seed, device,
-                  round_to):
+def sweep_command(model, data, budgets, methods, csv_path, plot_path, allocation_path, budget_of, latency_batch,
+                  latency_threads, latency_cache, holdout, batch_size, seed, device, round_to):
     """Compress MODEL at every budget with every method (one capture) and print held-out accuracy beside the
     original's."""
     budgets = _floats(budgets, "--budgets")
     from pfp_onnx.model import check_output_path
-    from pfp_onnx.sweep import TABLE_HEADER, parse_methods, plot, sweep, table_line, write_csv
+    from pfp_onnx.sweep import LATENCY_HEADER, TABLE_HEADER, parse_methods, plot, sweep, table_line, write_csv
 
     if csv_path is not None:
         check_output_path(csv_path, model, data, option="--csv")
     if plot_path is not None:
         check_output_path(plot_path, model, data, csv_path, option="--plot")
+    if allocation_path is not None:
+        check_output_path(allocation_path, model, data, csv_path, plot_path, option="--plot-allocation")
+    if plot_path is not None or allocation_path is not None:
+        _check_matplotlib()
     shown = []
 
     def show(row) -> None:
         if not shown:  # the header with the first row: a refused option or input prints only its error
-            click.echo(TABLE_HEADER)
+            click.echo(LATENCY_HEADER if budget_of == "latency" else TABLE_HEADER)
         shown.append(row)
         click.echo(table_line(row))
 
     rows = sweep(model, data, budgets=budgets, methods=parse_methods(methods), holdout=holdout,
                  batch_size=batch_size, seed=seed, device=device, round_to=round_to, budget_of=budget_of,
-                 progress=_progress_printer(quiet=False), on_row=show)
-    written = [path for path in (csv_path, plot_path) if path is not None]
+                 progress=_progress_printer(quiet=False), on_row=show, latency_batch=latency_batch,
+                 latency_threads=latency_threads, latency_cache=latency_cache)
+    written = [path for path in (csv_path, plot_path, allocation_path) if path is not None]
     if csv_path is not None:
         write_csv(rows, csv_path)
     if plot_path is not None:
         plot(rows, plot_path, title=str(model), budget_of=budget_of)
+    if allocation_path is not None:
+        from pfp_onnx.allocation_plot import plot_allocation
+
+        first = next(row.method for row in rows if row.layers)
+        plot_allocation([(f"budget {row.budget:g}", row.layers) for row in rows if row.method == first],
+                        allocation_path, title=f"{model} ({first})")
     if written:
         click.echo("wrote " + " and ".join(map(str, written)))
+
+
+def _check_matplotlib() -> None:
+    """Before the long work, not after it: a plot asked for needs matplotlib."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise OptionError("Plotting needs matplotlib: pip install 'pfp-onnx[plot]', or leave out the plot option.")
 
 
 @main.command("calib")

@@ -9,7 +9,7 @@ since size(ε) — the prunable-layer weights kept — falls as ε grows, ε is 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,13 +86,13 @@ class LayerSize:
 @dataclass(frozen=True)
 class Allocation:
     """The solved error bound, the channels each group keeps, and the weights (or MACs, when the layers
-    carry positions) that leaves."""
+    carry positions; or the cost function's unit, milliseconds for latency) that leaves."""
 
     epsilon: float
     kept: dict[str, int]
-    weights_total: int
-    weights_kept: int
-    weights_floor: int
+    weights_total: float
+    weights_kept: float
+    weights_floor: float
     round_to: int | str = 1  # the rounding used: "auto" becomes 1 below the budget it can meet
 
 
@@ -147,23 +147,27 @@ def kept_weights(layers: Sequence[LayerSize], kept: Mapping[str, int]) -> int:
     return total
 
 
-def multiple(width: int, round_to: int | str) -> int:
-    """The step a group of `width` channels keeps: round_to itself, or under "auto" 8 for groups of at least
-    16 channels and 1 for narrower ones."""
+Cost = Callable[[Mapping[str, int]], float]  # kept channels per group → what the budget counts
+
+
+def multiple(width: int, round_to: int | str, auto_step: int = AUTO_MULTIPLE) -> int:
+    """The step a group of `width` channels keeps: round_to itself, or under "auto" `auto_step` (8, or the
+    staircase a latency table measured) for groups of at least twice that many channels and 1 for narrower
+    ones."""
     if round_to == ROUND_TO_AUTO:
-        return AUTO_MULTIPLE if width >= AUTO_MIN_WIDTH else 1
+        return auto_step if width >= max(AUTO_MIN_WIDTH, 2 * auto_step) else 1
     return int(round_to)
 
 
-def rounded(count: int, width: int, round_to: int | str) -> int:
+def rounded(count: int, width: int, round_to: int | str, auto_step: int = AUTO_MULTIPLE) -> int:
     """Round a keep count up to the group's multiple (fast kernel widths), at most the width."""
-    step = multiple(width, round_to)
+    step = multiple(width, round_to, auto_step)
     return min(width, -(-count // step) * step)
 
 
 def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
              delta: float = 1e-16, c_constant: float = 3.0, round_to: int | str = 1,
-             unit: str = "weights") -> Allocation:
+             unit: str = "weights", cost: Cost | None = None, auto_step: int = AUTO_MULTIPLE) -> Allocation:
     """The PFP allocation that keeps as many weights as possible while keeping ≤ budget · all of them.
 
     budget is the fraction of the prunable layers' weights (Σ in_units·in_block·out_units, times positions
@@ -173,37 +177,44 @@ def allocate(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget:
     budget. With round_to 1 no top-up follows: the gap to the budget is whatever PFP's steps leave. Rounded
     steps (8 channels) leave more, so then groups take further steps in the order PFP's bound asks for them
     while the budget allows (_step_up_in_bound_order); ε stays the worst per-group bound. budget == 1 keeps
-    every channel (ε reported as 1e-12).
+    every channel (ε reported as 1e-12). `cost` replaces the layers' weight count as what the budget counts
+    (a latency table's prediction); it must not fall when a group keeps more channels.
 
     Raises BudgetError when budget is outside (0, 1] or below the floor (every group keeping one channel).
     """
     demands = _check_inputs(groups, layers)
-    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to, unit)
+    size = _size_function(layers, cost)
+    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to, unit,
+                                                                         size, auto_step)
     target = budget * weights_total
     if budget >= 1:
         return Allocation(EPSILON_MIN, full, weights_total, weights_total, weights_floor, round_to)
 
     def count_at(name: str, epsilon: float) -> int:
         return rounded(channels_for_epsilon(demands[name], epsilon, delta=delta, c_constant=c_constant),
-                       full[name], round_to)
+                       full[name], round_to, auto_step)
 
     def kept_at(epsilon: float) -> dict[str, int]:
         return {name: count_at(name, epsilon) for name in demands}
 
     kept_low = kept_at(EPSILON_MIN)
-    if kept_weights(layers, kept_low) <= target:
-        return Allocation(EPSILON_MIN, kept_low, weights_total, kept_weights(layers, kept_low), weights_floor, round_to)
+    if size(kept_low) <= target:
+        return Allocation(EPSILON_MIN, kept_low, weights_total, size(kept_low), weights_floor, round_to)
     # size(low) > target >= size(high), down to adjacent floats.
-    _, high = _log_bisect(EPSILON_MIN, EPSILON_MAX, lambda epsilon: kept_weights(layers, kept_at(epsilon)) <= target,
+    _, high = _log_bisect(EPSILON_MIN, EPSILON_MAX, lambda epsilon: size(kept_at(epsilon)) <= target,
                           iterations=2000)
     kept_high = kept_at(high)
-    if kept_weights(layers, kept_high) > target:
+    if size(kept_high) > target:
         # Only reachable with astronomically large sensitivities; the floor itself meets the budget.
-        kept_high = {name: rounded(1, full[name], round_to) for name in demands}
-    if any(multiple(width, round_to) > 1 for width in full.values()):
-        kept_high = _step_up_in_bound_order(kept_high, high, count_at,
-                                            lambda kept: kept_weights(layers, kept) <= target)
-    return Allocation(high, kept_high, weights_total, kept_weights(layers, kept_high), weights_floor, round_to)
+        kept_high = {name: rounded(1, full[name], round_to, auto_step) for name in demands}
+    if any(multiple(width, round_to, auto_step) > 1 for width in full.values()):
+        kept_high = _step_up_in_bound_order(kept_high, high, count_at, lambda kept: size(kept) <= target)
+    return Allocation(high, kept_high, weights_total, size(kept_high), weights_floor, round_to)
+
+
+def _size_function(layers: Sequence[LayerSize], cost: Cost | None) -> Cost:
+    """What the budget counts, for a choice of kept channels: `cost`, else the layers' weights (or MACs)."""
+    return cost if cost is not None else (lambda kept: kept_weights(layers, kept))
 
 
 def _step_up_in_bound_order(kept: dict[str, int], epsilon: float, count_at, fits) -> dict[str, int]:
@@ -254,7 +265,8 @@ def _step_up(kept: dict[str, int], next_step, fits) -> dict[str, int]:
 
 
 def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize], budget: float, *,
-                     round_to: int | str = 1, unit: str = "weights") -> Allocation:
+                     round_to: int | str = 1, unit: str = "weights", cost: Cost | None = None,
+                     auto_step: int = AUTO_MULTIPLE) -> Allocation:
     """The baseline allocation: the same keep fraction in every prunable group (sensitivities unused).
 
     The largest fraction whose rounded-up channel counts meet the budget is found by bisection; epsilon
@@ -264,35 +276,37 @@ def allocate_uniform(groups: Sequence[GroupDemand], layers: Sequence[LayerSize],
     PFP's allocation to compare against. round_to 1 takes no top-up, as in allocate().
     """
     demands = _check_inputs(groups, layers)
-    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to, unit)
+    size = _size_function(layers, cost)
+    budget, full, weights_total, weights_floor, round_to = _check_budget(demands, layers, budget, round_to, unit,
+                                                                         size, auto_step)
 
     def kept_at(fraction: float) -> dict[str, int]:
-        return {name: rounded(max(1, min(width, math.ceil(fraction * width - 1e-9))), width, round_to)
+        return {name: rounded(max(1, min(width, math.ceil(fraction * width - 1e-9))), width, round_to, auto_step)
                 for name, width in full.items()}
 
     low, high = 0.0, 1.0
-    if kept_weights(layers, kept_at(high)) > budget * weights_total:
+    if size(kept_at(high)) > budget * weights_total:
         for _ in range(60):
             middle = (low + high) / 2
-            if kept_weights(layers, kept_at(middle)) <= budget * weights_total:
+            if size(kept_at(middle)) <= budget * weights_total:
                 low = middle
             else:
                 high = middle
         high = low
     kept = kept_at(high)
-    if any(multiple(width, round_to) > 1 for width in full.values()):
+    if any(multiple(width, round_to, auto_step) > 1 for width in full.values()):
 
         def next_step(name: str, count: int) -> tuple[float, int] | None:
-            step = rounded(count + 1, full[name], round_to)
+            step = rounded(count + 1, full[name], round_to, auto_step)
             return None if count >= full[name] else (-step / full[name], step)  # lowest fraction after it first
 
-        kept = _step_up(kept, next_step, lambda candidate: kept_weights(layers, candidate) <= budget * weights_total)
-    return Allocation(math.nan, kept, weights_total, kept_weights(layers, kept), weights_floor, round_to)
+        kept = _step_up(kept, next_step, lambda candidate: size(candidate) <= budget * weights_total)
+    return Allocation(math.nan, kept, weights_total, size(kept), weights_floor, round_to)
 
 
 def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize],
-                  budget: float, round_to: int | str = 1,
-                  unit: str = "weights") -> tuple[float, dict[str, int], int, int, int | str]:
+                  budget: float, round_to: int | str = 1, unit: str = "weights", size: Cost | None = None,
+                  auto_step: int = AUTO_MULTIPLE) -> tuple[float, dict[str, int], float, float, int | str]:
     """The budget as a float, full widths, total and floor weights, and the rounding to use ("auto" gives way
     to 1 when its floor is above the budget); BudgetError when the budget cannot be met."""
     given = budget
@@ -306,14 +320,23 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
             f"(e.g. 0.5 keeps half of them), but {given!r} was given; pass a value such as --budget 0.5."
         )
     full = {name: int(np.asarray(group.sensitivity).size) for name, group in demands.items()}
-    weights_total = kept_weights(layers, full)
-    weights_floor = kept_weights(layers, {name: rounded(1, width, round_to) for name, width in full.items()})
+    size = size or _size_function(layers, None)
+    weights_total = size(full)
+    weights_floor = size({name: rounded(1, width, round_to, auto_step) for name, width in full.items()})
     if round_to == ROUND_TO_AUTO and weights_floor > budget * weights_total:
         round_to = 1
-        weights_floor = kept_weights(layers, {name: 1 for name in full})
+        weights_floor = size({name: 1 for name in full})
     if weights_floor > budget * weights_total:
-        frozen = kept_weights([layer for layer in layers if not layer.in_groups and not layer.out_groups], {})
         smallest = smallest_budget(weights_floor, weights_total)
+        if unit == "latency":
+            raise BudgetError(
+                f"A latency budget of {budget:g} (a {1 / budget:.2f}× speed-up) cannot be met: with every prunable "
+                f"channel group down to one channel the model is predicted to keep {smallest:.3f} of its latency "
+                f"(a {1 / smallest:.2f}× speed-up at most), the rest being spent in layers and operators pruning "
+                "cannot shrink; ask for less (--budget of at least "
+                f"{smallest:.3f}, or --target-speedup below {1 / smallest:.2f}) or unfreeze more channel groups "
+                "(`pfp-onnx analyze` shows why each group is frozen).")
+        frozen = kept_weights([layer for layer in layers if not layer.in_groups and not layer.out_groups], {})
         raise BudgetError(
             f"A budget of {budget:g} cannot be met: the smallest feasible budget for this model is {smallest:.3f} "
             f"(frozen layers alone keep {frozen} of {weights_total} prunable-layer {unit}, "
@@ -326,7 +349,7 @@ def _check_budget(demands: Mapping[str, GroupDemand], layers: Sequence[LayerSize
     return budget, full, weights_total, weights_floor, round_to
 
 
-def smallest_budget(weights_floor: int, weights_total: int) -> float:
+def smallest_budget(weights_floor: float, weights_total: float) -> float:
     """The floor as a budget to print: rounded up to 0.001, since a budget printed below it would still fail."""
     return math.ceil(weights_floor / weights_total * 1000 - 1e-9) / 1000
 

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto, helper
+from onnx.reference import ReferenceEvaluator
 
 from pfp_onnx.errors import ModelError, OutputError
 
@@ -290,6 +291,211 @@ def with_unique_node_names(model: onnx.ModelProto, *, in_place: bool) -> onnx.Mo
     for node, name in zip(model.graph.node, node_names(model)):
         node.name = name
     return model
+
+
+def for_analysis(model: onnx.ModelProto, *, in_place: bool) -> onnx.ModelProto:
+    """The model as the analysis, capture and rewrite read it: every node uniquely named
+    (with_unique_node_names) and every layer weight the graph computes from constants folded
+    (with_layer_weights_folded). Unchanged (the same object) when neither applies; a copy unless in_place."""
+    named = with_unique_node_names(model, in_place=in_place)
+    return with_layer_weights_folded(named, in_place=in_place or named is not model)
+
+
+# Operators that only pick, reorder or retype the entries of constants: a layer weight that a chain of these
+# computes from initializers and Constant nodes is a constant, written out by the graph.
+WEIGHT_CHAIN_OPS = frozenset({"Cast", "Constant", "Gather", "Identity", "Reshape", "Slice", "Split", "Squeeze",
+                              "Transpose", "Unsqueeze"})
+# (weight, bias) input indices of the layers the analysis prunes; a MatMul's bias is the Add after it
+LAYER_WEIGHT_INPUTS = {"Conv": (1, 2), "ConvTranspose": (1, 2), "Gemm": (1, 2), "MatMul": (1,)}
+
+
+def with_layer_weights_folded(model: onnx.ModelProto, *, in_place: bool) -> onnx.ModelProto:
+    """The model with every layer weight that the graph computes from constants alone made an initializer.
+
+    PyTorch's dynamo exporter writes nn.MultiheadAttention's separate q, k and v projections (DETR's) as
+    Split + Transpose of the one in-projection constant [3E, E], and their biases as a Split of [3E]: to
+    the analysis, MatMuls of two activations. The weight of a Conv, ConvTranspose, Gemm or MatMul computed
+    by WEIGHT_CHAIN_OPS from constants becomes an initializer of the same name, and so does its bias (a
+    Conv's or Gemm's third input, the Add right after a MatMul) where that is computed too. Nothing else is
+    folded: Paddle's Reshape(bias [C], [1, C, 1, 1]) after a Conv with a stored weight stays, for the
+    analysis cuts that bias before the Reshape and rewrites the Reshape's target. A fold must free the
+    constant it starts from and store no more numbers than it held (a tied embedding, read by a Gather and,
+    transposed, by the output MatMul, is not copied); the nodes and initializers that only the folded
+    weights read go. Unchanged (the same object) when nothing is folded; a copy unless in_place.
+    """
+    graph = model.graph
+    producer_index = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    layers = _layers_freeing_their_sources(graph, producer_index, _computed_layer_weights(graph))
+    if not layers:
+        return model
+    sources = {name: _data_path(graph, producer_index, name)[-1] for layer in layers for name in layer}
+    values = _evaluated(model, set(sources) | set(sources.values()))
+    stored_before = {init.name: int(np.prod(init.dims, dtype=np.int64)) for init in graph.initializer}
+    stored_before.update((source, values[source].size) for source in sources.values() if source in values)
+    while True:  # a source whose folds hold more numbers than it did (a Gather repeating rows) stays
+        stored: dict[str, int] = {}
+        for name in {name for layer in layers for name in layer}:
+            stored[sources[name]] = stored.get(sources[name], 0) + values[name].size
+        grown = {source for source, size in stored.items() if size > stored_before[source]}
+        if not grown:
+            break
+        layers = _layers_freeing_their_sources(
+            graph, producer_index, [layer for layer in layers if not any(sources[name] in grown for name in layer)])
+    if not layers:
+        return model
+    folded = {name: nodes for layer in layers for name, nodes in layer.items()}
+
+    if not in_place:
+        copied = onnx.ModelProto()
+        copied.CopyFrom(model)
+        model = copied
+    graph = model.graph
+    taken = {name for node in graph.node for name in list(node.input) + list(node.output)}
+    taken |= {init.name for init in graph.initializer} | {info.name for info in graph.input}
+    for name in folded:  # the initializer takes the name; its producer's output is renamed out of the way
+        producer = graph.node[producer_index[name]]
+        replacement = name + "__folded"
+        while replacement in taken:
+            replacement += "_"
+        taken.add(replacement)
+        producer.output[list(producer.output).index(name)] = replacement
+        graph.initializer.append(onnx.numpy_helper.from_array(values[name], name))
+    chain = set().union(*folded.values())
+    read = {output.name for output in graph.output}
+    for index, node in enumerate(graph.node):
+        if index not in chain:
+            read.update(node.input)
+            read.update(subgraph_inputs(node))
+    dropped = set()
+    for index in sorted(chain, reverse=True):  # a node stays while something still reads what it computes
+        node = graph.node[index]
+        if any(name in read for name in node.output if name):
+            read.update(node.input)
+        else:
+            dropped.add(index)
+    freed = {name for index in dropped for name in graph.node[index].input} - read
+    gone = {name for index in dropped for name in graph.node[index].output} | set(folded)
+    kept_nodes = [node for index, node in enumerate(graph.node) if index not in dropped]
+    del graph.node[:]
+    graph.node.extend(kept_nodes)
+    freed -= {info.name for info in graph.input}  # one listed as an input stays (IR < 4)
+    kept_initializers = [init for init in graph.initializer if init.name not in freed]
+    del graph.initializer[:]
+    graph.initializer.extend(kept_initializers)
+    kept_infos = [info for info in graph.value_info if info.name not in gone]
+    del graph.value_info[:]
+    graph.value_info.extend(kept_infos)
+    return model
+
+
+def _computed_layer_weights(graph: onnx.GraphProto) -> list[dict[str, frozenset[int]]]:
+    """Per layer whose weight the graph computes from constants, that weight and its bias if computed too,
+    each with the indices of the nodes computing it. A weight that is an initializer or a Constant node's
+    output is no computed one (to_graph reads those as they are)."""
+    initializers = {init.name for init in graph.initializer}
+    producer_index = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in set(node.input):
+            readers.setdefault(name, []).append(node)
+    graph_outputs = {output.name for output in graph.output}
+    cones: dict[str, frozenset[int] | None] = {}
+
+    def cone(name: str) -> frozenset[int] | None:
+        """The nodes computing `name` from constants alone; None when it reads anything else."""
+        if name not in cones:
+            cones[name] = None  # a cycle (no valid graph has one) reads as not constant
+            index = producer_index.get(name)
+            if name in initializers:
+                cones[name] = frozenset()
+            elif index is not None and graph.node[index].op_type in WEIGHT_CHAIN_OPS \
+                    and graph.node[index].domain in ("", "ai.onnx"):
+                parts = [cone(source) for source in graph.node[index].input if source]
+                if all(part is not None for part in parts):
+                    cones[name] = frozenset({index}).union(*parts)
+        return cones[name]
+
+    def computed(name: str) -> frozenset[int] | None:
+        nodes = cone(name) if name and name not in graph_outputs else None
+        return nodes if nodes and any(graph.node[index].op_type != "Constant" for index in nodes) else None
+
+    layers = []
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in LAYER_WEIGHT_INPUTS:
+            continue
+        weight_index, *bias_index = LAYER_WEIGHT_INPUTS[node.op_type]
+        weight = node.input[weight_index] if weight_index < len(node.input) else ""
+        if computed(weight) is None:
+            continue
+        biases = [node.input[index] for index in bias_index if index < len(node.input)]
+        after = readers.get(node.output[0], [])
+        if node.op_type == "MatMul" and len(after) == 1 and after[0].op_type == "Add":
+            biases = [name for name in after[0].input if name != node.output[0]]
+        layers.append({name: computed(name) for name in [weight, *biases] if computed(name) is not None})
+    return layers
+
+
+def _data_path(graph: onnx.GraphProto, producer_index: dict[str, int], name: str) -> list[str]:
+    """`name`, the tensor it is computed from (every WEIGHT_CHAIN_OPS operator's first input is its data;
+    the others are shapes, axes, indices, split sizes), and so on back to an initializer or a Constant
+    node's output."""
+    path = [name]
+    while path[-1] in producer_index and graph.node[producer_index[path[-1]]].op_type != "Constant":
+        path.append(graph.node[producer_index[path[-1]]].input[0])
+    return path
+
+
+def _evaluated(model: onnx.ModelProto, names: set[str]) -> dict[str, np.ndarray]:
+    """The values of the named tensors that nodes compute from constants (initializers among `names` are
+    left out), by onnx's reference evaluator on the nodes that compute them alone."""
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    producer_index = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    outputs = sorted(name for name in names if name in producer_index)
+    wanted, needed = set(outputs), set()
+    while wanted:
+        name = wanted.pop()
+        if name in producer_index and producer_index[name] not in needed:
+            needed.add(producer_index[name])
+            wanted.update(source for source in graph.node[producer_index[name]].input if source)
+    nodes = [graph.node[index] for index in sorted(needed)]
+    leaves = {name for node in nodes for name in node.input if name in initializers}
+    evaluated = helper.make_model(
+        helper.make_graph(nodes, "layer_weights", [], [helper.make_empty_tensor_value_info(n) for n in outputs],
+                          [initializers[name] for name in sorted(leaves)]),
+        ir_version=model.ir_version, opset_imports=model.opset_import)
+    return dict(zip(outputs, (np.asarray(value) for value in ReferenceEvaluator(evaluated).run(None, {}))))
+
+
+def _layers_freeing_their_sources(graph: onnx.GraphProto, producer_index: dict[str, int],
+                                  layers: list[dict[str, frozenset[int]]]) -> list[dict[str, frozenset[int]]]:
+    """The layers whose fold frees what their weights are computed from: along each weight's data path,
+    nothing but the folded computation reads the constant it starts from or any step after it, and the
+    steps' other outputs (a Split's other parts) are folded too or read by the folded computation alone.
+    The small inputs beside the data (shapes, axes, indices) may stay read elsewhere."""
+    readers: dict[str, set[int]] = {}
+    for index, node in enumerate(graph.node):
+        for name in set(node.input) | subgraph_inputs(node):
+            readers.setdefault(name, set()).add(index)
+    pinned = {info.name for info in graph.output} | {info.name for info in graph.input}
+    while True:
+        folded = {name for layer in layers for name in layer}
+        chain = set().union(*(nodes for layer in layers for nodes in layer.values()))
+
+        def read_elsewhere(name: str) -> bool:
+            return name in pinned or not readers.get(name, set()) <= chain
+
+        def frees(name: str) -> bool:
+            path = _data_path(graph, producer_index, name)
+            steps = [graph.node[producer_index[step]] for step in path if step in producer_index]
+            return (not any(read_elsewhere(step) for step in path[1:])
+                    and not any(output and output not in path and output not in folded and read_elsewhere(output)
+                                for node in steps for output in node.output))
+
+        freeing = [layer for layer in layers if all(frees(name) for name in layer)]
+        if len(freeing) == len(layers):
+            return layers
+        layers = freeing
 
 
 def node_names(model: onnx.ModelProto) -> list[str]:

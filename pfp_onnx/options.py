@@ -8,9 +8,9 @@ from __future__ import annotations
 
 MODES = ("deterministic", "randomized", "hybrid")  # pfp_onnx.select
 ALLOCATIONS = ("pfp", "uniform")  # pfp_onnx.pipeline
-# What --budget counts: the prunable layers' weights, or their multiply-accumulates per point (what latency
-# follows; each weight counted once per output position).
-BUDGET_OF = ("weights", "macs")  # pfp_onnx.pipeline
+# What --budget counts: the prunable layers' weights, their multiply-accumulates per point (each weight
+# counted once per output position), or the model's latency measured on the runtime (pfp_onnx.latency).
+BUDGET_OF = ("weights", "macs", "latency")  # pfp_onnx.pipeline
 CRITERIA = ("pfp", "l1", "l2", "random")  # pfp_onnx.baselines
 # In increasing order of what they collect and cost (prepare collects for the costliest one asked for).
 RECOVERIES = ("none", "bias", "lstsq", "sequential")  # pfp_onnx.recovery

@@ -6,6 +6,7 @@ prepare() does the budget-independent part once, so a sweep over budgets and met
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -19,26 +20,27 @@ from pfp_onnx.allocate import (AUTO_MIN_WIDTH, AUTO_MULTIPLE, ROUND_TO_AUTO, Gro
                                allocate_uniform, multiple, smallest_budget)
 from pfp_onnx.baselines import norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
-from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, points_in, read_npz, split, validate,
-                           whole_batches)
+from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, model_feeds, points_in, read_npz, split,
+                           validate, whole_batches)
 from pfp_onnx.errors import DataError, ModelError, OptionError
 from pfp_onnx.options import ALLOCATIONS, BUDGET_OF, CRITERIA, DEFAULT_RECOVERY, MODES, RECOVERIES
 from pfp_onnx.fidelity import check_metric, measure
 from pfp_onnx.fidelity import warnings as fidelity_warnings
 from pfp_onnx.groups import ChannelAnalysis, analyse_channel_groups
+from pfp_onnx.latency import LatencyTable, SpeedTrial, calibrate, compare, measure_table, timing_session
 from pfp_onnx.memory import CAPTURE_SHARE, available_bytes, capture_bytes_per_point, fitting_batch_size
-from pfp_onnx.model import (check_model, free_graph_weights, load_model, parameter_count, with_metadata,
-                            with_unique_node_names)
+from pfp_onnx.model import check_model, for_analysis, free_graph_weights, load_model, parameter_count, with_metadata
 from pfp_onnx.recovery import (FeatureStatistics, new_statistics, recoverable_layers, replacements,
                                sequential_replacements, with_zero_biases)
-from pfp_onnx.report import BudgetTrial, CompressReport, GroupRow, Totals
+from pfp_onnx.report import BudgetTrial, CompressReport, GroupRow, LatencyReport, LayerRow, Totals
 from pfp_onnx.rewrite import kept_count, rewrite
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, choose_device
 from pfp_onnx.select import Selection, select_channels
 from pfp_onnx.verify import ReferenceOutputs, Verification, blame, check_runs, runtime_failure, verify
 from pfp_onnx.version import __version__
 
-BUDGET_UNITS = {"weights": "weights", "macs": "MACs"}
+BUDGET_UNITS = {"weights": "weights", "macs": "MACs", "latency": "latency"}
+COUNTED = ("weights", "macs")  # what a budget can count without timing anything
 BUDGET_STEP = 0.01  # --min-fidelity: the bisection ends when a failing and a passing budget are this close
 SENSITIVITY_DELTA = 1e-16  # δ_S of the reference implementation (docs/method.md §1)
 
@@ -61,8 +63,8 @@ class CompressResult:
 def load(model: ModelSource) -> tuple[onnx.ModelProto, str]:
     if isinstance(model, onnx.ModelProto):
         check_model(model)
-        return with_unique_node_names(model, in_place=False), model.graph.name or "<in-memory model>"
-    return with_unique_node_names(load_model(model), in_place=True), str(model)
+        return for_analysis(model, in_place=False), model.graph.name or "<in-memory model>"
+    return for_analysis(load_model(model), in_place=True), str(model)
 
 
 def load_data(data: DataSource, model: onnx.ModelProto) -> CalibrationData | StreamedData:
@@ -125,15 +127,19 @@ class Prepared:
     notes: tuple[str, ...]
     seconds: dict[str, float]
     reference: ReferenceOutputs = field(default_factory=ReferenceOutputs)  # the original's held-out outputs
+    latency: LatencyTable | None = None  # budget_of="latency": what each layer costs where the model runs
+    latency_feed: dict[str, np.ndarray] | None = None  # one batch of the latency table's size, to time on
 
 
 def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
             holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
             exclude: Sequence[str] = (), exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO,
             budget_of: str = "weights", progress: Progress | None = None, fidelity: str = "auto",
-            fidelity_output: str | None = None) -> Prepared:
-    """Load, validate, analyse, check the budgets and the fidelity metric, then capture sensitivities if any
-    method needs them."""
+            fidelity_output: str | None = None, latency_batch: int = 1, latency_threads: int | None = None,
+            latency_cache: str | os.PathLike | None = None) -> Prepared:
+    """Load, validate, analyse, measure the latency table (budget_of="latency": at `latency_batch` points
+    and `latency_threads` threads, cached in `latency_cache`), check the budgets and the fidelity metric, then
+    capture sensitivities if any method needs them."""
     started = time.perf_counter()
     methods = [method.check() for method in methods]
     if batch_size < 1:
@@ -171,12 +177,22 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
         raise ModelError(f"No channel group of {name} can be pruned safely ({reasons or 'no groups'}). "
                          "Run `pfp-onnx analyze` to see why each group is frozen.")
     layer_sizes = _layer_sizes(analysis, budget_of, name)
+    chosen_device = choose_device(device)
+    notes = [chosen_device.note]
+    latency = latency_feed = None
+    seconds = {"analyse": time.perf_counter() - started}
+    if budget_of == "latency":
+        stage_start = time.perf_counter()
+        latency, latency_feed = _latency_table(proto, analysis, layer_sizes, chosen_device, sensitivity_part,
+                                               fixed, latency_batch, latency_threads, latency_cache, progress, name)
+        notes += list(latency.notes)
+        seconds["latency"] = time.perf_counter() - stage_start
+    cost, auto_step = _latency_cost(latency, layer_sizes)
     for budget in budgets:  # fail on an impossible budget before the expensive capture
         for step in {effective_round_to(round_to, _selection_mode(method)) for method in methods}:
-            allocate(_unscored_demands(analysis), layer_sizes, budget, round_to=step, unit=BUDGET_UNITS[budget_of])
-    chosen_device = choose_device(device)
+            allocate(_unscored_demands(analysis), layer_sizes, budget, round_to=step, unit=BUDGET_UNITS[budget_of],
+                     cost=cost, auto_step=auto_step)
     recommended = _recommended_points(analysis)
-    notes = [chosen_device.note]
     needs_sensitivity = any("pfp" in (method.criterion, method.allocation) for method in methods)
     statistics = new_statistics(analysis, recovery) if recovery != "none" else {}
     batch_size = fixed or batch_size
@@ -187,7 +203,6 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
         notes.append(f"{name} runs batches of exactly {fixed} points: {left_out + held_left_out} calibration "
                      f"point(s) that do not fill a batch were left out"
                      + ("" if holdout_part is not None or not holdout else ", and so was verification"))
-    seconds = {"analyse": time.perf_counter() - started}
     sensitivity = None
     if needs_sensitivity or statistics:
         stage_start = time.perf_counter()
@@ -203,7 +218,51 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
         notes.append(f"{sensitivity_part.count} points were used for sensitivity; PFP's bound asks for about "
                      f"{recommended} (more points make the sensitivities more reliable)")
     return Prepared(proto, original, name, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
-                    sensitivity, statistics, round_to, budget_of, recommended, tuple(notes), seconds)
+                    sensitivity, statistics, round_to, budget_of, recommended, tuple(notes), seconds,
+                    latency=latency, latency_feed=latency_feed)
+
+
+def _latency_table(model: onnx.ModelProto, analysis: ChannelAnalysis, layer_sizes: Sequence[LayerSize],
+                   device: Device, points: CalibrationData | StreamedData, fixed: int | None, batch: int,
+                   threads: int | None, cache: str | os.PathLike | None, progress: Progress | None,
+                   name: str) -> tuple[LatencyTable, dict[str, np.ndarray]]:
+    """The latency table at the deployment's batch (a model exported with a fixed batch runs that one), and
+    the batch of calibration points it was timed on."""
+    if batch < 1 or (threads is not None and threads < 1):
+        raise OptionError(f"--latency-batch and --latency-threads take whole numbers of at least 1; got "
+                          f"{batch} and {threads}.")
+    batch = fixed or batch
+    feed = _latency_feed(points, batch)
+    if progress is not None:
+        progress("latency", 0, None)
+    try:
+        table = measure_table(model, analysis, layer_sizes, device, feed=feed, batch=batch, fixed_batch=bool(fixed),
+                              threads=threads, cache=cache,
+                              progress=None if progress is None else lambda done, total: progress("latency", done,
+                                                                                                  total))
+    except ValueError as exc:
+        raise OptionError(f"--budget-of latency times every prunable layer at its real size, and {name} leaves "
+                          f"it open: {exc}. Use --budget-of weights, or export the model with static spatial "
+                          "sizes.") from None
+    except ONNXRUNTIME_ERRORS as exc:
+        raise blame(exc, model, name, iter([feed]), device) from exc
+    return table, feed
+
+
+def _latency_feed(points: CalibrationData | StreamedData, batch: int) -> dict[str, np.ndarray]:
+    """`batch` calibration points (repeated when there are fewer): what deployment feeds, not noise, so that
+    data-dependent operators (a detector's NMS) take their usual time."""
+    first = model_feeds(next(points.batches(batch)))
+    return {key: np.resize(values, (batch, *values.shape[1:])) if values.shape[0] != batch else values
+            for key, values in first.items()}
+
+
+def _latency_cost(latency: LatencyTable | None, layer_sizes: Sequence[LayerSize]):
+    """The allocation's cost function and the width step "auto" rounds to: the latency table's prediction and
+    its measured staircase, or the weight count and 8."""
+    if latency is None:
+        return None, AUTO_MULTIPLE
+    return latency.predictor(layer_sizes), latency.step
 
 
 def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed: int = 0,
@@ -219,19 +278,31 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     mode = _selection_mode(method)
     round_to = effective_round_to(prepared.round_to, mode)
     unit = BUDGET_UNITS[prepared.budget_of]
-    if method.allocation == "pfp":
-        allocation = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, budget, round_to=round_to,
-                              unit=unit)
-    else:
-        allocation = allocate_uniform(_demands(analysis, scores), layer_sizes, budget, round_to=round_to, unit=unit)
+    cost, auto_step = _latency_cost(prepared.latency, layer_sizes)
+
+    def choose(share: float, generator: np.random.Generator):
+        if method.allocation == "pfp":
+            chosen = allocate(_demands(analysis, prepared.sensitivity), layer_sizes, share, round_to=round_to,
+                              unit=unit, cost=cost, auto_step=auto_step)
+        else:
+            chosen = allocate_uniform(_demands(analysis, scores), layer_sizes, share, round_to=round_to, unit=unit,
+                                      cost=cost, auto_step=auto_step)
+        return chosen, {group.id: select_channels(scores[group.id], chosen.kept[str(group.id)], mode, generator)
+                        for group in analysis.prunable_groups}
+
+    speed_seconds, speed = {}, None
+    share = budget
+    if prepared.latency is not None and budget < 1:
+        stage_start = time.perf_counter()
+        share, speed = _meet_speedup(prepared, budget, lambda at: choose(at, copy.deepcopy(rng)), progress)
+        speed_seconds["speed-up"] = time.perf_counter() - stage_start
+    allocation, selections = choose(share, rng)
     rounding_notes = ()
     if allocation.round_to != round_to:
-        rounding_notes = (f"budget {budget:g} is below what widths rounded to multiples of {AUTO_MULTIPLE} can meet, "
+        rounding_notes = (f"budget {budget:g} is below what widths rounded to multiples of {auto_step} can meet, "
                           f"so they were left unrounded (as with --round-to 1); the pruned model may run slower "
                           f"than its MAC count suggests",)
         round_to = allocation.round_to
-    selections = {group.id: select_channels(scores[group.id], allocation.kept[str(group.id)], mode, rng)
-                  for group in analysis.prunable_groups}
     changes = None
     if method.recovery != "none":
         changes = replacements(proto, analysis, selections, prepared.statistics, method.recovery)
@@ -247,8 +318,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     if prepared.holdout_part is None:  # otherwise verification runs it, and blames a failure the same way
         check_runs(pruned, next(prepared.sensitivity_part.batches(_fixed_batch(proto) or 1)), prepared.device,
                    original=prepared.original, name=prepared.name)
-    seconds = dict(prepared.seconds, **refit_seconds)
-    seconds["rewrite"] = time.perf_counter() - started - sum(refit_seconds.values())
+    seconds = dict(prepared.seconds, **speed_seconds, **refit_seconds)
+    seconds["rewrite"] = time.perf_counter() - started - sum(refit_seconds.values()) - sum(speed_seconds.values())
     epsilon = None if math.isnan(allocation.epsilon) else allocation.epsilon
     verification = None
     if prepared.holdout_part is not None:
@@ -279,8 +350,66 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         groups=_group_rows(analysis, scores, selections),
         totals=_totals(prepared.original, pruned, analysis, selections),
         verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()}, notes=notes,
-        fidelity=measured, warnings=alerts or ())
+        fidelity=measured, warnings=alerts or (), latency=_latency_report(prepared, budget, speed),
+        layers=_layer_rows(analysis, selections, prepared.latency, layer_sizes))
     return CompressResult(pruned, report, analysis, selections, notes, changes or {}, proto)
+
+
+def _meet_speedup(prepared: Prepared, budget: float, choose, progress: Progress | None
+                  ) -> tuple[float, tuple[SpeedTrial, ...]]:
+    """The share of predicted latency to allocate so that the pruned model measures 1/budget times as fast
+    as the original (pfp_onnx.latency.target), and the structures timed on the way."""
+    table, device = prepared.latency, prepared.device
+    original = timing_session(prepared.original, device, table.threads)
+    whole, _ = choose(1.0)
+    done = [0]
+
+    def trial(share: float) -> SpeedTrial:
+        allocation, selections = choose(share)
+        candidate = timing_session(rewrite(prepared.model, prepared.analysis, selections, None), device, table.threads)
+        original_ms, pruned_ms = compare(original, candidate, prepared.latency_feed)
+        done[0] += 1
+        if progress is not None:
+            progress("speed-up", done[0], None)
+        return SpeedTrial(budget=share, predicted=allocation.weights_total / allocation.weights_kept,
+                          measured=original_ms / pruned_ms, original_ms=original_ms, pruned_ms=pruned_ms)
+
+    if progress is not None:
+        progress("speed-up", 0, None)
+    best, trials = calibrate(1 / budget, trial, floor=whole.weights_floor / whole.weights_total)
+    return best.budget, trials
+
+
+def _latency_report(prepared: Prepared, budget: float, trials: tuple[SpeedTrial, ...] | None) -> LatencyReport | None:
+    table = prepared.latency
+    if table is None:
+        return None
+    chosen = None if not trials else min(trials, key=lambda item: abs(math.log(item.measured * budget)))
+    return LatencyReport(
+        provider=table.provider, batch=table.batch, threads=table.threads, target_speedup=1 / budget,
+        predicted_speedup=chosen.predicted if chosen else 1.0, measured_speedup=chosen.measured if chosen else 1.0,
+        original_ms=chosen.original_ms if chosen else table.model_ms, pruned_ms=chosen.pruned_ms if chosen else
+        table.model_ms, step=table.step, table_seconds=table.seconds, table_cached=table.cached,
+        table_path=table.path, trials=tuple(trials or ()))
+
+
+def _layer_rows(analysis: ChannelAnalysis, selections: Mapping[int, Selection], table: LatencyTable | None,
+                layer_sizes: Sequence[LayerSize]) -> tuple[LayerRow, ...]:
+    """Per layer in graph order, the units kept on each side, and its latency alone before and after where a
+    latency table timed it: the picture of where the budget went."""
+    sizes = {size.name: size for size in layer_sizes}
+    rows = []
+    for layer in analysis.layers:
+        kept_in = layer.in_units - sum(analysis.group(g).width - kept_count(analysis, selections, g)
+                                       for g in layer.in_groups)
+        kept_out = layer.out_units - sum(analysis.group(g).width - kept_count(analysis, selections, g)
+                                         for g in layer.out_groups)
+        curve = table.curves.get(layer.node) if table is not None and layer.node in sizes else None
+        rows.append(LayerRow(node=layer.node, op=layer.op, in_units=layer.in_units, in_kept=kept_in,
+                             out_units=layer.out_units, out_kept=kept_out,
+                             ms_before=None if curve is None else round(curve.full_ms, 4),
+                             ms_after=None if curve is None else round(curve.ms(kept_in, kept_out), 4)))
+    return tuple(rows)
 
 
 def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes: dict,
@@ -308,9 +437,13 @@ def compress(model: ModelSource, data: DataSource, *, budget: float | None = Non
              batch_size: int = 32, seed: int = 0, device: str = "auto", exclude: Sequence[str] = (),
              exclude_ops: Sequence[str] = (), round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights",
              min_fidelity: float | None = None, fidelity: str = "auto",
-             fidelity_output: str | None = None, progress: Progress | None = None) -> CompressResult:
+             fidelity_output: str | None = None, progress: Progress | None = None,
+             target_speedup: float | None = None, latency_batch: int = 1, latency_threads: int | None = None,
+             latency_cache: str | os.PathLike | None = None) -> CompressResult:
     """Prune `model` to keep `budget` of its prunable-layer weights (budget_of="macs": of their
-    multiply-accumulates per point), guided by PFP sensitivities.
+    multiply-accumulates per point; "latency": of its latency measured with onnxruntime at `latency_batch`
+    points and `latency_threads` threads, the table cached in `latency_cache`), guided by PFP sensitivities.
+    `target_speedup` S is budget_of="latency" with budget 1/S.
 
     `model` is a path or a ModelProto; `data` an .npz path or a dict of arrays keyed by input name (plus
     optional `labels`). criterion/allocation select the baselines instead of PFP. round_to="auto" keeps
@@ -320,6 +453,7 @@ def compress(model: ModelSource, data: DataSource, *, budget: float | None = Non
     it is only measured against (report.fidelity.met), and the CLI refuses to write a model that misses it.
     """
     method = Method(criterion, allocation, mode, recovery).check()
+    budget, budget_of = _speedup_budget(target_speedup, budget, budget_of)
     if budget is None and min_fidelity is None:
         raise OptionError("Give --budget (the share of weights or MACs to keep), --min-fidelity (the held-out "
                           "fidelity to keep; pfp-onnx finds the smallest budget that does), or both.")
@@ -331,7 +465,8 @@ def compress(model: ModelSource, data: DataSource, *, budget: float | None = Non
     prepared = prepare(model, data, budgets=[] if budget is None else [budget], methods=[method], holdout=holdout,
                        batch_size=batch_size, seed=seed, device=device, exclude=exclude, exclude_ops=exclude_ops,
                        round_to=round_to, budget_of=budget_of, progress=progress, fidelity=fidelity,
-                       fidelity_output=fidelity_output)
+                       fidelity_output=fidelity_output, latency_batch=latency_batch, latency_threads=latency_threads,
+                       latency_cache=latency_cache)
     if min_fidelity is not None and prepared.holdout_part is None:
         raise DataError(f"No held-out points are left to measure fidelity on ({prepared.name} needs whole batches); "
                         "give more calibration points.")
@@ -341,6 +476,19 @@ def compress(model: ModelSource, data: DataSource, *, budget: float | None = Non
     return _smallest_meeting(prepared, method, seed, progress, judged)
 
 
+def _speedup_budget(target_speedup: float | None, budget: float | None, budget_of: str
+                    ) -> tuple[float | None, str]:
+    """--target-speedup S is --budget-of latency --budget 1/S; it cannot be given with another budget."""
+    if target_speedup is None:
+        return budget, budget_of
+    if budget is not None or budget_of not in ("weights", "latency"):
+        raise OptionError("--target-speedup sets the budget itself (a latency budget of 1/speed-up): leave out "
+                          "--budget and --budget-of.")
+    if not target_speedup > 1:
+        raise OptionError(f"--target-speedup takes a speed-up above 1, e.g. 1.5; got {target_speedup}.")
+    return 1 / target_speedup, "latency"
+
+
 def _smallest_meeting(prepared: Prepared, method: Method, seed: int, progress: Progress | None,
                       judged: dict) -> CompressResult:
     """Bisect the budgets that are multiples of BUDGET_STEP, from the smallest feasible one to 1 (nothing
@@ -348,7 +496,7 @@ def _smallest_meeting(prepared: Prepared, method: Method, seed: int, progress: P
     trial in its report."""
     started = time.perf_counter()
     steps = round(1 / BUDGET_STEP)
-    floor = smallest_budgets(prepared.analysis)[prepared.budget_of] or BUDGET_STEP
+    floor = _smallest_budget(prepared) or BUDGET_STEP
     low, high = math.ceil(floor * steps - 1e-9) - 1, steps  # low: known to fail (or infeasible); high: passes
     best, trials = None, []
     while high - low > 1:
@@ -374,14 +522,25 @@ def _smallest_meeting(prepared: Prepared, method: Method, seed: int, progress: P
     return replace(best, report=report, notes=report.notes)
 
 
+def _smallest_budget(prepared: Prepared) -> float | None:
+    """The floor of prepared's budget: for latency, the latency table's prediction with every prunable group
+    down to one channel."""
+    if prepared.latency is None:
+        return smallest_budgets(prepared.analysis)[prepared.budget_of]
+    layer_sizes = _layer_sizes(prepared.analysis, prepared.budget_of, prepared.name)
+    whole = allocate(_unscored_demands(prepared.analysis), layer_sizes, 1.0,
+                     cost=prepared.latency.predictor(layer_sizes))
+    return smallest_budget(whole.weights_floor, whole.weights_total)
+
+
 def smallest_budgets(analysis: ChannelAnalysis) -> dict[str, float | None]:
     """Per --budget-of, the smallest budget compress accepts (every prunable group keeping one channel,
     exact counts), rounded up to 0.001 as the BudgetError says it; None for MACs while some layer's output
     size is open (analyse with calibration data), and for both when nothing can be pruned."""
     if not analysis.prunable_groups:
-        return dict.fromkeys(BUDGET_OF)
+        return dict.fromkeys(COUNTED)
     floors: dict[str, float | None] = {}
-    for budget_of in BUDGET_OF:
+    for budget_of in COUNTED:
         try:
             whole = allocate(_unscored_demands(analysis), _layer_sizes(analysis, budget_of), 1.0)
         except OptionError:

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pfp_onnx.groups import ChannelAnalysis
+from pfp_onnx.latency.target import SpeedTrial
 from pfp_onnx.fidelity import Fidelity, wilson_interval
 from pfp_onnx.verify import Verification
 
@@ -32,6 +33,41 @@ class Totals:
     layer_weights_after: int
     macs_before: int | None  # multiply-accumulates of those layers, per point: what --budget-of macs counts;
     macs_after: int | None  # None where the analysis leaves some layer's output size open
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One Conv/Gemm/MatMul layer after pruning: units kept per side, and its latency alone (ms) before and
+    after where a latency table timed it."""
+
+    node: str
+    op: str
+    in_units: int
+    in_kept: int
+    out_units: int
+    out_kept: int
+    ms_before: float | None = None
+    ms_after: float | None = None
+
+
+@dataclass(frozen=True)
+class LatencyReport:
+    """--budget-of latency: the speed-up asked for, the one the table predicted for the chosen structure, and
+    the one measured against the original, side by side, on the provider, batch and threads timed."""
+
+    provider: str
+    batch: int
+    threads: int | None  # None: onnxruntime's default
+    target_speedup: float
+    predicted_speedup: float
+    measured_speedup: float
+    original_ms: float
+    pruned_ms: float
+    step: int  # the width staircase measured (what --round-to auto rounds to)
+    table_seconds: float
+    table_cached: bool
+    table_path: str | None
+    trials: tuple[SpeedTrial, ...] = ()  # every structure timed while landing on the target
 
 
 @dataclass(frozen=True)
@@ -62,6 +98,8 @@ class CompressReport:
     fidelity: Fidelity | None = None  # measured on the held-out points (and its target, when one was set)
     warnings: tuple[str, ...] = ()  # what compress printed as "warning:" lines (poor fidelity)
     search: tuple[BudgetTrial, ...] = ()  # --min-fidelity without --budget: every budget tried, in order
+    latency: LatencyReport | None = None  # --budget-of latency
+    layers: tuple[LayerRow, ...] = ()  # every layer in graph order: what the allocation kept of it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +158,7 @@ def _count(value: int | None) -> str:
 def render_table(report: CompressReport, *, verbose: bool = False) -> str:
     """The summary a user reads after `pfp-onnx compress`; verbose adds every frozen reason and the
     per-output comparison."""
-    budget = f"{report.budget}" + (" of MACs" if report.budget_of == "macs" else "")
+    budget = f"{report.budget:g}" + {"macs": " of MACs", "latency": " of latency"}.get(report.budget_of, "")
     lines = [f"pfp-onnx compress {report.model}  budget={budget}  method={report.method}  "
              f"mode={report.mode}  round-to={report.round_to}  seed={report.seed}",
              "",
@@ -143,6 +181,8 @@ def render_table(report: CompressReport, *, verbose: bool = False) -> str:
               f"({_ratio(totals.layer_weights_after, totals.layer_weights_before)} kept)",
               f"MACs / point   {_count(totals.macs_before):>12} → {_count(totals.macs_after):<12} "
               f"({_ratio(totals.macs_after, totals.macs_before)} kept)"]
+    if report.latency is not None:
+        lines.append(render_latency(report.latency))
     if report.verification is None:
         lines.append("verification   skipped (no held-out points; use --holdout > 0)")
     else:
@@ -159,6 +199,16 @@ def render_table(report: CompressReport, *, verbose: bool = False) -> str:
     timing = ", ".join(f"{stage} {seconds:.1f}s" for stage, seconds in report.seconds.items())
     lines.append(f"time           {timing}")
     return "\n".join(lines)
+
+
+def render_latency(latency: LatencyReport) -> str:
+    threads = "default threads" if latency.threads is None else f"{latency.threads} thread(s)"
+    where = f"{latency.provider.replace('ExecutionProvider', '')}, batch {latency.batch}, {threads}"
+    table = "cached" if latency.table_cached else f"measured in {latency.table_seconds:.1f}s"
+    return (f"latency        {latency.original_ms:.2f} ms → {latency.pruned_ms:.2f} ms, speed-up "
+            f"{latency.measured_speedup:.2f}× measured (target {latency.target_speedup:.2f}×, table predicted "
+            f"{latency.predicted_speedup:.2f}×; {where}; width step {latency.step}; table {table}; "
+            f"{len(latency.trials)} structure(s) timed)")
 
 
 def render_verification(check: Verification) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from pfp_onnx.errors import OptionError
@@ -31,6 +31,9 @@ class SweepRow:
     top1_agreement: float | None
     mean_relative_error: float | None
     max_relative_error: float | None
+    speedup_predicted: float | None = None  # --budget-of latency: the latency table's prediction
+    speedup_measured: float | None = None  # and the speed-up measured against the original, side by side
+    layers: tuple = field(default=(), repr=False)  # the report's LayerRows (the allocation plot; not in the CSV)
 
 
 def parse_methods(text: str) -> list[Method]:
@@ -56,7 +59,8 @@ def parse_methods(text: str) -> list[Method]:
 def sweep(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
           holdout: float = 0.2, batch_size: int = 32, seed: int = 0, device: str = "auto",
           round_to: int | str = ROUND_TO_AUTO, budget_of: str = "weights", progress: Progress | None = None,
-          on_row: Callable[[SweepRow], None] | None = None) -> list[SweepRow]:
+          on_row: Callable[[SweepRow], None] | None = None, latency_batch: int = 1,
+          latency_threads: int | None = None, latency_cache: str | os.PathLike | None = None) -> list[SweepRow]:
     """One capture, then one pruned model per (method, budget), each verified on the same held-out points;
     the first row is the original model's (method "original", budget 1), measured on those points too."""
     from pfp_onnx.pipeline import prepare, prune
@@ -64,7 +68,8 @@ def sweep(model: ModelSource, data: DataSource, *, budgets: Sequence[float], met
     if holdout <= 0:
         raise OptionError("A sweep compares methods on held-out points: use --holdout > 0.")
     prepared = prepare(model, data, budgets=budgets, methods=methods, holdout=holdout, batch_size=batch_size,
-                       seed=seed, device=device, round_to=round_to, budget_of=budget_of, progress=progress)
+                       seed=seed, device=device, round_to=round_to, budget_of=budget_of, progress=progress,
+                       latency_batch=latency_batch, latency_threads=latency_threads, latency_cache=latency_cache)
     rows = []
     for method in methods:
         for budget in budgets:
@@ -76,7 +81,10 @@ def sweep(model: ModelSource, data: DataSource, *, budgets: Sequence[float], met
                            macs_kept=_share(totals.macs_after, totals.macs_before),
                            accuracy=check.accuracy_pruned, top1_agreement=check.top1_agreement,
                            mean_relative_error=check.mean_relative_error,
-                           max_relative_error=check.max_relative_error)
+                           max_relative_error=check.max_relative_error,
+                           speedup_predicted=None if report.latency is None else report.latency.predicted_speedup,
+                           speedup_measured=None if report.latency is None else report.latency.measured_speedup,
+                           layers=report.layers)
             for found in ([_original_row(check)] if not rows else []) + [row]:
                 rows.append(found)
                 if on_row is not None:
@@ -99,30 +107,33 @@ def _share(after: int | None, before: int | None) -> float | None:
 
 
 TABLE_HEADER = f"{'method':<24} {'budget':>6} {'weights':>8} {'MACs':>7} {'accuracy':>9} {'agreement':>10}"
+LATENCY_HEADER = f"{TABLE_HEADER} {'speed-up':>8}"  # --budget-of latency: the measured speed-up too
 
 
 def table_line(row: SweepRow) -> str:
-    """One row of the table `pfp-onnx sweep` prints as it goes (under TABLE_HEADER)."""
+    """One row of the table `pfp-onnx sweep` prints as it goes (under TABLE_HEADER, or LATENCY_HEADER)."""
     def percent(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.1%}"
 
     return (f"{row.method:<24} {row.budget:>6g} {percent(row.weights_kept):>8} {percent(row.macs_kept):>7} "
             f"{'' if row.accuracy is None else percent(row.accuracy):>9} "
-            f"{'' if row.top1_agreement is None else percent(row.top1_agreement):>10}")
+            f"{'' if row.top1_agreement is None else percent(row.top1_agreement):>10} "
+            f"{'' if row.speedup_measured is None else f'{row.speedup_measured:.2f}x':>8}").rstrip()
 
 
 def write_csv(rows: Sequence[SweepRow], path: str | os.PathLike) -> None:
     """Plain \\n line endings (the csv module's default is \\r\\n); an unknown value is an empty cell."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(SweepRow.__dataclass_fields__), lineterminator="\n")
+        columns = [name for name in SweepRow.__dataclass_fields__ if name != "layers"]
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow(asdict(row))
+            writer.writerow({name: value for name, value in asdict(row).items() if name != "layers"})
 
 
 def plot(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "", budget_of: str = "weights") -> None:
-    """Accuracy (or top-1 agreement without labels) against what the budget counts (weights or MACs) kept,
-    one line per method."""
+    """Accuracy (or top-1 agreement without labels) against what the budget counts (weights, MACs, or the
+    latency measured) kept, one line per method."""
     try:
         import matplotlib
 
@@ -131,13 +142,15 @@ def plot(rows: Sequence[SweepRow], path: str | os.PathLike, *, title: str = "", 
     except ImportError:
         raise OptionError("Plotting needs matplotlib: pip install 'pfp-onnx[plot]', or leave out --plot.") from None
     metric = "accuracy" if all(row.accuracy is not None for row in rows) else "top1_agreement"
-    kept, label = ("macs_kept", "MACs per point") if budget_of == "macs" else ("weights_kept", "weights")
+    kept, label = {"macs": (lambda row: row.macs_kept, "prunable-layer MACs per point kept (%)"),
+                   "latency": (lambda row: 1 / (row.speedup_measured or 1.0), "latency kept, measured (%)")}.get(
+        budget_of, (lambda row: row.weights_kept, "prunable-layer weights kept (%)"))
     figure, axes = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(row.method for row in rows):
-        mine = sorted((row for row in rows if row.method == method), key=lambda row: getattr(row, kept))
-        axes.plot([100 * getattr(row, kept) for row in mine], [100 * getattr(row, metric) for row in mine],
+        mine = sorted((row for row in rows if row.method == method), key=kept)
+        axes.plot([100 * kept(row) for row in mine], [100 * getattr(row, metric) for row in mine],
                   marker="o", label=method)
-    axes.set_xlabel(f"prunable-layer {label} kept (%)")
+    axes.set_xlabel(label)
     axes.set_ylabel(f"held-out {metric.replace('_', ' ')} (%)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
