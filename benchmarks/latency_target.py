@@ -4,7 +4,8 @@ For each model, batch size and target speed-up, compress(target_speedup=S) with 
 changes weights, not shapes, so it does not change latency); then the pruned model is timed again,
 independently, against the original with benchmarks/latency.interleaved (median of alternating runs), and
 the row prints the target, the latency table's prediction, the closed loop's own measurement and the
-independent one, and whether that is within ±10% of the target. The first row of a model and batch also
+independent one, whether that is within ±10% of the target, and what the chosen allocation counted (the
+table's latency or the MACs: the smaller error bound on target). The first row of a model and batch also
 prints how long the latency table took to measure (the next rows read it from the cache).
 
 Models (benchmarks/bench_compress.py builds them with random weights: speed does not depend on the
@@ -47,7 +48,7 @@ def main() -> None:
         table_seconds(arguments.table_only, arguments.points, arguments.threads, cache)
         return
     print(f"{'model':<18} {'batch':>5} {'target':>6} {'predicted':>9} {'loop':>6} {'again':>6} {'±10%':>5} "
-          f"{'structures':>10} {'table s':>7} {'compress s':>10}")
+          f"{'structures':>10} {'table s':>7} {'compress s':>10} {'by':>8}")
     for name in arguments.models.split(","):
         model, data = MODELS[name](arguments.points, 0)
         for batch in (int(text) for text in arguments.batches.split(",")):
@@ -70,7 +71,7 @@ def main() -> None:
                 table = "cached" if latency.table_cached else f"{latency.table_seconds:.1f}"
                 print(f"{name:<18} {batch:>5} {target:>6g} {latency.predicted_speedup:>9.2f} "
                       f"{latency.measured_speedup:>6.2f} {again:>6.2f} {'yes' if abs(again / target - 1) <= 0.1 else 'no':>5} "
-                      f"{len(latency.trials):>10} {table:>7} {seconds:>10.1f}", flush=True)
+                      f"{len(latency.trials):>10} {table:>7} {seconds:>10.1f} {latency.allocation_cost:>8}", flush=True)
 
 
 def table_seconds(name: str, points: int, threads: int, cache: str) -> None:

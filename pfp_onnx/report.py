@@ -68,6 +68,7 @@ class LatencyReport:
     table_cached: bool
     table_path: str | None
     trials: tuple[SpeedTrial, ...] = ()  # every structure timed while landing on the target
+    allocation_cost: str = "latency"  # what the chosen allocation counted: the table's latency, or macs
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,8 @@ def render_latency(latency: LatencyReport) -> str:
     return (f"latency        {latency.original_ms:.2f} ms → {latency.pruned_ms:.2f} ms, speed-up "
             f"{latency.measured_speedup:.2f}× measured (target {latency.target_speedup:.2f}×, table predicted "
             f"{latency.predicted_speedup:.2f}×; {where}; width step {latency.step}; table {table}; "
-            f"{len(latency.trials)} structure(s) timed)")
+            f"{len(latency.trials)} structure(s) timed; allocated by {latency.allocation_cost}, the smaller "
+            f"error bound on target)")
 
 
 def render_verification(check: Verification) -> str:

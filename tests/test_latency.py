@@ -209,7 +209,13 @@ def test_target_speedup_lands_and_the_model_equals_its_oracle(tmp_path, fake_tim
     assert latency.target_speedup == pytest.approx(1.6)
     assert abs(latency.measured_speedup / 1.6 - 1) <= 0.04
     assert latency.measured_speedup == pytest.approx(latency.original_ms / latency.pruned_ms)
-    assert 1 <= len(latency.trials) <= 4 and latency.step == STAIR and not latency.table_cached
+    assert 2 <= len(latency.trials) <= 8 and latency.step == STAIR and not latency.table_cached
+    # both proxies were landed on the target; the one with the smaller error bound there was kept
+    assert {trial.cost for trial in latency.trials} == {"latency", "macs"}
+    landed = [trial for trial in latency.trials if abs(trial.measured / 1.6 - 1) <= 0.04]
+    kept = [trial for trial in landed if trial.cost == latency.allocation_cost]
+    assert kept and kept[0].epsilon == min(trial.epsilon for trial in landed)
+    assert result.report.epsilon == pytest.approx(kept[0].epsilon)
     kept = {row.node: row for row in result.report.layers}
     assert set(kept) == {layer.node for layer in result.analysis.layers}
     assert all(row.ms_after <= row.ms_before for row in kept.values() if row.ms_before is not None)

@@ -27,6 +27,8 @@ class SpeedTrial:
     measured: float  # the speed-up measured against the original, side by side
     original_ms: float
     pruned_ms: float
+    cost: str = "latency"  # what the allocation counted: the latency table's prediction, or macs
+    epsilon: float | None = None  # PFP's error bound of the allocation (None for the uniform baseline)
 
 
 def calibrate(target: float, trial: Callable[[float], SpeedTrial], *, floor: float,
