@@ -81,8 +81,9 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
                           statistics: Mapping[str, FeatureStatistics] | None = None) -> dict[int, np.ndarray] | None:
     """Sensitivity s_c of every prunable group's channels: the max over its consumers and all points.
 
-    The session runs the model with every Relu-fed conv computed from its two sign parts, which are also
-    outputs (pfp_onnx.sensitivity.conv_parts): their scorers take z± from there instead of a BLAS pass of their own.
+    The session runs the model with every conv that pays for it computed from its sign parts (two for a
+    Relu-fed conv, four for one whose input may be negative), which are also outputs
+    (pfp_onnx.sensitivity.conv_parts): their scorers take z± from there instead of a BLAS pass of their own.
     In the same pass, `statistics` (consuming layer → FeatureStatistics) collect the input moments that
     training-free recovery needs. With sensitivity=False only those are collected and None is returned.
     """
@@ -91,7 +92,7 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
     scores = {group.id: np.zeros(group.width, dtype=np.float32) for group in analysis.prunable_groups}
     layers = {layer.node: layer for layer in analysis.layers}
     names = sorted({probe.layer.input for probe in probes} | {layers[node].input for node in statistics})
-    parts: dict[str, tuple[str, str]] = {}
+    parts: dict[str, tuple[str, ...]] = {}
     if names:
         session_model = model
         if probes and model_bytes(model) <= SESSION_BYTES_LIMIT:  # a copy of the model is made
@@ -103,8 +104,8 @@ def capture_sensitivities(model: onnx.ModelProto, analysis: ChannelAnalysis,
             activations = _run_bound(session, outputs, model_feeds(batch))
             for probe in probes:
                 if probe.layer.node in parts:
-                    plus, minus = parts[probe.layer.node]
-                    probe.scorer.update(activations[probe.layer.input], (activations[plus], activations[minus]))
+                    probe.scorer.update(activations[probe.layer.input],
+                                        [activations[name] for name in parts[probe.layer.node]])
                 else:
                     probe.scorer.update(activations[probe.layer.input])
             for node, moments in statistics.items():

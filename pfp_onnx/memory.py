@@ -1,7 +1,8 @@
 """How many calibration points fit in one capture batch.
 
 A capture batch holds, for every point at once, the input of every layer that reads a prunable group and
-both sign parts of each scored conv's output (pfp_onnx.sensitivity.conv_parts): about 20 MB a point for a 224×224
+the sign parts of each scored conv's output (pfp_onnx.sensitivity.conv_parts; two output-sized parts for a
+conv of a nonnegative input, four for one whose input may be negative): about 20 MB a point for a 224×224
 ResNet-18, GBs for a segmentation model at full resolution. At the default batch size such a model would
 be killed by the operating system without a word, so the batch is lowered, and the user told, when it
 would not fit in the memory left (on the machine, or under the container's cgroup limit: inside a container
@@ -14,9 +15,11 @@ import os
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from pfp_onnx.capture import scored_layers
 from pfp_onnx.groups import ChannelAnalysis
+from pfp_onnx.sensitivity.conv_parts import parts_per_conv
 
 __all__ = ["CAPTURE_SHARE", "available_bytes", "capture_bytes_per_point", "fitting_batch_size"]
 
@@ -28,19 +31,23 @@ FLOAT_BYTES = 4
 UNLIMITED = 2**60
 
 
-def capture_bytes_per_point(analysis: ChannelAnalysis) -> int:
-    """An upper estimate of what one point adds to a capture batch: each captured layer input once, and two
-    output-sized parts for every conv that may get them."""
+def capture_bytes_per_point(analysis: ChannelAnalysis, model: onnx.ModelProto | None = None) -> int:
+    """An upper estimate of what one point adds to a capture batch: each captured layer input once, and the
+    output-sized parts of every conv that may get them: with the model, two for a conv whose input is
+    nonnegative by construction and four for the others (pfp_onnx.sensitivity.conv_parts.parts_per_conv);
+    without it, four for every conv."""
+    scored = scored_layers(analysis)
+    counts = parts_per_conv(model, scored) if model is not None else {}
     inputs: dict[str, int] = {}
     parts = 0
-    for layer in scored_layers(analysis):
+    for layer in scored:
         shape = analysis.shapes.get(layer.input)
         if shape and all(dim is not None for dim in shape[1:]):
             inputs[layer.input] = int(np.prod(shape[1:], dtype=np.int64))
         else:  # rows of unknown length: count the channels the layer reads, once per output position
             inputs[layer.input] = layer.in_units * layer.in_block * (layer.positions or 1)
         if layer.conv is not None and not layer.conv.transposed:
-            parts += 2 * layer.out_units * (layer.positions or 1)
+            parts += counts.get(layer.node, 4) * layer.out_units * (layer.positions or 1)
     return FLOAT_BYTES * (sum(inputs.values()) + parts)
 
 

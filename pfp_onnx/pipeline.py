@@ -198,7 +198,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
     statistics = new_statistics(analysis, recovery) if recovery != "none" else {}
     batch_size = fixed or batch_size
     if needs_sensitivity or statistics:
-        batch_size, note = _capture_batch_size(analysis, batch_size, fixed=fixed is not None)
+        batch_size, note = _capture_batch_size(analysis, proto, batch_size, fixed=fixed is not None)
         notes += [note] if note else []
     if left_out + held_left_out:
         notes.append(f"{name} runs batches of exactly {fixed} points: {left_out + held_left_out} calibration "
@@ -612,10 +612,11 @@ def _run_shapes(calibration: CalibrationData | StreamedData, model: onnx.ModelPr
     return {name: (fixed or 1, *shape[1:]) for name, shape in calibration.point_shapes().items()}
 
 
-def _capture_batch_size(analysis: ChannelAnalysis, batch_size: int, *, fixed: bool) -> tuple[int, str | None]:
+def _capture_batch_size(analysis: ChannelAnalysis, model: onnx.ModelProto, batch_size: int, *,
+                        fixed: bool) -> tuple[int, str | None]:
     """The batch size capture can afford in the memory left (pfp_onnx.memory), and a note when that is not
     the one asked for (or, for a model exported with a fixed batch, when its batch may not fit)."""
-    per_point = capture_bytes_per_point(analysis)
+    per_point = capture_bytes_per_point(analysis, model)
     available = available_bytes()
     fitting = fitting_batch_size(batch_size, per_point, available)
     if fitting >= batch_size:

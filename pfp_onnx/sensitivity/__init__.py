@@ -1,7 +1,7 @@
 """PFP's sensitivity engine: every channel's largest relative contribution to any neuron, over all points.
 
     scorers      the per-layer running maxima that capture feeds (conv, transposed conv, dense)
-    conv_parts   the capture model's sign-part convs, so onnxruntime computes z⁺ and z⁻ of Relu-fed convs
+    conv_parts   the capture model's sign-part convs, so onnxruntime computes z⁺ and z⁻ of most convs
     max_times    the exact max-of-products kernels and the bounds that skip most products
     grid_screen  a coarse screen over positions and filters before the exact products
     max_tiles    compiled (numba) tiles for the blocks the screens cannot thin out

@@ -11,7 +11,7 @@ points), a_unf its patches and z± = layer(a; W±) without bias; |z| ≤ float32
 Why it is fast: with inv_z[f, p] = 1/|z[f, p]| the quantity factorises as
     s_c = max_k max_p a_unf[c, k, p] · max_f |W[f, c, k]| · inv_z±[f, p],
 a "max-times" matrix product costing C·K·F·P per point (BLAS cannot do it), with z itself from one BLAS
-matmul — or, for convs fed by a Relu, from the capture model, which computes it anyway
+matmul — or, for most convs, from the capture model, which computes it in place of the conv
 (pfp_onnx.sensitivity.conv_parts). Almost none of the max-times product is evaluated: a running max is kept, and the
 bound a_unf · max_f |W| · max_f inv_z (one pass over the patches) shows that nearly every (c, k, p)
 cannot raise it; only the rest are evaluated exactly (see pfp_onnx.sensitivity.max_times). Convs whose parts come from
@@ -83,9 +83,11 @@ class ConvScorer:
     def sensitivity(self) -> np.ndarray:
         return self._scorer.sensitivity
 
-    def update(self, activation: np.ndarray, parts: tuple[np.ndarray, np.ndarray] | None = None) -> None:
-        """Fold one batch [N, C, *spatial]. parts: its z⁺ and |z⁻| [N, F, *out] when the capture model
-        computed them (pfp_onnx.sensitivity.conv_parts); used when the batch is nonnegative, as it is there."""
+    def update(self, activation: np.ndarray, parts: Sequence[np.ndarray] | None = None) -> None:
+        """Fold one batch [N, C, *spatial]. parts [N, F, *out] each, when the capture model computed them
+        (pfp_onnx.sensitivity.conv_parts): z⁺ and |z⁻| of the batch, used where it is nonnegative (as it is
+        there); or z⁺ and |z⁻| of its positive half a⁺ followed by those of its negative half a⁻, the two
+        points the batch is split into, used whatever its signs."""
         activation = np.asarray(activation, dtype=np.float32)
         if activation.ndim != self.spatial_rank + 2 or activation.shape[1] != self.channels:
             raise ValueError(
@@ -102,16 +104,21 @@ class ConvScorer:
         bytes_per_sample = 4 * positions * max(self.channels * kernel_size, 2 * self.filters)
         samples_per_chunk = max(1, CHUNK_BYTES // bytes_per_sample)
         expected = (len(activation), self.filters, *out_shape)
-        if parts is not None and any(tuple(np.shape(part)) != expected for part in parts):
-            raise ValueError(f"z parts {[np.shape(part) for part in parts]} do not fit the outputs {expected}")
+        if parts is not None and (len(parts) not in (2, 4) or any(tuple(np.shape(part)) != expected
+                                                                   for part in parts)):
+            raise ValueError(f"z parts {[np.shape(part) for part in parts]} do not fit the outputs {expected} "
+                             "(two parts of a nonnegative batch, or two of each of its halves)")
         for start in range(0, len(activation), samples_per_chunk):
             chunk = activation[start : start + samples_per_chunk]
-            if parts is not None and (not chunk.size or chunk.min() >= 0):  # nonnegative: one point
-                self._update_from_parts(chunk, *(
-                    np.asarray(part[start : start + samples_per_chunk], dtype=np.float32)
-                    .reshape(len(chunk), self.filters, positions) for part in parts), out_shape=out_shape)
+            points = _sign_split(chunk)
+            if parts is not None and (len(parts) == 4 or len(points) == 1):
+                # The parts of a⁺ and a⁻ in turn; a nonnegative chunk is its own a⁺ (its a⁻ would score 0).
+                for point, pair in zip(points, (parts[:2], parts[2:])):
+                    self._update_from_parts(point, *(
+                        np.asarray(part[start : start + samples_per_chunk], dtype=np.float32)
+                        .reshape(len(chunk), self.filters, positions) for part in pair), out_shape=out_shape)
             else:
-                for point in _sign_split(chunk):
+                for point in points:
                     self._scorer.update(self._unfold(point, out_shape))
 
     def _update_from_parts(self, points: np.ndarray, plus: np.ndarray, minus: np.ndarray, *,
