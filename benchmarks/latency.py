@@ -14,18 +14,16 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from pfp_onnx.latency.timing import timing_session
+from pfp_onnx.runtime import CPU, Device
+
+CPU_DEVICE = Device((CPU,), "running on CPU")
+
 
 def cpu_session(model: str | onnx.ModelProto, threads: int = 2) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # Idle worker threads spin by default: run alternately, one session's spinning threads steal the cores
-    # of the other (pfp_onnx.latency.timing does the same).
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.log_severity_level = 3
-    source = model if isinstance(model, str) else model.SerializeToString()
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    """A CPU session as compress times one (pfp_onnx.latency.timing: full optimisation, idle threads not
+    spinning, so that alternating runs do not steal each other's cores)."""
+    return timing_session(model if isinstance(model, onnx.ModelProto) else onnx.load(model), CPU_DEVICE, threads)
 
 
 @dataclass(frozen=True)
