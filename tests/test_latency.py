@@ -279,3 +279,22 @@ def test_sweep_by_latency_prints_speedups_and_keeps_the_csv_flat(tmp_path, fake_
     header = (tmp_path / "sweep.csv").read_text().splitlines()[0]
     assert "speedup_measured" in header and "layers" not in header
     assert math.isclose(1 / pruned[0].budget, 1.25)
+
+
+def test_the_reports_layer_rows_are_the_pruned_models_widths(tmp_path):
+    """report.layers (the JSON's and the allocation picture's source) says what the pruned model holds: each
+    Conv's kept output and input units are its weight's first two dimensions."""
+    from pfp_onnx.allocation_plot import plot_allocation
+
+    result = pfp_onnx.compress(str(MODEL), digits_arrays(), budget=0.5, recovery="none", holdout=0.25)
+    weights = {init.name: tuple(init.dims) for init in result.model.graph.initializer}
+    convs = {node.name: weights[node.input[1]] for node in result.model.graph.node if node.op_type == "Conv"}
+    rows = [row for row in result.report.layers if row.op == "Conv"]
+    assert rows and {row.node for row in rows} == set(convs)
+    for row in rows:
+        assert convs[row.node][:2] == (row.out_kept, row.in_kept), row.node
+        assert row.ms_before is None and row.ms_after is None  # nothing was timed
+    assert any(row.out_kept < row.out_units for row in rows)
+    pytest.importorskip("matplotlib")
+    plot_allocation([("budget 0.5", result.report.layers)], tmp_path / "allocation.png")
+    assert (tmp_path / "allocation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -181,3 +181,14 @@ def test_evaluate_rejects_unrelated_models(tmp_path):
     onnx.save(model, str(other))
     done = run_cli("evaluate", MODEL, other, "--data", DATA)
     assert done.returncode == 2 and "does not have the inputs and outputs" in done.stderr
+
+
+def test_sweep_command_draws_the_allocation(tmp_path):
+    """--plot-allocation: one picture of the first method's channels kept per layer, one line per budget."""
+    pytest.importorskip("matplotlib")
+    picture = tmp_path / "allocation.png"
+    done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.8,0.5", "--methods", "pfp/pfp/none",
+                   "--plot-allocation", picture)
+    assert done.returncode == 0, done.stderr
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done.stdout.splitlines()[-1] == f"wrote {picture}"
