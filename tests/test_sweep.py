@@ -82,10 +82,12 @@ def test_sweep_runs_the_original_on_the_held_out_points_once(monkeypatch, limit)
 
 
 def test_sweep_command_writes_csv_and_plot(tmp_path):
+    """The CSV, the accuracy plot, and --plot-allocation's picture of the first method's channels kept per
+    layer (one line per budget)."""
     pytest.importorskip("matplotlib")
-    table, picture = tmp_path / "sweep.csv", tmp_path / "sweep.png"
+    table, picture, allocation = tmp_path / "sweep.csv", tmp_path / "sweep.png", tmp_path / "allocation.png"
     done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.8,0.5", "--methods", "pfp/pfp/none,random/uniform",
-                   "--csv", table, "--plot", picture)
+                   "--csv", table, "--plot", picture, "--plot-allocation", allocation)
     assert done.returncode == 0, done.stderr
     rows = list(csv.DictReader(table.open()))
     assert [(row["method"], row["budget"]) for row in rows] == [
@@ -93,8 +95,8 @@ def test_sweep_command_writes_csv_and_plot(tmp_path):
         ("random/uniform/sequential", "0.5")]
     assert all(float(row["weights_kept"]) <= float(row["budget"]) for row in rows)
     assert b"\r" not in table.read_bytes()  # plain \n line endings
-    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert done.stdout.splitlines()[-1] == f"wrote {table} and {picture}"
+    assert picture.read_bytes()[:8] == allocation.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert done.stdout.splitlines()[-1] == f"wrote {table} and {picture} and {allocation}"
 
 
 def test_sweep_command_prints_the_table_without_csv(tmp_path):
@@ -182,13 +184,3 @@ def test_evaluate_rejects_unrelated_models(tmp_path):
     done = run_cli("evaluate", MODEL, other, "--data", DATA)
     assert done.returncode == 2 and "does not have the inputs and outputs" in done.stderr
 
-
-def test_sweep_command_draws_the_allocation(tmp_path):
-    """--plot-allocation: one picture of the first method's channels kept per layer, one line per budget."""
-    pytest.importorskip("matplotlib")
-    picture = tmp_path / "allocation.png"
-    done = run_cli("sweep", MODEL, "--data", DATA, "--budgets", "0.8,0.5", "--methods", "pfp/pfp/none",
-                   "--plot-allocation", picture)
-    assert done.returncode == 0, done.stderr
-    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert done.stdout.splitlines()[-1] == f"wrote {picture}"
