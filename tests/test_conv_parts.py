@@ -224,16 +224,22 @@ def test_whole_capture_on_the_grid_matches_the_numpy_path(name, monkeypatch):
     the parts are summed in another order); the grid path is really taken."""
     model = ARCHITECTURES[name]()
     analysis = analyse_channel_groups(model)
+    on_grid, without = _with_and_without_parts(model, analysis, monkeypatch)
+    for group in analysis.prunable_groups:
+        np.testing.assert_allclose(on_grid[group.id], without[group.id], rtol=1e-5, atol=1e-7)
+
+
+def _with_and_without_parts(model: onnx.ModelProto, analysis, monkeypatch):
+    """Sensitivities of 12 points in batches of 4 captured on the conv parts (the grid path really taken),
+    then on the numpy path alone."""
     feeds = random_inputs(model, 12, seed=4)
     batches = [{key: value[start:start + 4] for key, value in feeds.items()} for start in range(0, 12, 4)]
     device = choose_device("cpu")
     taken = grid_path_taken(monkeypatch)
-    on_grid = capture_sensitivities(model, analysis, iter(batches), device)
+    on_parts = capture_sensitivities(model, analysis, iter(batches), device)
     assert any(taken)
     monkeypatch.setattr(capture, "with_conv_parts", lambda model, layers: (model, {}))
-    without = capture_sensitivities(model, analysis, iter(batches), device)
-    for group in analysis.prunable_groups:
-        np.testing.assert_allclose(on_grid[group.id], without[group.id], rtol=1e-5, atol=1e-7)
+    return on_parts, capture_sensitivities(model, analysis, iter(batches), device)
 
 
 def _signed_network(activation: str) -> onnx.ModelProto:
@@ -278,14 +284,7 @@ def test_signed_inputs_on_parts_match_the_numpy_path(activation, monkeypatch):
     parts = with_conv_parts(model, analysis.layers)[1]
     assert {"conv2", "pointwise"} <= set(scored) and {"depthwise", "grouped"}.isdisjoint(parts)
     assert all(len(parts[node]) == 4 for node in scored if node != "fc")
-    feeds = random_inputs(model, 12, seed=4)
-    batches = [{key: value[start:start + 4] for key, value in feeds.items()} for start in range(0, 12, 4)]
-    device = choose_device("cpu")
-    taken = grid_path_taken(monkeypatch)
-    on_parts = capture_sensitivities(model, analysis, iter(batches), device)
-    assert any(taken)
-    monkeypatch.setattr(capture, "with_conv_parts", lambda model, layers: (model, {}))
-    without = capture_sensitivities(model, analysis, iter(batches), device)
+    on_parts, without = _with_and_without_parts(model, analysis, monkeypatch)
     assert analysis.prunable_groups
     for group in analysis.prunable_groups:
         assert np.any(without[group.id] > 0)

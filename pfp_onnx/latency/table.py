@@ -91,11 +91,6 @@ class LatencyTable:
     path: str | None = None  # the cache file, when one could be written or read
     notes: tuple[str, ...] = field(default=())
 
-    @property
-    def layers_ms(self) -> float:
-        """The timed layers at full width, each alone."""
-        return sum(curve.full_ms for curve in self.curves.values())
-
     def predictor(self, layers: Sequence[LayerSize]) -> Callable[[Mapping[str, int]], float]:
         """kept channels per group → the model's predicted latency (ms).
 
