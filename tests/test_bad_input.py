@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cli import DATA, MODEL, run_cli
+from test_cli import DATA, MODEL, run_cli_here
 
 
 def calibration(**changes) -> dict[str, np.ndarray]:
@@ -69,12 +69,12 @@ def _write(path: Path, content: bytes) -> Path:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_fails_cleanly(tmp_path, case):
+def test_bad_input_fails_cleanly(tmp_path, capfd, case):
     arguments, expected = CASES[case](tmp_path)
     output = tmp_path / "out" / "pruned.onnx"
     output.parent.mkdir()
     model_before = MODEL.read_bytes()
-    done = run_cli("compress", *arguments, "-o", output)
+    done = run_cli_here(capfd, "compress", *arguments, "-o", output)  # the subprocess path: test_bad_input_matrix
     assert done.returncode == 2, done.stdout + done.stderr
     assert "Traceback" not in done.stderr
     message = done.stderr.strip()

@@ -24,6 +24,22 @@ def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
+def run_cli_here(capfd: pytest.CaptureFixture, *args: str) -> subprocess.CompletedProcess:
+    """run_cli in this interpreter: the same entry point, exit status and streams (file descriptors too, so
+    onnxruntime's own messages count), without starting Python, onnx and onnxruntime again (a second a run).
+    An exception that escapes the command escapes here too: the test fails as a traceback would."""
+    from pfp_onnx_cli.main import main
+
+    capfd.readouterr()
+    try:
+        main.main(args=[str(arg) for arg in args], prog_name="pfp-onnx", standalone_mode=True)
+        status = 0
+    except SystemExit as done:
+        status = done.code if isinstance(done.code, int) else int(done.code is not None)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["pfp-onnx", *map(str, args)], status, out, err)
+
+
 @pytest.fixture(scope="module")
 def compressed(tmp_path_factory):
     """Compress the fixture once per budget; tests below read the results."""

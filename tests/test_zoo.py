@@ -19,7 +19,7 @@ import pytest
 import pfp_onnx
 from pfp_onnx.allocate import allocate
 from pfp_onnx.model import for_analysis, with_outputs
-from pfp_onnx.pipeline import _demands, _layer_sizes, load
+from pfp_onnx.pipeline import Method, Prepared, _demands, _layer_sizes, load, prepare, prune
 from architectures import ARCHITECTURES, MOSTLY_PRUNABLE
 from test_refit import recovery_oracle
 from test_rewrite import ATOL, RTOL, run, signature
@@ -60,10 +60,17 @@ def feasible(model_id: str, budget: float) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def compressed(model_id: str, budget: float, mode: str, recovery: str = "lstsq") -> pfp_onnx.CompressResult:
+def prepared(model_id: str, recovery: str) -> Prepared:
+    """One capture per model and recovery for every budget and mode (compress() is prepare() + prune(), as a
+    sweep runs them); a recovery adds zero biases to the analysed model, "none" must not."""
     model, data = model_and_data(model_id)
-    return pfp_onnx.compress(model, data, budget=feasible(model_id, budget), mode=mode, recovery=recovery,
-                             holdout=0.25, seed=0)
+    return prepare(model, data, budgets=[], methods=[Method(recovery=recovery)], holdout=0.25, seed=0)
+
+
+@functools.lru_cache(maxsize=None)
+def compressed(model_id: str, budget: float, mode: str, recovery: str = "lstsq") -> pfp_onnx.CompressResult:
+    return prune(prepared(model_id, recovery), budget=feasible(model_id, budget), method=Method(mode=mode, recovery=recovery),
+                 seed=0)
 
 
 def other_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
