@@ -38,7 +38,7 @@ from real_models import MODELS, RealModel
 REPOSITORY = Path(__file__).resolve().parent.parent
 FIELDS = ["model", "method", "budget_of", "budget", "target_speedup", "weights_kept", "macs_kept", "speedup",
           "original_ms", "pruned_ms", "precision", "recall", "f1", "detections_per_image", "top1", "prepare_s",
-          "prune_s", "compress_s", "error"]
+          "prune_s", "compress_s", "allocated_by", "error"]
 
 
 def _floats(text: str) -> list[float]:
@@ -70,6 +70,10 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
                         help="also prune each speed-up with --budget-of latency (pfp-onnx's own latency table and "
                              "closed loop, at the model's deployment batch and --threads): fidelity beside the MAC "
                              "budget's at the speed-ups both measure")
+    parser.add_argument("--holdout", type=float, default=0.0,
+                        help="share of the calibration points pfp-onnx holds out (default 0: all are captured; "
+                             "compress's own default is 0.2, which --budget-of latency needs to choose between "
+                             "its two structures by held-out fidelity)")
     parser.add_argument("--bisection-steps", type=int, default=5, help="pruned models tried per speed-up (default 5)")
     parser.add_argument("--latency-seconds", type=float, default=4.0,
                         help="seconds of interleaved runs per latency measurement (default 4)")
@@ -120,7 +124,8 @@ class Bench:
         return line
 
     def prepare(self, method: pfp_onnx.Method, budgets: list[float]) -> pfp_onnx.pipeline.Prepared:
-        return pfp_onnx.prepare(self.path, str(self.calibration), budgets=budgets, methods=[method], holdout=0.0)
+        return pfp_onnx.prepare(self.path, str(self.calibration), budgets=budgets, methods=[method],
+                                holdout=self.arguments.holdout)
 
     def measure(self, prepared, method: pfp_onnx.Method, budget: float, judge: bool = True) -> dict:
         """Prune at `budget`, then time it against the original and (with `judge`) judge it on the test inputs."""
@@ -137,7 +142,8 @@ class Bench:
                 "speedup": timing.speedup,
                 "original_ms": timing.original_ms, "pruned_ms": timing.pruned_ms,
                 **(self.model.judge(self.original_predictions, self.predictions(pruned)) if judge else {}),
-                "prepare_s": prepare_seconds, "prune_s": prune_seconds, "compress_s": prepare_seconds + prune_seconds}
+                "prepare_s": prepare_seconds, "prune_s": prune_seconds, "compress_s": prepare_seconds + prune_seconds,
+                "allocated_by": _allocated_by(result.report.latency)}
 
     def bisect(self, prepared, method: pfp_onnx.Method, target: float) -> float:
         """The MAC budget whose pruned model's measured speed-up is nearest `target` among those tried for
@@ -150,6 +156,14 @@ class Bench:
             self.tried[budget] = self.measure(prepared, method, budget, judge=False)["speedup"]
             print(f"    MAC budget {budget:.3f}: {self.tried[budget]:.2f}x (aiming at {target:g}x)", flush=True)
         return min(self.tried, key=lambda budget: abs(math.log(self.tried[budget] / target)))
+
+
+def _allocated_by(latency) -> str | None:
+    """--budget-of latency: the cost of the structure kept, and each compared structure's held-out fidelity."""
+    if latency is None:
+        return None
+    compared = " ".join(f"{cost}={value:.3f}" for cost, value in latency.compared)
+    return latency.allocation_cost + (f" ({compared})" if compared else "")
 
 
 def next_budget(tried: dict[float, float], target: float, floor: float) -> float:
@@ -249,7 +263,8 @@ def format_row(row: dict) -> str:
                 f"({row.get('detections_per_image', float('nan')):.1f}/image)")
     target = f"(for {row['target_speedup']:g}x)" if row.get("target_speedup") else ""
     return (f"{head} {target:<10} weights {row['weights_kept']:6.1%} MACs {row['macs_kept']:6.1%} "
-            f"speed-up {row['speedup']:5.2f}x  {fidelity}  compress {row['compress_s']:6.1f} s")
+            f"speed-up {row['speedup']:5.2f}x  {fidelity}  compress {row['compress_s']:6.1f} s"
+            + (f"  by {row['allocated_by']}" if row.get("allocated_by") else ""))
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -69,6 +69,8 @@ class LatencyReport:
     table_path: str | None
     trials: tuple[SpeedTrial, ...] = ()  # every structure timed while landing on the target
     allocation_cost: str = "latency"  # what the chosen allocation counted: the table's latency, or macs
+    # (cost, held-out fidelity) of each structure on target, where both were built and verified
+    compared: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -209,8 +211,14 @@ def render_latency(latency: LatencyReport) -> str:
     return (f"latency        {latency.original_ms:.2f} ms → {latency.pruned_ms:.2f} ms, speed-up "
             f"{latency.measured_speedup:.2f}× measured (target {latency.target_speedup:.2f}×, table predicted "
             f"{latency.predicted_speedup:.2f}×; {where}; width step {latency.step}; table {table}; "
-            f"{len(latency.trials)} structure(s) timed; allocated by {latency.allocation_cost}, the smaller "
-            f"error bound on target)")
+            f"{len(latency.trials)} structure(s) timed; allocated by {latency.allocation_cost}, {_why(latency)})")
+
+
+def _why(latency: LatencyReport) -> str:
+    if not latency.compared:
+        return "the smaller error bound on target"
+    fidelity = ", ".join(f"{cost} {value:.1%}" for cost, value in latency.compared)
+    return f"the better held-out fidelity on target: {fidelity}"
 
 
 def render_verification(check: Verification) -> str:

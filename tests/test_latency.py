@@ -23,6 +23,7 @@ from pfp_onnx.allocate import GroupDemand, LayerSize, allocate, kept_weights
 from pfp_onnx.errors import BudgetError, OptionError
 from pfp_onnx.latency import LayerCurve, SpeedTrial, calibrate
 from pfp_onnx.latency.table import STEP_SHARE, _one_node_model, measure_table, staircase_step
+from pfp_onnx.report import render_latency
 from pfp_onnx.runtime import choose_device
 from test_cli import DATA, MODEL, run_cli
 
@@ -210,12 +211,17 @@ def test_target_speedup_lands_and_the_model_equals_its_oracle(tmp_path, fake_tim
     assert abs(latency.measured_speedup / 1.6 - 1) <= 0.04
     assert latency.measured_speedup == pytest.approx(latency.original_ms / latency.pruned_ms)
     assert 2 <= len(latency.trials) <= 8 and latency.step == STAIR and not latency.table_cached
-    # both proxies were landed on the target; the one with the smaller error bound there was kept
+    # both proxies were landed on the target, both structures recovered and verified, and the one with the
+    # better held-out fidelity kept
     assert {trial.cost for trial in latency.trials} == {"latency", "macs"}
     landed = [trial for trial in latency.trials if abs(trial.measured / 1.6 - 1) <= 0.04]
+    assert {trial.cost for trial in landed} == {"latency", "macs"}
     kept = [trial for trial in landed if trial.cost == latency.allocation_cost]
-    assert kept and kept[0].epsilon == min(trial.epsilon for trial in landed)
-    assert result.report.epsilon == pytest.approx(kept[0].epsilon)
+    assert kept and result.report.epsilon == pytest.approx(kept[0].epsilon)
+    fidelity = dict(latency.compared)
+    assert set(fidelity) == {"latency", "macs"}
+    assert fidelity[latency.allocation_cost] == max(fidelity.values()) == result.report.fidelity.value
+    assert "the better held-out fidelity on target" in render_latency(result.report.latency)
     kept = {row.node: row for row in result.report.layers}
     assert set(kept) == {layer.node for layer in result.analysis.layers}
     assert all(row.ms_after <= row.ms_before for row in kept.values() if row.ms_before is not None)
@@ -229,6 +235,17 @@ def test_target_speedup_lands_and_the_model_equals_its_oracle(tmp_path, fake_tim
     again = pfp_onnx.compress(str(MODEL), arrays, budget=1 / 1.6, budget_of="latency", recovery="none",
                               holdout=0.25, latency_cache=tmp_path)
     assert again.report.latency.table_cached and again.report.layers == result.report.layers
+
+
+def test_without_held_out_points_the_smaller_error_bound_decides(tmp_path, fake_timer):
+    """Nothing to compare the structures' fidelity on: of those on target, the smaller ε is built alone."""
+    result = pfp_onnx.compress(str(MODEL), digits_arrays(), target_speedup=1.6, recovery="none", holdout=0,
+                               latency_cache=tmp_path)
+    latency = result.report.latency
+    landed = [trial for trial in latency.trials if abs(trial.measured / 1.6 - 1) <= 0.04]
+    assert len({trial.cost for trial in landed}) == 2 and not latency.compared
+    assert result.report.epsilon == min(trial.epsilon for trial in landed)
+    assert "the smaller error bound on target" in render_latency(result.report.latency)
 
 
 def test_latency_options_that_contradict_are_refused(tmp_path):
