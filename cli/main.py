@@ -265,7 +265,8 @@ def main() -> None:
               help="Training-free recovery after pruning: fold the removed channels' mean into the bias (bias), "
                    "re-fit the layers reading pruned channels by least squares on the original's activations "
                    "(lstsq), or re-fit every layer after a pruned one on the pruned model's own activations, "
-                   "depth after depth (sequential).")
+                   "depth after depth, the output layers given the original's spread so that scores are not "
+                   "shrunk below thresholds (sequential; sequential-ls: least squares alone).")
 @_run_options
 @click.option("--exclude", "exclude", multiple=True, metavar="NODE",
               help="Keep this node's channels untouched (repeatable).")

@@ -13,7 +13,7 @@ ALLOCATIONS = ("pfp", "uniform")  # pfp_onnx.pipeline
 BUDGET_OF = ("weights", "macs", "latency")  # pfp_onnx.pipeline
 CRITERIA = ("pfp", "l1", "l2", "random")  # pfp_onnx.baselines
 # In increasing order of what they collect and cost (prepare collects for the costliest one asked for).
-RECOVERIES = ("none", "bias", "lstsq", "sequential")  # pfp_onnx.recovery
+RECOVERIES = ("none", "bias", "lstsq", "sequential", "sequential-ls")  # pfp_onnx.recovery
 # Re-fitting each layer on the pruned model's own activations kept the most fidelity on every real model
 # measured (docs/performance.md), at a cost compress can afford.
 DEFAULT_RECOVERY = "sequential"

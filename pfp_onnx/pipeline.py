@@ -377,9 +377,10 @@ def _build(prepared: Prepared, method: Method, choose, budget: float, landed: Sp
     if method.recovery != "none":
         changes = replacements(proto, analysis, selections, prepared.statistics, method.recovery)
     seconds, refit_notes = {}, []
-    if method.recovery == "sequential":
+    if method.recovery in ("sequential", "sequential-ls"):
         stage_start = time.perf_counter()
-        changes = _sequential(prepared, selections, changes, progress, refit_notes)
+        changes = _sequential(prepared, selections, changes, progress, refit_notes,
+                              match_outputs=method.recovery == "sequential")
         seconds["refit"] = time.perf_counter() - stage_start
     pruned = with_metadata(rewrite(proto, analysis, selections, changes),
                            dict(metadata, **{"pfp_onnx.round_to": str(round_to)}))
@@ -478,7 +479,7 @@ def _layer_rows(analysis: ChannelAnalysis, selections: Mapping[int, Selection], 
 
 
 def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes: dict,
-                progress: Progress | None, notes: list[str]) -> dict:
+                progress: Progress | None, notes: list[str], *, match_outputs: bool) -> dict:
     """Re-fit the one-pass weights on the pruned model's own activations (pfp_onnx.recovery.sequential), its
     passes reported as one stage, in the memory this machine has (what it cannot afford goes in `notes`)."""
     points = prepared.sensitivity_part
@@ -491,7 +492,8 @@ def _sequential(prepared: Prepared, selections: Mapping[int, Selection], changes
         return sequential_replacements(prepared.model, prepared.original, prepared.analysis, selections, changes,
                                        lambda: points.batches(prepared.batch_size), prepared.device,
                                        on_start=on_start, notes=notes, points=points.count,
-                                       memory_limit=None if available is None else int(CAPTURE_SHARE * available))
+                                       memory_limit=None if available is None else int(CAPTURE_SHARE * available),
+                                       match_outputs=match_outputs)
     except ONNXRUNTIME_ERRORS as exc:
         raise blame(exc, prepared.original, prepared.name, points.batches(prepared.batch_size),
                     prepared.device) from exc

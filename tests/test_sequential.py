@@ -1,5 +1,6 @@
 """Sequential reconstruction (pfp_onnx.recovery.sequential): exact where nothing changed, never worse than one-pass
-least squares on the data it fits, equal to its oracle, and scheduled by depth."""
+least squares on the data it fits, output layers given the original's spread, equal to its oracle, and
+scheduled by depth."""
 
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ from pfp_onnx.recovery.least_squares import layer_features
 from pfp_onnx.recovery.refit import as_out_by_features, bias_site, patches
 from pfp_onnx.rewrite import rewrite
 from pfp_onnx.runtime import choose_device, create_session
-from pfp_onnx.recovery.sequential import (RefitLayer, TargetMoments, by_depth, refit_layers, refit_to_targets,
-                                 sequential_replacements)
+from pfp_onnx.recovery.sequential import (OUTPUT_STRETCH_LIMIT, RefitLayer, TargetMoments, by_depth, output_layers,
+                                          refit_layers, refit_to_targets, sequential_replacements)
 from pfp_onnx.model import to_graph
 from test_graph_fuzz import _Network
 from test_rewrite import run
@@ -165,14 +166,17 @@ def _tensors(model: onnx.ModelProto, names: list[str], feeds: dict[str, np.ndarr
 
 def _never_worse(model: onnx.ModelProto, budget: float, seed: int) -> None:
     """On the points it fits, each sequentially re-fitted layer reproduces the original's pre-activation at
-    least as well as its one-pass weights do, both reading the same (final) pruned inputs."""
+    least as well as its one-pass weights do, both reading the same (final) pruned inputs. This is the
+    least-squares re-fit's property (sequential-ls); the default then stretches the output layers on purpose
+    (test_output_layers_get_the_originals_spread) and leaves every other layer as this fits it."""
     data = random_inputs(model, 24, seed=seed)
     prepared = prepare(model, data, budgets=[budget], methods=[Method(recovery="sequential")], holdout=0,
                        batch_size=BATCH)
     one_pass = prune(prepared, budget=budget, method=Method(recovery="lstsq"))
     selections = one_pass.selections
     sequential = sequential_replacements(prepared.model, prepared.original, prepared.analysis, selections,
-                                         one_pass.replacements, lambda: prepared.sensitivity_part.batches(BATCH), CPU)
+                                         one_pass.replacements, lambda: prepared.sensitivity_part.batches(BATCH), CPU,
+                                         match_outputs=False)
     layers = refit_layers(prepared.model, prepared.analysis, selections, one_pass.replacements)
     if not layers:
         return
@@ -204,6 +208,66 @@ def test_never_worse_than_one_pass_on_random_graphs(data, seed, budget):
         _never_worse(model, budget, seed)
     except pfp_onnx.PfpError:  # nothing prunable, or an infeasible budget for this graph
         assume(False)
+
+
+def test_output_layers_are_the_last_layers_before_an_output():
+    """A YOLO-style head: the class conv feeds a Sigmoid and a Concat into the output, so it is an output
+    layer; the box conv feeds a Softmax and the DFL conv, which is the output layer of that branch."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = lambda name, shape: numpy_helper.from_array(np.ones(shape, np.float32), name)  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w_stem"], ["stem"], name="stem"),
+             helper.make_node("Relu", ["stem"], ["feature"], name="act"),
+             helper.make_node("Conv", ["feature", "w_cls"], ["cls"], name="cls"),
+             helper.make_node("Sigmoid", ["cls"], ["scores"], name="sigmoid"),
+             helper.make_node("Conv", ["feature", "w_box"], ["box"], name="box"),
+             helper.make_node("Softmax", ["box"], ["bins"], name="softmax", axis=1),
+             helper.make_node("Conv", ["bins", "w_dfl"], ["dist"], name="dfl"),
+             helper.make_node("Concat", ["dist", "scores"], ["y"], name="concat", axis=1)]
+    graph = helper.make_graph(nodes, "head", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [weight("w_stem", [8, 3, 1, 1]), weight("w_cls", [2, 8, 1, 1]),
+                               weight("w_box", [16, 8, 1, 1]), weight("w_dfl", [1, 16, 1, 1])])
+    assert output_layers(helper.make_model(graph)) == {"cls", "dfl"}
+    assert output_layers(ZOO["chain"]()) == {"logits"}
+
+
+@pytest.mark.parametrize("name", ["chain", "residual"])
+def test_output_layers_get_the_originals_spread(name):
+    """The default re-fit equals least squares alone (sequential-ls) in every layer but the output layers,
+    whose pre-activation on the calibration points then has, channel by channel, the original's mean and the
+    original's standard deviation, as far as a stretch in [1, OUTPUT_STRETCH_LIMIT] of the fit reaches."""
+    model = ZOO[name]()
+    data = random_inputs(model, 48, seed=5)
+    prepared = prepare(model, data, budgets=[0.4], methods=[Method(recovery="sequential")], holdout=0,
+                       batch_size=BATCH)
+    one_pass = prune(prepared, budget=0.4, method=Method(recovery="lstsq"))
+    refit = lambda match: sequential_replacements(  # noqa: E731
+        prepared.model, prepared.original, prepared.analysis, one_pass.selections, one_pass.replacements,
+        lambda: prepared.sensitivity_part.batches(BATCH), CPU, match_outputs=match)
+    matched, plain = refit(True), refit(False)
+    layers = refit_layers(prepared.model, prepared.analysis, one_pass.selections, one_pass.replacements)
+    outputs = [item for item in layers if item.layer.node in output_layers(prepared.model)]
+    assert outputs, "an output layer is re-fitted"
+    others = {node for node, _ in plain} - {item.layer.node for item in outputs}
+    for key in plain:
+        if key[0] in others:
+            np.testing.assert_array_equal(matched[key], plain[key])
+    targets = [item.target for item in outputs]
+    want = _tensors(prepared.original, targets, data)
+    got = _tensors(rewrite(prepared.model, prepared.analysis, one_pass.selections, matched), targets, data)
+    fitted = _tensors(rewrite(prepared.model, prepared.analysis, one_pass.selections, plain), targets, data)
+    stretched = 0
+    for target in targets:
+        axes = tuple(axis for axis in range(want[target].ndim) if axis != 1)
+        spread = {key: values[target].astype(np.float64).std(axis=axes) for key, values in
+                  (("want", want), ("got", got), ("fitted", fitted))}
+        np.testing.assert_allclose(got[target].mean(axis=axes), want[target].mean(axis=axes), rtol=1e-3,
+                                   atol=1e-4 * np.abs(want[target]).max())
+        expected = np.clip(spread["want"], spread["fitted"], OUTPUT_STRETCH_LIMIT * spread["fitted"])
+        np.testing.assert_allclose(spread["got"], expected, rtol=2e-3)
+        stretched += int(np.sum(spread["got"] > spread["fitted"] * 1.01))
+    assert stretched, "some output channel was stretched"
 
 
 def test_compress_reports_the_refit_as_one_stage():

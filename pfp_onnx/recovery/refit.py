@@ -18,7 +18,7 @@ from pfp_onnx.recovery.least_squares import ConvPatches, FeatureStatistics, comp
 from pfp_onnx.select import Selection
 
 # The recoveries that start from one-pass least squares (sequential re-fits its weights further).
-LEAST_SQUARES = ("lstsq", "sequential")
+LEAST_SQUARES = ("lstsq", "sequential", "sequential-ls")
 # Above this many input features (C·K) a layer's Gram matrix ((C·K+1)² float64, 32 MB at 2048) is not
 # collected, and least squares falls back to bias compensation for that layer; all Gram matrices
 # together stay under GRAM_TOTAL_BYTES (the first layers in graph order get theirs).
