@@ -159,10 +159,11 @@ class Bench:
 
 
 def _allocated_by(latency) -> str | None:
-    """--budget-of latency: the cost of the structure kept, and each compared structure's held-out fidelity."""
+    """--budget-of latency: the cost of the structure kept, and each compared structure's held-out fidelity and
+    mean relative output error."""
     if latency is None:
         return None
-    compared = " ".join(f"{cost}={value:.3f}" for cost, value in latency.compared)
+    compared = " ".join(f"{cost}={value:.3f}/{error:.4g}" for cost, value, error in latency.compared)
     return latency.allocation_cost + (f" ({compared})" if compared else "")
 
 

@@ -315,7 +315,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
                   if built.verification is not None else (0.0, 0.0) for built in builds]
     chosen = max(range(len(builds)), key=lambda index: preference[index])  # the first (smaller ε) on a tie
     built, chosen_trial = builds[chosen], landed[chosen]
-    compared = tuple((trial.cost, value) for trial, (value, _) in zip(landed, preference)) if len(builds) > 1 else ()
+    compared = (tuple((trial.cost, value, -error) for trial, (value, error) in zip(landed, preference))
+                if len(builds) > 1 else ())
     allocation, selections, pruned, verification = built.allocation, built.selections, built.model, built.verification
     seconds = dict(prepared.seconds, **speed_seconds)
     for stage in ("refit", "verify"):
@@ -445,7 +446,7 @@ def _meet_speedup(prepared: Prepared, budget: float, choose, proxies: Sequence[s
 
 
 def _latency_report(prepared: Prepared, budget: float, chosen: SpeedTrial | None,
-                    trials: tuple[SpeedTrial, ...] | None, compared: tuple[tuple[str, float], ...]
+                    trials: tuple[SpeedTrial, ...] | None, compared: tuple[tuple[str, float, float], ...]
                     ) -> LatencyReport | None:
     table = prepared.latency
     if table is None:

@@ -218,10 +218,16 @@ def test_target_speedup_lands_and_the_model_equals_its_oracle(tmp_path, fake_tim
     assert {trial.cost for trial in landed} == {"latency", "macs"}
     kept = [trial for trial in landed if trial.cost == latency.allocation_cost]
     assert kept and result.report.epsilon == pytest.approx(kept[0].epsilon)
-    fidelity = dict(latency.compared)
-    assert set(fidelity) == {"latency", "macs"}
-    assert fidelity[latency.allocation_cost] == max(fidelity.values()) == result.report.fidelity.value
-    assert "the better held-out fidelity on target" in render_latency(result.report.latency)
+    compared = {cost: (value, -error) for cost, value, error in latency.compared}
+    assert set(compared) == {"latency", "macs"}
+    assert compared[latency.allocation_cost] == max(compared.values())
+    assert compared[latency.allocation_cost][0] == result.report.fidelity.value
+    assert -compared[latency.allocation_cost][1] == result.report.verification.mean_relative_error
+    line = render_latency(latency)
+    if compared["latency"][0] != compared["macs"][0]:
+        assert "the better held-out fidelity on target" in line
+    else:
+        assert "equal held-out fidelity on target" in line and "the smaller mean output error" in line
     kept = {row.node: row for row in result.report.layers}
     assert set(kept) == {layer.node for layer in result.analysis.layers}
     assert all(row.ms_after <= row.ms_before for row in kept.values() if row.ms_before is not None)
@@ -235,6 +241,20 @@ def test_target_speedup_lands_and_the_model_equals_its_oracle(tmp_path, fake_tim
     again = pfp_onnx.compress(str(MODEL), arrays, budget=1 / 1.6, budget_of="latency", recovery="none",
                               holdout=0.25, latency_cache=tmp_path)
     assert again.report.latency.table_cached and again.report.layers == result.report.layers
+
+
+def test_the_report_says_what_chose_the_structure():
+    from pfp_onnx.report import LatencyReport
+
+    base = dict(provider="CPUExecutionProvider", batch=1, threads=1, target_speedup=1.3, predicted_speedup=1.29,
+                measured_speedup=1.3, original_ms=10.0, pruned_ms=7.7, step=16, table_seconds=1.0,
+                table_cached=True, table_path=None, allocation_cost="macs")
+    assert "the smaller error bound on target" in render_latency(LatencyReport(**base))
+    differ = LatencyReport(**base, compared=(("latency", 0.8125, 0.02), ("macs", 0.9375, 0.03)))
+    assert "the better held-out fidelity on target: latency 81.2%, macs 93.8%" in render_latency(differ)
+    tied = LatencyReport(**base, compared=(("macs", 0.0, 0.0315), ("latency", 0.0, 0.0331)))
+    assert ("equal held-out fidelity on target (0.0%), the smaller mean output error: macs 0.0315, "
+            "latency 0.0331") in render_latency(tied)
 
 
 def test_without_held_out_points_the_smaller_error_bound_decides(tmp_path, fake_timer):
