@@ -26,13 +26,10 @@ def plot_allocation(series: Sequence[tuple[str, Sequence[LayerRow]]], path: str 
         raise OptionError("Plotting needs matplotlib: pip install 'pfp-onnx[plot]', or leave out the plot "
                           "option.") from None
     layers = series[0][1]
-    timed = all(row.ms_before is not None for row in layers)
-    costs = [row.ms_before if timed else row.in_units * row.out_units for row in layers]
-    total = sum(costs) or 1.0
+    shares, share_label = layer_shares(layers)
     figure, axes = plt.subplots(figsize=(max(6.0, 0.12 * len(layers) + 3), 4))
     positions = range(len(layers))
-    axes.bar(positions, [100 * cost / total for cost in costs], color="0.8",
-             label="share of layer latency" if timed else "share of layer weights (in × out units)")
+    axes.bar(positions, shares, color="0.8", label=share_label)
     for label, rows in series:
         axes.plot(positions, [100 * row.out_kept / row.out_units for row in rows], marker=".", label=label)
     axes.set_xlabel("layer (graph order)")
@@ -44,3 +41,18 @@ def plot_allocation(series: Sequence[tuple[str, Sequence[LayerRow]]], path: str 
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def layer_shares(layers: Sequence[LayerRow]) -> tuple[list[float], str]:
+    """Each layer's share (%) of the original's timed latency, and the bars' label; a layer the table did not
+    time (its channels cannot be pruned) draws no bar and is counted in the label. Without any timing, the
+    shares of the layers' weights."""
+    untimed = sum(row.ms_before is None for row in layers)
+    if untimed < len(layers):
+        costs = [row.ms_before or 0.0 for row in layers]
+        label = "share of layer latency" + (f" ({untimed} layer(s) not timed)" if untimed else "")
+    else:
+        costs = [float(row.in_units * row.out_units) for row in layers]
+        label = "share of layer weights (in × out units)"
+    total = sum(costs) or 1.0
+    return [100 * cost / total for cost in costs], label

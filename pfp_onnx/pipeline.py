@@ -342,7 +342,8 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         groups=_group_rows(analysis, scores, selections),
         totals=_totals(prepared.original, pruned, analysis, selections),
         verification=verification, seconds={k: round(v, 3) for k, v in seconds.items()}, notes=notes,
-        fidelity=measured, warnings=alerts or (), latency=_latency_report(prepared, budget, chosen_trial, speed, compared),
+        fidelity=measured, warnings=alerts or (),
+        latency=_latency_report(prepared, budget, chosen_trial, speed, compared),
         layers=_layer_rows(analysis, selections, prepared.latency, layer_sizes))
     return CompressResult(pruned, report, analysis, selections, notes, built.changes or {}, proto)
 

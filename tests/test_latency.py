@@ -318,6 +318,18 @@ def test_sweep_by_latency_prints_speedups_and_keeps_the_csv_flat(tmp_path, fake_
     assert math.isclose(1 / pruned[0].budget, 1.25)
 
 
+def test_the_allocation_picture_shares_latency_even_where_a_layer_was_not_timed():
+    from pfp_onnx.allocation_plot import layer_shares
+    from pfp_onnx.report import LayerRow
+
+    row = lambda ms, units: LayerRow(node="n", op="Conv", in_units=units, in_kept=units, out_units=units,  # noqa: E731
+                                     out_kept=units, ms_before=ms, ms_after=ms)
+    shares, label = layer_shares([row(3.0, 4), row(1.0, 8), row(None, 16)])
+    assert shares == [75.0, 25.0, 0.0] and label == "share of layer latency (1 layer(s) not timed)"
+    shares, label = layer_shares([row(None, 1), row(None, 3)])
+    assert shares == [10.0, 90.0] and label.startswith("share of layer weights")
+
+
 def test_the_reports_layer_rows_are_the_pruned_models_widths(tmp_path):
     """report.layers (the JSON's and the allocation picture's source) says what the pruned model holds: each
     Conv's kept output and input units are its weight's first two dimensions."""

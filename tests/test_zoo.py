@@ -69,8 +69,8 @@ def prepared(model_id: str, recovery: str) -> Prepared:
 
 @functools.lru_cache(maxsize=None)
 def compressed(model_id: str, budget: float, mode: str, recovery: str = "lstsq") -> pfp_onnx.CompressResult:
-    return prune(prepared(model_id, recovery), budget=feasible(model_id, budget), method=Method(mode=mode, recovery=recovery),
-                 seed=0)
+    return prune(prepared(model_id, recovery), budget=feasible(model_id, budget),
+                 method=Method(mode=mode, recovery=recovery), seed=0)
 
 
 def other_feeds(model: onnx.ModelProto, data: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
