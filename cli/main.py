@@ -248,11 +248,12 @@ def main() -> None:
                    "budget that keeps it (within 0.01). With --budget: a gate; below it, exit status 3 and no "
                    "model is written.")
 @click.option("--fidelity", "fidelity", type=click.Choice(METRICS), default="auto", show_default=True,
-              help="How fidelity is measured: top1 agreement of a classifier's [N, classes] output, or error "
-                   "(1 - the worst output channel's RMS error in units of its own spread); auto: top1 where "
-                   "the judged output is a classifier's, else error.")
+              help="How fidelity is measured: top1 agreement of a classifier's [N, classes] output, error "
+                   "(1 - the worst output channel's RMS error in units of its own spread), or detections (F1 "
+                   "of the original's detections, for a YOLOv8-style [N, 4 + classes, anchors] output); auto: "
+                   "top1 where the judged output is a classifier's, else error.")
 @click.option("--fidelity-output", metavar="NAME",
-              help="The output fidelity judges.  [default: the first for top1, all for error]")
+              help="The output fidelity judges.  [default: the first for top1 and detections, all for error]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, readable=False),
               help="Where to write the pruned model.  [default: beside MODEL, as MODEL's name with .pruned.onnx]")
 @click.option("--mode", type=click.Choice(MODES), default="deterministic", show_default=True,

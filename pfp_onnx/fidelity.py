@@ -6,6 +6,9 @@ points, so that a pipeline can ask for it (--min-fidelity) and rely on it.
 - error: 1 − the worst output channel's RMS error in units of that channel's own spread in the original
   (pfp_onnx.verify.ChannelError), so damage to a small-valued channel (a detector's class scores beside
   its box coordinates) cannot hide behind a large one.
+- detections: F1 of the pruned model's detections against the original's, for a YOLOv8-style
+  [N, 4 + classes, anchors] output (pfp_onnx.detections): what a detector's user judges it by; the
+  channel error overstates the damage on its sparse score rows.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ WARN_ERROR_FIDELITY = 0.5  # and below this error fidelity (a channel off by hal
 
 @dataclass(frozen=True)
 class Fidelity:
-    metric: str  # top1 | error
+    metric: str  # top1 | error | detections
     output: str
     value: float
     low: float  # the 95% interval (Wilson for top1; the value itself for error)
@@ -38,8 +41,9 @@ class Fidelity:
         return None if self.target is None else self.value >= self.target
 
     def describe(self) -> str:
-        interval = "" if self.metric == "error" else f" (95% interval {self.low:.1%}–{self.high:.1%})"
-        name = "top-1 agreement" if self.metric == "top1" else "1 − worst channel error"
+        interval = "" if self.metric != "top1" else f" (95% interval {self.low:.1%}–{self.high:.1%})"
+        name = {"top1": "top-1 agreement", "error": "1 − worst channel error",
+                "detections": "F1 of the original's detections"}[self.metric]
         target = "" if self.target is None else f", target {self.target:g}: {'met' if self.met else 'NOT met'}"
         return f"fidelity {self.value:.4f} ({name} on '{self.output}', {self.points} points{interval}{target})"
 
@@ -62,6 +66,13 @@ def measure(verification: Verification, metric: str = "auto", output: str | None
     judged = output or names[0]
     if metric == "auto":
         metric = "top1" if judged in verification.agreement else "error"
+    if metric == "detections":
+        if judged not in verification.detections:
+            raise OptionError(f"--fidelity detections needs a detector's output shaped [N, 4 + classes, anchors] "
+                              f"(YOLOv8's layout); '{judged}' is not one. Use --fidelity error, or name such an "
+                              "output with --fidelity-output.")
+        value = verification.detections[judged].f1
+        return Fidelity("detections", judged, value, value, value, verification.points, target)
     if metric == "top1":
         if judged not in verification.agreement:
             raise OptionError(f"--fidelity top1 needs a classifier's output shaped [N, classes]; '{judged}' is not "

@@ -17,7 +17,7 @@ RECOVERIES = ("none", "bias", "lstsq", "sequential", "sequential-ls")  # pfp_onn
 # Re-fitting each layer on the pruned model's own activations kept the most fidelity on every real model
 # measured (docs/performance.md), at a cost compress can afford.
 DEFAULT_RECOVERY = "sequential"
-METRICS = ("auto", "top1", "error")  # pfp_onnx.fidelity
+METRICS = ("auto", "top1", "error", "detections")  # pfp_onnx.fidelity
 DEVICES = ("auto", "cuda", "cpu")  # pfp_onnx.runtime
 ROUND_TO_AUTO = "auto"  # pfp_onnx.allocate
 

@@ -1,0 +1,85 @@
+"""Detections of a YOLOv8-style head, matched between the original and the pruned model.
+
+A detector's fidelity is whether it still finds what the original found: an output channel's RMS error
+overstates the damage on sparse score rows (nearly every anchor scores about 0, so a few shifted peaks are
+a whole spread). The layout is the one Ultralytics exports: [N, 4 + classes, anchors], each anchor's box as
+centre x, centre y, width, height, then its class scores (already in [0, 1]). A detection is an anchor whose
+best class scores at least SCORE, kept by per-class non-maximum suppression; a pruned detection matches an
+original one of the same class with IoU ≥ MATCH_IOU, each at most once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+SCORE = 0.25  # Ultralytics' default confidence threshold
+NMS_IOU = 0.7  # and its default NMS IoU
+MATCH_IOU = 0.5
+
+
+@dataclass(frozen=True)
+class Matches:
+    matched: int  # the original's detections the pruned model also finds
+    extra: int  # the pruned model's detections the original does not have
+    missed: int  # the original's detections the pruned model does not find
+
+    def __add__(self, other: Matches) -> Matches:
+        return Matches(self.matched + other.matched, self.extra + other.extra, self.missed + other.missed)
+
+    @property
+    def f1(self) -> float:
+        """F1 of the pruned model's detections against the original's (1 where neither detects anything)."""
+        found = 2 * self.matched + self.extra + self.missed
+        return 1.0 if found == 0 else 2 * self.matched / found
+
+
+def is_yolo_layout(shape: tuple[int, ...]) -> bool:
+    """[N, 4 + classes, anchors] with at least one class and more anchors than rows."""
+    return len(shape) == 3 and shape[1] > 4 and shape[2] > shape[1]
+
+
+def detect(point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One point's [4 + classes, anchors] output: boxes [D, 4] (x1, y1, x2, y2) and classes [D]."""
+    scores = point[4:]
+    classes = scores.argmax(axis=0)
+    best = scores[classes, np.arange(scores.shape[1])]
+    keep = np.flatnonzero(best >= SCORE)
+    keep = keep[np.argsort(-best[keep], kind="stable")]
+    centre, size = point[:2, keep].T, point[2:4, keep].T
+    boxes = np.concatenate([centre - size / 2, centre + size / 2], axis=1)
+    chosen = []
+    for label in np.unique(classes[keep]):
+        members = np.flatnonzero(classes[keep] == label)
+        while members.size:
+            chosen.append(members[0])
+            members = members[1:][iou(boxes[members[0]], boxes[members[1:]]) < NMS_IOU]
+    chosen = np.sort(np.asarray(chosen, int))  # best score first
+    return boxes[chosen], classes[keep][chosen]
+
+
+def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    low = np.maximum(box[:2], boxes[:, :2])
+    high = np.minimum(box[2:], boxes[:, 2:])
+    overlap = np.prod(np.clip(high - low, 0, None), axis=1)
+    area = lambda items: np.prod(np.clip(items[..., 2:] - items[..., :2], 0, None), axis=-1)  # noqa: E731
+    return overlap / np.maximum(area(box) + area(boxes) - overlap, 1e-12)
+
+
+def match(original: np.ndarray, pruned: np.ndarray) -> Matches:
+    """Match a batch of [N, 4 + classes, anchors] outputs point by point."""
+    total = Matches(0, 0, 0)
+    for want, got in zip(original, pruned):
+        (want_boxes, want_classes), (got_boxes, got_classes) = detect(want), detect(got)
+        free = np.ones(len(got_boxes), bool)
+        matched = 0
+        for box, label in zip(want_boxes, want_classes):
+            candidates = np.flatnonzero(free & (got_classes == label))
+            if candidates.size:
+                overlaps = iou(box, got_boxes[candidates])
+                if overlaps.max() >= MATCH_IOU:
+                    free[candidates[overlaps.argmax()]] = False
+                    matched += 1
+        total = total + Matches(matched, len(got_boxes) - matched, len(want_boxes) - matched)
+    return total
