@@ -159,11 +159,12 @@ class Bench:
 
 
 def _allocated_by(latency) -> str | None:
-    """--budget-of latency: the cost of the structure kept, and each compared structure's held-out fidelity and
-    mean relative output error."""
+    """--budget-of latency: the cost of the structure kept, and each compared structure's held-out fidelity,
+    F1 of its detections (a detector) and mean relative output error."""
     if latency is None:
         return None
-    compared = " ".join(f"{cost}={value:.3f}/{error:.4g}" for cost, value, error in latency.compared)
+    compared = " ".join(f"{cost}={value:.3f}" + ("" if f1 is None else f"/F1 {f1:.3f}") + f"/{error:.4g}"
+                        for cost, value, f1, error in latency.compared)
     return latency.allocation_cost + (f" ({compared})" if compared else "")
 
 

@@ -110,7 +110,13 @@ def warnings(verification: Verification, fidelity: Fidelity) -> tuple[str, ...]:
                      f"{verification.accuracy_pruned:.1%}; use a larger --budget, or --min-fidelity")
     if fidelity.metric == "error" and fidelity.value < WARN_ERROR_FIDELITY and verification.worst_channels:
         worst = verification.worst_channels[0]
-        found.append(f"output '{worst.output}' channel {worst.channel} is off by {worst.error:.2f} of its own "
-                     f"spread (RMS over {verification.points} held-out points); use a larger --budget, or "
-                     "--min-fidelity")
+        message = (f"output '{worst.output}' channel {worst.channel} is off by {worst.error:.2f} of its own "
+                   f"spread (RMS over {verification.points} held-out points)")
+        matches = verification.detections.get(worst.output)
+        if matches is None:
+            message += "; use a larger --budget, or --min-fidelity"
+        else:  # a detector's sparse score rows make the channel error severe: say what its detections say
+            message += (f"; as a YOLOv8-style detector's output, it keeps {matches.f1:.1%} of the original's "
+                        "detections (F1; --fidelity detections judges by that)")
+        found.append(message)
     return tuple(found)

@@ -310,13 +310,12 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
                 "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.budget_of": prepared.budget_of}
     builds = [_build(prepared, method, lambda at, kind: choose(at, copy.deepcopy(rng), kind), budget,
                      None if trial is None else trial, round_to, auto_step, metadata, progress) for trial in landed]
-    judged = dict(metric=fidelity, output=fidelity_output)
-    preference = [(measure(built.verification, **judged).value, -built.verification.mean_relative_error)
-                  if built.verification is not None else (0.0, 0.0) for built in builds]
-    chosen = max(range(len(builds)), key=lambda index: preference[index])  # the first (smaller ε) on a tie
+    preference = [_preference(built.verification, fidelity, fidelity_output) for built in builds]
+    chosen = max(range(len(builds)),  # the first (smaller ε) on a tie
+                 key=lambda index: (preference[index][0], preference[index][1] or 0.0, preference[index][2]))
     built, chosen_trial = builds[chosen], landed[chosen]
-    compared = (tuple((trial.cost, value, -error) for trial, (value, error) in zip(landed, preference))
-                if len(builds) > 1 else ())
+    compared = (tuple((trial.cost, value, detected, -error) for trial, (value, detected, error)
+                      in zip(landed, preference)) if len(builds) > 1 else ())
     allocation, selections, pruned, verification = built.allocation, built.selections, built.model, built.verification
     seconds = dict(prepared.seconds, **speed_seconds)
     for stage in ("refit", "verify"):
@@ -346,6 +345,19 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         latency=_latency_report(prepared, budget, chosen_trial, speed, compared),
         layers=_layer_rows(analysis, selections, prepared.latency, layer_sizes))
     return CompressResult(pruned, report, analysis, selections, notes, built.changes or {}, proto)
+
+
+def _preference(verification: Verification | None, metric: str, output: str | None
+                ) -> tuple[float, float | None, float]:
+    """How two structures on target rank: the held-out fidelity, then (a YOLOv8-style judged output) the F1 of
+    its detections, then the smaller mean relative output error. A detector's channel error often clips to
+    0 for both, and its detections still tell them apart."""
+    if verification is None:
+        return 0.0, None, 0.0
+    judged = output or verification.outputs[0].name
+    matches = verification.detections.get(judged)
+    return (measure(verification, metric, output).value, None if matches is None else matches.f1,
+            -verification.mean_relative_error)
 
 
 @dataclass(frozen=True)
@@ -447,7 +459,8 @@ def _meet_speedup(prepared: Prepared, budget: float, choose, proxies: Sequence[s
 
 
 def _latency_report(prepared: Prepared, budget: float, chosen: SpeedTrial | None,
-                    trials: tuple[SpeedTrial, ...] | None, compared: tuple[tuple[str, float, float], ...]
+                    trials: tuple[SpeedTrial, ...] | None,
+                    compared: tuple[tuple[str, float, float | None, float], ...]
                     ) -> LatencyReport | None:
     table = prepared.latency
     if table is None:

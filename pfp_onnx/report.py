@@ -69,9 +69,9 @@ class LatencyReport:
     table_path: str | None
     trials: tuple[SpeedTrial, ...] = ()  # every structure timed while landing on the target
     allocation_cost: str = "latency"  # what the chosen allocation counted: the table's latency, or macs
-    # (cost, held-out fidelity, mean relative output error) of each structure on target, where both were
-    # built and verified
-    compared: tuple[tuple[str, float, float], ...] = ()
+    # (cost, held-out fidelity, F1 of a detector's detections or None, mean relative output error) of each
+    # structure on target, where both were built and verified
+    compared: tuple[tuple[str, float, float | None, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -218,12 +218,17 @@ def render_latency(latency: LatencyReport) -> str:
 def _why(latency: LatencyReport) -> str:
     if not latency.compared:
         return "the smaller error bound on target"
-    values = {value for _, value, _ in latency.compared}
+    values = {value for _, value, _, _ in latency.compared}
     if len(values) > 1:
-        fidelity = ", ".join(f"{cost} {value:.1%}" for cost, value, _ in latency.compared)
+        fidelity = ", ".join(f"{cost} {value:.1%}" for cost, value, _, _ in latency.compared)
         return f"the better held-out fidelity on target: {fidelity}"
-    errors = ", ".join(f"{cost} {error:.4g}" for cost, _, error in latency.compared)
-    return f"equal held-out fidelity on target ({values.pop():.1%}), the smaller mean output error: {errors}"
+    tied = f"equal held-out fidelity on target ({values.pop():.1%})"
+    detected = {f1 for _, _, f1, _ in latency.compared}
+    if None not in detected and len(detected) > 1:
+        figures = ", ".join(f"{cost} {f1:.1%}" for cost, _, f1, _ in latency.compared)
+        return f"{tied}, the better F1 of the original's detections: {figures}"
+    errors = ", ".join(f"{cost} {error:.4g}" for cost, _, _, error in latency.compared)
+    return f"{tied}, the smaller mean output error: {errors}"
 
 
 def render_verification(check: Verification) -> str:

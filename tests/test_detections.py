@@ -9,7 +9,7 @@ import pytest
 
 import pfp_onnx
 from pfp_onnx.detections import Matches, detect, is_yolo_layout, match
-from pfp_onnx.fidelity import measure
+from pfp_onnx.fidelity import measure, warnings
 from pfp_onnx.verify import verify
 from test_fidelity import CLASSES, CPU, _detector
 from test_cli import DATA, MODEL
@@ -66,6 +66,9 @@ def test_detections_fidelity_is_the_f1_of_the_verified_outputs():
     assert (fidelity.metric, fidelity.output, fidelity.value) == ("detections", "output0", whole.f1)
     assert "F1 of the original's detections" in fidelity.describe()
     assert measure(verify(original, original, batches, CPU), "detections").value == 1.0
+    # judged by the default channel error, the warning gives the detections' figure beside it
+    alerts = warnings(result, measure(result))
+    assert any(f"it keeps {whole.f1:.1%} of the original's detections" in alert for alert in alerts), alerts
 
 
 def test_detections_fidelity_needs_a_detector_output():

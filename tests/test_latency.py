@@ -218,7 +218,8 @@ def test_target_speedup_lands_and_the_model_equals_its_oracle(tmp_path, fake_tim
     assert {trial.cost for trial in landed} == {"latency", "macs"}
     kept = [trial for trial in landed if trial.cost == latency.allocation_cost]
     assert kept and result.report.epsilon == pytest.approx(kept[0].epsilon)
-    compared = {cost: (value, -error) for cost, value, error in latency.compared}
+    compared = {cost: (value, -error) for cost, value, detected, error in latency.compared}
+    assert all(detected is None for _, _, detected, _ in latency.compared)  # a classifier
     assert set(compared) == {"latency", "macs"}
     assert compared[latency.allocation_cost] == max(compared.values())
     assert compared[latency.allocation_cost][0] == result.report.fidelity.value
@@ -250,9 +251,12 @@ def test_the_report_says_what_chose_the_structure():
                 measured_speedup=1.3, original_ms=10.0, pruned_ms=7.7, step=16, table_seconds=1.0,
                 table_cached=True, table_path=None, allocation_cost="macs")
     assert "the smaller error bound on target" in render_latency(LatencyReport(**base))
-    differ = LatencyReport(**base, compared=(("latency", 0.8125, 0.02), ("macs", 0.9375, 0.03)))
+    differ = LatencyReport(**base, compared=(("latency", 0.8125, None, 0.02), ("macs", 0.9375, None, 0.03)))
     assert "the better held-out fidelity on target: latency 81.2%, macs 93.8%" in render_latency(differ)
-    tied = LatencyReport(**base, compared=(("macs", 0.0, 0.0315), ("latency", 0.0, 0.0331)))
+    detector = LatencyReport(**base, compared=(("macs", 0.0, 0.97, 0.0315), ("latency", 0.0, 0.94, 0.0331)))
+    assert ("equal held-out fidelity on target (0.0%), the better F1 of the original's detections: macs 97.0%, "
+            "latency 94.0%") in render_latency(detector)
+    tied = LatencyReport(**base, compared=(("macs", 0.0, None, 0.0315), ("latency", 0.0, None, 0.0331)))
     assert ("equal held-out fidelity on target (0.0%), the smaller mean output error: macs 0.0315, "
             "latency 0.0331") in render_latency(tied)
 
