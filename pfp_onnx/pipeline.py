@@ -16,8 +16,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 import onnx
 
-from pfp_onnx.allocate import (AUTO_MIN_WIDTH, AUTO_MULTIPLE, ROUND_TO_AUTO, GroupDemand, LayerSize, allocate,
-                               allocate_uniform, multiple, smallest_budget)
+from pfp_onnx.allocate import (AUTO_MIN_WIDTH, AUTO_MULTIPLE, ROUND_TO_AUTO, Allocation, GroupDemand, LayerSize,
+                               allocate, allocate_uniform, multiple, smallest_budget)
 from pfp_onnx.baselines import norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, model_feeds, points_in, read_npz, split,
@@ -298,18 +298,20 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
         return chosen, {group.id: select_channels(scores[group.id], chosen.kept[str(group.id)], mode, generator)
                         for group in analysis.prunable_groups}
 
+    def chosen_afresh(share: float, proxy: str):  # every structure tried or built draws from the same state
+        return choose(share, copy.deepcopy(rng), proxy)
+
     speed_seconds, speed, landed = {}, None, [None]
     if prepared.latency is not None and budget < 1:
         stage_start = time.perf_counter()
-        landed, speed = _meet_speedup(prepared, budget, lambda at, kind: choose(at, copy.deepcopy(rng), kind),
-                                      list(proxies), cost, progress)
+        landed, speed = _meet_speedup(prepared, budget, chosen_afresh, list(proxies), cost, progress)
         speed_seconds["speed-up"] = time.perf_counter() - stage_start
         if prepared.holdout_part is None:  # nothing to compare their fidelity on: the smaller ε decides
             landed = landed[:1]
     metadata = {"pfp_onnx.version": __version__, "pfp_onnx.budget": f"{budget:g}", "pfp_onnx.method": method.label,
                 "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.budget_of": prepared.budget_of}
-    builds = [_build(prepared, method, lambda at, kind: choose(at, copy.deepcopy(rng), kind), budget,
-                     None if trial is None else trial, round_to, auto_step, metadata, progress) for trial in landed]
+    builds = [_build(prepared, method, chosen_afresh, budget, trial, round_to, auto_step, metadata, progress)
+              for trial in landed]
     preference = [_preference(built.verification, fidelity, fidelity_output) for built in builds]
     chosen = max(range(len(builds)),  # the first (smaller ε) on a tie
                  key=lambda index: (preference[index][0], preference[index][1] or 0.0, preference[index][2]))
@@ -364,7 +366,7 @@ def _preference(verification: Verification | None, metric: str, output: str | No
 class _Built:
     """One pruned model of prune(): its allocation, selections, recovered weights and verification."""
 
-    allocation: object
+    allocation: Allocation
     selections: dict[int, Selection]
     round_to: int | str
     rounding_notes: tuple[str, ...]
