@@ -34,6 +34,7 @@ EXTERNAL_TENSOR_BYTES = 1024
 # Offsets in data files written here are multiples of this (a page on every platform onnxruntime maps).
 DATA_ALIGNMENT = 2**16
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
+LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # every weighted layer: timed, and ends an output's reach
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:

@@ -34,6 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pfp_onnx.allocate import AUTO_MULTIPLE, LayerSize
 from pfp_onnx.groups import ChannelAnalysis, Layer
 from pfp_onnx.latency.timing import fastest_ms, timing_session
+from pfp_onnx.model import LAYER_OPS
 from pfp_onnx.runtime import Device
 
 __all__ = ["LatencyTable", "LayerCurve", "cache_folder", "measure_table"]
@@ -52,7 +53,6 @@ STEP_SHARE = 0.5
 MIN_STEP = AUTO_MULTIPLE
 REPEATS = 5  # runs per timed width (the fastest counts)
 RUN_SECONDS = 0.5  # fewer repeats for a layer whose runs take longer than this in all
-TIMED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 CACHE_VERSION = 2
 
 
@@ -200,7 +200,7 @@ def _timed_layers(model: onnx.ModelProto, analysis: ChannelAnalysis, varying: se
     timed, open_sizes = [], []
     for layer in analysis.layers:
         node = nodes.get(layer.node)
-        if layer.node not in varying or node is None or node.op_type not in TIMED_OPS:
+        if layer.node not in varying or node is None or node.op_type not in LAYER_OPS:
             continue
         data_shape = analysis.shapes.get(layer.input)
         weight_shape = constants.get(node.input[1]) or analysis.shapes.get(node.input[1])

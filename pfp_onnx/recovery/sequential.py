@@ -31,7 +31,7 @@ from onnx import helper, numpy_helper
 
 from pfp_onnx.data import model_feeds
 from pfp_onnx.groups import ChannelAnalysis, Layer
-from pfp_onnx.model import to_graph
+from pfp_onnx.model import LAYER_OPS, to_graph
 from pfp_onnx.conv_geometry import padded_and_out, tap_window, zero_padded
 from pfp_onnx.recovery.least_squares import ConvPatches, FeatureStatistics, accumulate_features, layer_features
 from pfp_onnx.recovery.refit import (as_out_by_features, bias_site, from_out_by_features, kept_features, patches,
@@ -45,7 +45,6 @@ from pfp_onnx.select import Selection
 # calibration points rather than the model: it keeps its one-pass weights (a text-line classifier's 200 → 2
 # head on 240 points lost 16 points of held-out agreement to its sequential re-fit; docs/performance.md).
 MIN_ROWS_PER_FEATURE = 2
-LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Least squares predicts E[y | x'], whose spread is R·σ(y) for a fit of correlation R: an output layer's
 # scores shrink towards their mean, and a detector's sink below its confidence threshold (a real YOLOv8n at
 # 1.3×: recall 59% at precision 98%). So an output layer (one whose result reaches a model output through no
@@ -387,10 +386,6 @@ def output_stretch(fitted: np.ndarray, scatter: np.ndarray, moments: TargetMomen
 def output_layers(model: onnx.ModelProto) -> set[str]:
     """The Conv, ConvTranspose, Gemm and MatMul nodes whose result reaches a model output through no other one."""
     layers = {node.name for node in model.graph.node if node.op_type in LAYER_OPS}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in model.graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
     reaching = {output.name for output in model.graph.output}  # tensors known to reach an output
     for node in reversed(list(model.graph.node)):  # topological order: consumers are decided first
         if node.name not in layers and any(name in reaching for name in node.output):
