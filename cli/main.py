@@ -251,7 +251,8 @@ def main() -> None:
               help="How fidelity is measured: top1 agreement of a classifier's [N, classes] output, error "
                    "(1 - the worst output channel's RMS error in units of its own spread), or detections (F1 "
                    "of the original's detections, for a YOLOv8-style [N, 4 + classes, anchors] output); auto: "
-                   "top1 where the judged output is a classifier's, else error.")
+                   "top1 where the judged output is a classifier's, detections where it is a YOLOv8 head (boxes "
+                   "beside Sigmoid scores), else error.")
 @click.option("--fidelity-output", metavar="NAME",
               help="The output fidelity judges.  [default: the first for top1 and detections, all for error]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, readable=False),

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
 SCORE = 0.25  # Ultralytics' default confidence threshold
 NMS_IOU = 0.7  # and its default NMS IoU
@@ -38,6 +39,39 @@ class Matches:
 def is_yolo_layout(shape: tuple[int, ...]) -> bool:
     """[N, 4 + classes, anchors] with at least one class and more anchors than rows."""
     return len(shape) == 3 and shape[1] > 4 and shape[2] > shape[1]
+
+
+# ops that move a tensor's elements without changing them: a Sigmoid seen through them still bounds them
+_LAYOUT_OPS = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose", "Concat"}
+
+
+def yolo_heads(model: onnx.ModelProto) -> frozenset[str]:
+    """The outputs that are a YOLOv8 head by construction, not only by shape: a Concat along the rows
+    (axis 1) of whose inputs one is a Sigmoid's result, seen through layout ops only (the class scores
+    beside the boxes, as Ultralytics exports them). Judging such an output by its detections is safe; an
+    output that merely has the [N, rows, anchors] shape may be anything."""
+    producers = {name: node for node in model.graph.node for name in node.output}
+
+    def scores(name: str) -> bool:
+        node = producers.get(name)
+        while node is not None and node.op_type in _LAYOUT_OPS - {"Concat"} and node.input:
+            node = producers.get(node.input[0])
+        if node is None:
+            return False
+        if node.op_type == "Concat":  # the scales' scores joined along the anchors
+            return bool(node.input) and all(scores(part) for part in node.input)
+        return node.op_type == "Sigmoid"
+
+    heads = set()
+    for output in model.graph.output:
+        node = producers.get(output.name)
+        if node is None or node.op_type != "Concat" or len(node.input) < 2:
+            continue
+        axis = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), None)
+        rank = len(output.type.tensor_type.shape.dim) if output.type.tensor_type.HasField("shape") else 3
+        if axis in (1, 1 - rank) and scores(node.input[-1]) and not scores(node.input[0]):
+            heads.add(output.name)
+    return frozenset(heads)
 
 
 def detect(point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

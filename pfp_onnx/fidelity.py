@@ -14,6 +14,7 @@ points, so that a pipeline can ask for it (--min-fidelity) and rely on it.
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from pfp_onnx.errors import OptionError
@@ -58,14 +59,16 @@ def check_metric(metric: str, output: str | None, outputs: list[str]) -> None:
 
 
 def measure(verification: Verification, metric: str = "auto", output: str | None = None,
-            target: float | None = None) -> Fidelity:
+            target: float | None = None, detectors: Collection[str] = ()) -> Fidelity:
     """The fidelity of a verification. auto: top-1 agreement when the judged output (the first, unless
-    named) is a classifier's [N, classes], else the worst-channel error; error without a named output judges
-    every output."""
+    named) is a classifier's [N, classes], the F1 of its detections when it is one of the `detectors`
+    (pfp_onnx.detections.yolo_heads: the graph, not only the shape, says it is a YOLOv8 head), else the
+    worst-channel error; error without a named output judges every output."""
     names = [item.name for item in verification.outputs]
     judged = output or names[0]
     if metric == "auto":
-        metric = "top1" if judged in verification.agreement else "error"
+        metric = ("top1" if judged in verification.agreement else
+                  "detections" if judged in detectors and judged in verification.detections else "error")
     if metric == "detections":
         if judged not in verification.detections:
             raise OptionError(f"--fidelity detections needs a detector's output shaped [N, 4 + classes, anchors] "
@@ -98,7 +101,7 @@ def wilson_interval(share: float, count: int) -> tuple[float, float]:
 
 def warnings(verification: Verification, fidelity: Fidelity) -> tuple[str, ...]:
     """What a user must not miss when no target guards them: poor agreement, a large accuracy drop, a
-    channel far off."""
+    detector that lost a tenth of its detections, a channel far off."""
     found = []
     if verification.top1_agreement is not None and verification.top1_agreement < WARN_AGREEMENT:
         found.append(f"top-1 agreement with the original is only {verification.top1_agreement:.1%} on "
@@ -108,6 +111,10 @@ def warnings(verification: Verification, fidelity: Fidelity) -> tuple[str, ...]:
             and verification.accuracy_original - verification.accuracy_pruned > WARN_ACCURACY_DROP):
         found.append(f"labelled accuracy fell from {verification.accuracy_original:.1%} to "
                      f"{verification.accuracy_pruned:.1%}; use a larger --budget, or --min-fidelity")
+    if fidelity.metric == "detections" and fidelity.value < WARN_AGREEMENT:
+        found.append(f"the pruned model keeps only {fidelity.value:.1%} of the original's detections on "
+                     f"'{fidelity.output}' (F1 over {verification.points} held-out points). Use a larger --budget, "
+                     "or let --min-fidelity find one")
     if fidelity.metric == "error" and fidelity.value < WARN_ERROR_FIDELITY and verification.worst_channels:
         worst = verification.worst_channels[0]
         message = (f"output '{worst.output}' channel {worst.channel} is off by {worst.error:.2f} of its own "

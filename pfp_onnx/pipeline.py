@@ -22,6 +22,7 @@ from pfp_onnx.baselines import norm_scores, random_scores
 from pfp_onnx.capture import capture_sensitivities
 from pfp_onnx.data import (CalibrationData, StreamedData, input_specs, model_feeds, points_in, read_npz, split,
                            validate, whole_batches)
+from pfp_onnx.detections import yolo_heads
 from pfp_onnx.errors import DataError, ModelError, OptionError
 from pfp_onnx.options import ALLOCATIONS, BUDGET_OF, CRITERIA, DEFAULT_RECOVERY, MODES, RECOVERIES
 from pfp_onnx.fidelity import check_metric, measure
@@ -130,6 +131,7 @@ class Prepared:
     reference: ReferenceOutputs = field(default_factory=ReferenceOutputs)  # the original's held-out outputs
     latency: LatencyTable | None = None  # budget_of="latency": what each layer costs where the model runs
     latency_feed: dict[str, np.ndarray] | None = None  # one batch of the latency table's size, to time on
+    detectors: frozenset[str] = frozenset()  # the outputs that are YOLOv8 heads: auto fidelity judges detections
 
 
 def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], methods: Sequence[Method],
@@ -220,7 +222,7 @@ def prepare(model: ModelSource, data: DataSource, *, budgets: Sequence[float], m
                      f"{recommended} (more points make the sensitivities more reliable)")
     return Prepared(proto, original, name, sensitivity_part, holdout_part, analysis, chosen_device, batch_size,
                     sensitivity, statistics, round_to, budget_of, recommended, tuple(notes), seconds,
-                    latency=latency, latency_feed=latency_feed)
+                    latency=latency, latency_feed=latency_feed, detectors=yolo_heads(original))
 
 
 def _latency_table(model: onnx.ModelProto, analysis: ChannelAnalysis, layer_sizes: Sequence[LayerSize],
@@ -312,7 +314,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
                 "pfp_onnx.mode": mode, "pfp_onnx.seed": str(seed), "pfp_onnx.budget_of": prepared.budget_of}
     builds = [_build(prepared, method, chosen_afresh, budget, trial, round_to, auto_step, metadata, progress)
               for trial in landed]
-    preference = [_preference(built.verification, fidelity, fidelity_output) for built in builds]
+    preference = [_preference(built.verification, fidelity, fidelity_output, prepared.detectors) for built in builds]
     chosen = max(range(len(builds)),  # the first (smaller ε) on a tie
                  key=lambda index: (preference[index][0], preference[index][1] or 0.0, preference[index][2]))
     built, chosen_trial = builds[chosen], landed[chosen]
@@ -329,7 +331,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     seconds["total"] = sum(seconds.values())
     measured = alerts = None
     if verification is not None:
-        measured = measure(verification, fidelity, fidelity_output, min_fidelity)
+        measured = measure(verification, fidelity, fidelity_output, min_fidelity, prepared.detectors)
         alerts = fidelity_warnings(verification, measured)
     # after the fall-back, rounding cannot help: the odd-width hint would point to it in vain
     notes = (prepared.notes + (built.rounding_notes or _width_notes(analysis, selections, built.round_to, mode))
@@ -349,7 +351,7 @@ def prune(prepared: Prepared, *, budget: float, method: Method = Method(), seed:
     return CompressResult(pruned, report, analysis, selections, notes, built.changes or {}, proto)
 
 
-def _preference(verification: Verification | None, metric: str, output: str | None
+def _preference(verification: Verification | None, metric: str, output: str | None, detectors: frozenset[str]
                 ) -> tuple[float, float | None, float]:
     """How two structures on target rank: the held-out fidelity, then (a YOLOv8-style judged output) the F1 of
     its detections, then the smaller mean relative output error. A detector's channel error often clips to
@@ -358,7 +360,7 @@ def _preference(verification: Verification | None, metric: str, output: str | No
         return 0.0, None, 0.0
     judged = output or verification.outputs[0].name
     matches = verification.detections.get(judged)
-    return (measure(verification, metric, output).value, None if matches is None else matches.f1,
+    return (measure(verification, metric, output, detectors=detectors).value, None if matches is None else matches.f1,
             -verification.mean_relative_error)
 
 

@@ -4,11 +4,13 @@ hand-built output, matching against the original's, and the detections fidelity 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 import pfp_onnx
-from pfp_onnx.detections import Matches, detect, is_yolo_layout, match
+from pfp_onnx.detections import Matches, detect, is_yolo_layout, match, yolo_heads
 from pfp_onnx.fidelity import measure, warnings
 from pfp_onnx.verify import verify
 from test_fidelity import CLASSES, CPU, _detector
@@ -74,3 +76,65 @@ def test_detections_fidelity_is_the_f1_of_the_verified_outputs():
 def test_detections_fidelity_needs_a_detector_output():
     with pytest.raises(pfp_onnx.OptionError, match="--fidelity detections needs"):
         pfp_onnx.compress(str(MODEL), str(DATA), budget=0.6, recovery="none", fidelity="detections")
+
+
+def _yolo_head(*, sigmoid: bool = True, axis: int = 1) -> onnx.ModelProto:
+    """A small prunable YOLOv8-style detector, exported as Ultralytics does: a stem, a box conv and a class
+    conv per scale, each flattened to [N, rows, anchors], the scales' class rows joined and then squashed by
+    a Sigmoid, and the boxes (offsets from each anchor's own box on a grid) beside the scores along the rows."""
+    rng = np.random.default_rng(3)
+    weights = {"w_stem": (16, 3, 3, 3), "w_box0": (4, 16, 1, 1), "w_cls0": (2, 16, 1, 1),
+               "w_box1": (4, 16, 1, 1), "w_cls1": (2, 16, 1, 1)}
+    nodes = [helper.make_node("Conv", ["x", "w_stem"], ["stem"], name="stem", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["stem"], ["feature"], name="act"),
+             helper.make_node("MaxPool", ["feature"], ["coarse"], name="pool", kernel_shape=[2, 2], strides=[2, 2])]
+    for scale, source in enumerate(["feature", "coarse"]):
+        for part in ("box", "cls"):
+            nodes += [helper.make_node("Conv", [source, f"w_{part}{scale}"], [f"{part}{scale}"], name=f"{part}{scale}"),
+                      helper.make_node("Reshape", [f"{part}{scale}", f"shape_{part}"], [f"{part}{scale}_flat"])]
+    nodes += [helper.make_node("Concat", ["box0_flat", "box1_flat"], ["offsets"], axis=-1),
+              helper.make_node("Add", ["offsets", "grid"], ["boxes"]),
+              helper.make_node("Concat", ["cls0_flat", "cls1_flat"], ["logits"], axis=-1)]
+    nodes += [helper.make_node("Sigmoid", ["logits"], ["scores"])] if sigmoid else [
+        helper.make_node("Identity", ["logits"], ["scores"])]
+    nodes += [helper.make_node("Concat", ["boxes", "scores"], ["output0"], axis=axis)]
+    initializers = [numpy_helper.from_array(rng.normal(0, 0.5, shape).astype(np.float32), name)
+                    for name, shape in weights.items()]
+    grid = np.stack([np.arange(80) % 10 * 64 + 32, np.arange(80) // 10 * 64 + 32, np.full(80, 48), np.full(80, 48)])
+    initializers += [numpy_helper.from_array(grid[None].astype(np.float32), "grid"),  # each anchor's own box
+                     numpy_helper.from_array(np.array([0, 4, -1], np.int64), "shape_box"),
+                     numpy_helper.from_array(np.array([0, 2, -1], np.int64), "shape_cls")]
+    graph = helper.make_graph(nodes, "yolo", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["N", 6, 80])], initializers)
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_yolo_heads_are_found_by_the_graph_not_the_shape():
+    """The boxes beside Sigmoid-squashed class rows make a YOLOv8 head; the same shape without the Sigmoid,
+    or joined along the anchors, does not (nor does any model the fixtures ship)."""
+    assert yolo_heads(_yolo_head()) == {"output0"}
+    assert yolo_heads(_yolo_head(sigmoid=False)) == frozenset()
+    assert yolo_heads(_yolo_head(axis=2)) == frozenset()
+    assert yolo_heads(onnx.load(MODEL)) == frozenset()
+
+
+def test_auto_fidelity_judges_a_yolo_head_by_its_detections():
+    """compress with the default fidelity on a YOLOv8 head reports, and gates on, the F1 of its detections:
+    the number its user judges it by, where the channel error would read 0 for a model that keeps most."""
+    model = _yolo_head()
+    inputs = np.random.default_rng(4).uniform(0, 1, size=(40, 3, 8, 8)).astype(np.float32)
+    result = pfp_onnx.compress(model, {"x": inputs}, budget=0.7, recovery="none", holdout=0.2)
+    fidelity = result.report.fidelity
+    verification = result.report.verification
+    assert fidelity.metric == "detections" and fidelity.output == "output0"
+    assert fidelity.value == verification.detections["output0"].f1
+    assert verification.detections["output0"].matched > 0
+    assert pfp_onnx.compress(model, {"x": inputs}, budget=0.7, recovery="none", holdout=0.2,
+                             fidelity="error").report.fidelity.metric == "error"
+    assert fidelity.value > 0.9 and not result.report.warnings
+    crushed = pfp_onnx.compress(model, {"x": inputs}, budget=0.2, recovery="none", holdout=0.2).report
+    assert crushed.fidelity.value < 0.9, "a budget this small loses detections"
+    assert any(f"keeps only {crushed.fidelity.value:.1%} of the original's detections" in alert
+               for alert in crushed.warnings), crushed.warnings
+    plain = pfp_onnx.compress(_yolo_head(sigmoid=False), {"x": inputs}, budget=0.7, recovery="none", holdout=0.2)
+    assert plain.report.fidelity.metric == "error"
