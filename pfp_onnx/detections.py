@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
+from pfp_onnx.model import LAYOUT_OPS
+
 SCORE = 0.25  # Ultralytics' default confidence threshold
 NMS_IOU = 0.7  # and its default NMS IoU
 MATCH_IOU = 0.5
@@ -41,10 +43,6 @@ def is_yolo_layout(shape: tuple[int, ...]) -> bool:
     return len(shape) == 3 and shape[1] > 4 and shape[2] > shape[1]
 
 
-# ops that move a tensor's elements without changing them: a Sigmoid seen through them still bounds them
-_LAYOUT_OPS = {"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose", "Concat"}
-
-
 def yolo_heads(model: onnx.ModelProto) -> frozenset[str]:
     """The outputs that are a YOLOv8 head by construction, not only by shape: a Concat along the rows
     (axis 1) of whose inputs one is a Sigmoid's result, seen through layout ops only (the class scores
@@ -54,7 +52,7 @@ def yolo_heads(model: onnx.ModelProto) -> frozenset[str]:
 
     def scores(name: str) -> bool:
         node = producers.get(name)
-        while node is not None and node.op_type in _LAYOUT_OPS - {"Concat"} and node.input:
+        while node is not None and node.op_type in LAYOUT_OPS - {"Concat"} and node.input:
             node = producers.get(node.input[0])
         if node is None:
             return False

@@ -35,6 +35,8 @@ EXTERNAL_TENSOR_BYTES = 1024
 DATA_ALIGNMENT = 2**16
 PRUNABLE_OPS = ("Conv", "Gemm", "MatMul")
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")  # every weighted layer: timed, and ends an output's reach
+# ops that move a tensor's elements without changing them: an elementwise op seen through them acts on every one
+LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Identity", "Squeeze", "Unsqueeze", "Transpose", "Concat"})
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:

@@ -17,8 +17,9 @@ from pfp_onnx.recovery.least_squares import layer_features
 from pfp_onnx.recovery.refit import as_out_by_features, bias_site, patches
 from pfp_onnx.rewrite import rewrite
 from pfp_onnx.runtime import choose_device, create_session
-from pfp_onnx.recovery.sequential import (OUTPUT_STRETCH_LIMIT, RefitLayer, TargetMoments, by_depth, output_layers,
-                                          refit_layers, refit_to_targets, sequential_replacements)
+from pfp_onnx.recovery.sequential import (OUTPUT_STRETCH_LIMIT, SCORE_WEIGHT_FLOOR, RefitLayer, ScoreMoments,
+                                          TargetMoments, by_depth, output_layers, refit_layers, refit_to_targets,
+                                          sequential_replacements, sigmoid_scored)
 from pfp_onnx.model import to_graph
 from test_graph_fuzz import _Network
 from test_rewrite import run
@@ -230,6 +231,40 @@ def test_output_layers_are_the_last_layers_before_an_output():
                                weight("w_box", [16, 8, 1, 1]), weight("w_dfl", [1, 16, 1, 1])])
     assert output_layers(helper.make_model(graph)) == {"cls", "dfl"}
     assert output_layers(ZOO["chain"]()) == {"logits"}
+    # of those, only the class conv's values all become probabilities
+    assert sigmoid_scored(helper.make_model(graph)) & output_layers(helper.make_model(graph)) == {"cls"}
+    assert not sigmoid_scored(ZOO["chain"]()) and sigmoid_scored(_with_sigmoid(ZOO["chain"]())) == {"logits"}
+
+
+def _with_sigmoid(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its output's values squashed into probabilities (a multi-label head)."""
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    logits = model.graph.output[0].name
+    model.graph.node.append(helper.make_node("Sigmoid", [logits], ["scores"], name="squash"))
+    model.graph.output[0].name = "scores"
+    return model
+
+
+def test_score_moments_are_a_weighted_least_squares():
+    """Each output's weighted fit, streamed in pieces, equals least squares on rows scaled by the square
+    root of σ'(y) + SCORE_WEIGHT_FLOOR, computed whole."""
+    rng = np.random.default_rng(8)
+    features = rng.normal(size=(400, 5)) + 1.0
+    logits = features @ rng.normal(size=(5, 3)) * 2 - 3 + rng.normal(size=(400, 3))  # not an exact map
+    moments = ScoreMoments(5, 3)
+    for start in range(0, 400, 37):
+        moments.update(features[start:start + 37], logits[start:start + 37])
+    fitted, offset = moments.refit(np.zeros((3, 5)), ridge=0)
+    probability = 1 / (1 + np.exp(-logits))
+    weight = probability * (1 - probability) + SCORE_WEIGHT_FLOOR
+    design = np.hstack([features, np.ones((400, 1))])
+    for output in range(3):
+        root = np.sqrt(weight[:, output:output + 1])
+        solution = np.linalg.lstsq(design * root, logits[:, output] * root[:, 0], rcond=None)[0]
+        np.testing.assert_allclose(fitted[output], solution[:5], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(offset[output], solution[5], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["chain", "residual"])
@@ -329,3 +364,59 @@ def test_a_layer_with_too_few_rows_per_feature_keeps_its_one_pass_weights():
     convs = [node for node, item in layers.items() if item.layer.conv is not None]
     assert convs and all(not np.array_equal(counted[(node, 1)], one_pass.replacements.get((node, 1), np.zeros(0)))
                          for node in convs)
+
+
+def test_an_output_of_probabilities_is_fitted_where_they_change():
+    """An output layer under a Sigmoid is fitted to the original's logits by σ'-weighted least squares on
+    what it really receives: the rewritten model's logits equal that fit computed from the tensors, and its
+    weighted error is below plain least squares' (sequential-ls), which fits the logits alike everywhere."""
+    model = _with_sigmoid(ZOO["residual"]())
+    data = random_inputs(model, 96, seed=6)
+    prepared = prepare(model, data, budgets=[0.4], methods=[Method(recovery="sequential")], holdout=0,
+                       batch_size=BATCH)
+    one_pass = prune(prepared, budget=0.4, method=Method(recovery="lstsq"))
+    refit = lambda match: sequential_replacements(  # noqa: E731
+        prepared.model, prepared.original, prepared.analysis, one_pass.selections, one_pass.replacements,
+        lambda: prepared.sensitivity_part.batches(BATCH), CPU, ridge=0, match_outputs=match)
+    scored, plain = refit(True), refit(False)
+    item = next(item for item in refit_layers(prepared.model, prepared.analysis, one_pass.selections,
+                                              one_pass.replacements) if item.layer.node == "logits")
+    want = _tensors(prepared.original, [item.target], data)[item.target].astype(np.float64)
+    pruned = {key: rewrite(prepared.model, prepared.analysis, one_pass.selections, changes)
+              for key, changes in (("scored", scored), ("plain", plain))}
+    got = {key: _tensors(value, [item.layer.input, item.target], data) for key, value in pruned.items()}
+    received = got["scored"][item.layer.input].astype(np.float64)
+    np.testing.assert_array_equal(received, got["plain"][item.layer.input])  # the same layers before it
+    probability = 1 / (1 + np.exp(-want))
+    weight = probability * (1 - probability) + SCORE_WEIGHT_FLOOR
+    design = np.hstack([received, np.ones((len(received), 1))])
+    expected = np.stack([design @ np.linalg.lstsq(design * np.sqrt(weight[:, [o]]),
+                                                  want[:, o] * np.sqrt(weight[:, o]), rcond=None)[0]
+                         for o in range(want.shape[1])], axis=1)
+    np.testing.assert_allclose(got["scored"][item.target], expected, rtol=1e-3, atol=1e-3 * np.abs(want).max())
+    error = {key: np.sum(weight * (value[item.target] - want) ** 2) for key, value in got.items()}
+    assert error["scored"] < error["plain"] * 0.999, error
+
+
+def test_scores_that_would_not_fit_in_memory_keep_the_stretched_fit(monkeypatch):
+    """Where the output layer's per-output Grams exceed a quarter of the memory the re-fit may take, it is
+    fitted (and stretched) as if no Sigmoid followed it, and a note says so."""
+    from pfp_onnx.recovery import sequential
+    from pfp_onnx.recovery.refit import kept_features
+
+    model = _with_sigmoid(ZOO["residual"]())
+    prepared = prepare(model, random_inputs(model, 48, seed=6), budgets=[0.4], methods=[Method(recovery="sequential")],
+                       holdout=0, batch_size=BATCH)
+    one_pass = prune(prepared, budget=0.4, method=Method(recovery="lstsq"))
+    layer = next(layer for layer in prepared.analysis.layers if layer.node == "logits")
+    features = len(kept_features(prepared.analysis, one_pass.selections, layer)[0])
+    tight = 4 * 8 * 10 * features * features - 1  # a byte short of a quarter for 10 Grams of [F, F]
+    refit = lambda limit, notes: sequential_replacements(  # noqa: E731
+        prepared.model, prepared.original, prepared.analysis, one_pass.selections, one_pass.replacements,
+        lambda: prepared.sensitivity_part.batches(BATCH), CPU, memory_limit=limit, notes=notes)
+    notes: list[str] = []
+    short, roomy = refit(tight, notes), refit(tight + 1, [])
+    assert any(note.startswith("logits is fitted by least squares on its logits, not weighted") for note in notes)
+    assert not np.array_equal(short[("logits", 1)], roomy[("logits", 1)])
+    monkeypatch.setattr(sequential, "sigmoid_scored", lambda model: set())
+    np.testing.assert_array_equal(short[("logits", 1)], refit(tight, [])[("logits", 1)])
