@@ -58,8 +58,9 @@ OUTPUT_STRETCH_LIMIT = 2.0
 # Bernoulli(σ(ŷ)) is ½ σ'(y)(ŷ − y)² to second order, so each output is fitted by least squares with its row
 # weighted by σ'(y) (y the original's logit), plus this floor, which keeps the rows far from the
 # decision (nearly every anchor of a detector, σ' ≈ 0) from drifting towards it. On the real YOLOv8n at a
-# MAC budget of 0.649: F1 of the original's detections 88.0% (stretched least squares) → 90.7%; floor 0
-# made false detections (precision 51%), 0.01 gave 88.2% (docs/method.md §7).
+# MAC budget of 0.649 (64 test pages): F1 of the original's detections 89.4% (stretched least squares) →
+# 95.4%. On half the pages and points, floor 0 made false detections (precision 51%) and 0.01 gained
+# nothing over the stretch (docs/method.md §7).
 SCORE_WEIGHT_FLOOR = 1e-3
 Batches = Callable[[], Iterable[Mapping[str, np.ndarray]]]
 Replacements = dict[tuple[str, int], np.ndarray]
