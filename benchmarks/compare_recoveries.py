@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--latency-seconds", type=float, default=3.0)
+    parser.add_argument("--holdout", type=float, default=0.0, help="calibration share held out (fidelity.py's)")
     arguments = parser.parse_args()
     arguments.quick = False
     bench = Bench(MODELS[arguments.model], arguments)

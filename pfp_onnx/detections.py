@@ -101,7 +101,26 @@ def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
 
 def match(original: np.ndarray, pruned: np.ndarray) -> Matches:
     """Match a batch of [N, 4 + classes, anchors] outputs point by point."""
-    total = Matches(0, 0, 0)
+    return sum(match_points(original, pruned), Matches(0, 0, 0))
+
+
+def f1_interval(points: list[Matches], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of the F1 over points (images): a page's detections stand or fall
+    together, so the points, not the detections, are the independent draws; a few held-out pages make it wide."""
+    if not points:
+        return 0.0, 1.0
+    counts = np.array([(item.matched, item.extra, item.missed) for item in points], np.float64)
+    drawn = np.random.default_rng(seed).integers(0, len(points), size=(resamples, len(points)))
+    matched, extra, missed = counts[drawn].sum(axis=1).T
+    found = 2 * matched + extra + missed
+    f1 = np.where(found > 0, 2 * matched / np.maximum(found, 1), 1.0)
+    low, high = np.percentile(f1, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def match_points(original: np.ndarray, pruned: np.ndarray) -> list[Matches]:
+    """Each point's matches in a batch of [N, 4 + classes, anchors] outputs."""
+    found = []
     for want, got in zip(original, pruned):
         (want_boxes, want_classes), (got_boxes, got_classes) = detect(want), detect(got)
         free = np.ones(len(got_boxes), bool)
@@ -113,5 +132,5 @@ def match(original: np.ndarray, pruned: np.ndarray) -> Matches:
                 if overlaps.max() >= MATCH_IOU:
                     free[candidates[overlaps.argmax()]] = False
                     matched += 1
-        total = total + Matches(matched, len(got_boxes) - matched, len(want_boxes) - matched)
-    return total
+        found.append(Matches(matched, len(got_boxes) - matched, len(want_boxes) - matched))
+    return found

@@ -8,7 +8,8 @@ points, so that a pipeline can ask for it (--min-fidelity) and rely on it.
   its box coordinates) cannot hide behind a large one.
 - detections: F1 of the pruned model's detections against the original's, for a YOLOv8-style
   [N, 4 + classes, anchors] output (pfp_onnx.detections): what a detector's user judges it by; the
-  channel error overstates the damage on its sparse score rows.
+  channel error overstates the damage on its sparse score rows. Reported with a 95% bootstrap interval
+  over the points, since a few held-out images make it uncertain too.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class Fidelity:
     metric: str  # top1 | error | detections
     output: str
     value: float
-    low: float  # the 95% interval (Wilson for top1; the value itself for error)
+    low: float  # the 95% interval (Wilson for top1, a bootstrap over points for detections; error: the value)
     high: float
     points: int
     target: float | None = None
@@ -42,7 +43,7 @@ class Fidelity:
         return None if self.target is None else self.value >= self.target
 
     def describe(self) -> str:
-        interval = "" if self.metric != "top1" else f" (95% interval {self.low:.1%}–{self.high:.1%})"
+        interval = "" if self.metric == "error" else f" (95% interval {self.low:.1%}–{self.high:.1%})"
         name = {"top1": "top-1 agreement", "error": "1 − worst channel error",
                 "detections": "F1 of the original's detections"}[self.metric]
         target = "" if self.target is None else f", target {self.target:g}: {'met' if self.met else 'NOT met'}"
@@ -75,7 +76,8 @@ def measure(verification: Verification, metric: str = "auto", output: str | None
                               f"(YOLOv8's layout); '{judged}' is not one. Use --fidelity error, or name such an "
                               "output with --fidelity-output.")
         value = verification.detections[judged].f1
-        return Fidelity("detections", judged, value, value, value, verification.points, target)
+        low, high = verification.detections_interval.get(judged, (value, value))
+        return Fidelity("detections", judged, value, low, high, verification.points, target)
     if metric == "top1":
         if judged not in verification.agreement:
             raise OptionError(f"--fidelity top1 needs a classifier's output shaped [N, classes]; '{judged}' is not "

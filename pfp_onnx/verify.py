@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 
 from pfp_onnx.data import LABELS, model_feeds, points_in
-from pfp_onnx.detections import Matches, is_yolo_layout, match
+from pfp_onnx.detections import Matches, f1_interval, is_yolo_layout, match_points
 from pfp_onnx.errors import ModelError
 from pfp_onnx.model import first_line
 from pfp_onnx.runtime import ONNXRUNTIME_ERRORS, Device, create_session
@@ -104,6 +104,7 @@ class Verification:
     agreement: dict[str, float] = field(default_factory=dict)  # top-1 agreement of every [N, classes] output
     # the original's detections matched by the pruned model's, for every [N, 4 + classes, anchors] output
     detections: dict[str, Matches] = field(default_factory=dict)
+    detections_interval: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95%, of each one's F1
 
 
 def check_runs(model: onnx.ModelProto, batch: Mapping[str, np.ndarray], device: Device, *,
@@ -173,7 +174,7 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable
     max_abs = dict.fromkeys(names, 0.0)
     channels = {name: ChannelMoments() for name in names}
     classes: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {name: [] for name in names}
-    detections: dict[str, Matches] = {}
+    detections: dict[str, list[Matches]] = {}
     top1: list[tuple[np.ndarray, np.ndarray]] = []
     labels: list[np.ndarray] = []
     for index, batch in enumerate(batches):
@@ -197,7 +198,7 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable
             if want.ndim == 2 and want.shape[1] > 1:
                 classes[name].append((want.argmax(axis=1), got.argmax(axis=1)))
             if is_yolo_layout(want.shape):
-                detections[name] = detections.get(name, Matches(0, 0, 0)) + match(want, got)
+                detections.setdefault(name, []).extend(match_points(want, got))
         if classes[names[0]]:
             top1.append(classes[names[0]][-1])
     if reference is not None and kept is None:
@@ -230,7 +231,8 @@ def verify(original: onnx.ModelProto, pruned: onnx.ModelProto, batches: Iterable
         channel_error={name: max((item.error for item in channel_errors if item.output == name), default=0.0)
                        for name in names},
         agreement=agreement,
-        detections=detections,
+        detections={name: sum(points, Matches(0, 0, 0)) for name, points in detections.items()},
+        detections_interval={name: f1_interval(points) for name, points in detections.items()},
     )
 
 

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import pfp_onnx
-from pfp_onnx.detections import Matches, detect, is_yolo_layout, match, yolo_heads
+from pfp_onnx.detections import Matches, detect, f1_interval, is_yolo_layout, match, yolo_heads
 from pfp_onnx.fidelity import measure, warnings
 from pfp_onnx.verify import verify
 from test_fidelity import CLASSES, CPU, _detector
@@ -67,10 +67,23 @@ def test_detections_fidelity_is_the_f1_of_the_verified_outputs():
     fidelity = measure(result, "detections")
     assert (fidelity.metric, fidelity.output, fidelity.value) == ("detections", "output0", whole.f1)
     assert "F1 of the original's detections" in fidelity.describe()
+    assert (fidelity.low, fidelity.high) == result.detections_interval["output0"]
+    assert fidelity.low <= fidelity.value <= fidelity.high and "95% interval" in fidelity.describe()
     assert measure(verify(original, original, batches, CPU), "detections").value == 1.0
     # judged by the default channel error, the warning gives the detections' figure beside it
     alerts = warnings(result, measure(result))
     assert any(f"it keeps {whole.f1:.1%} of the original's detections" in alert for alert in alerts), alerts
+
+
+def test_f1_interval_is_a_bootstrap_over_points():
+    """Points are resampled whole: equal points leave no doubt, and the same mix of good and bad pages is
+    less certain on 6 pages than on 60; the interval holds the F1 of the points pooled."""
+    good, bad = Matches(10, 0, 0), Matches(4, 3, 6)
+    assert f1_interval([good] * 6) == (1.0, 1.0)
+    few, many = f1_interval([good] * 4 + [bad] * 2), f1_interval([good] * 40 + [bad] * 20)
+    pooled = sum([good] * 4 + [bad] * 2, Matches(0, 0, 0)).f1
+    assert few[0] < many[0] <= pooled <= many[1] < few[1]
+    assert f1_interval([]) == (0.0, 1.0)
 
 
 def test_detections_fidelity_needs_a_detector_output():
