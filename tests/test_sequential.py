@@ -267,20 +267,28 @@ def test_score_moments_are_a_weighted_least_squares():
         np.testing.assert_allclose(offset[output], solution[5], rtol=1e-4, atol=1e-5)
 
 
+def _pruned(model: onnx.ModelProto, points: int, seed: int):
+    """Points for `model`, its preparation for sequential recovery, and its one-pass pruning at budget 0.4."""
+    data = random_inputs(model, points, seed=seed)
+    prepared = prepare(model, data, budgets=[0.4], methods=[Method(recovery="sequential")], holdout=0,
+                       batch_size=BATCH)
+    return data, prepared, prune(prepared, budget=0.4, method=Method(recovery="lstsq"))
+
+
+def _refit(prepared, one_pass, **options):
+    """The sequential re-fit of a one-pass pruning, over the preparation's points."""
+    return sequential_replacements(prepared.model, prepared.original, prepared.analysis, one_pass.selections,
+                                   one_pass.replacements, lambda: prepared.sensitivity_part.batches(BATCH), CPU,
+                                   **options)
+
+
 @pytest.mark.parametrize("name", ["chain", "residual"])
 def test_output_layers_get_the_originals_spread(name):
     """The default re-fit equals least squares alone (sequential-ls) in every layer but the output layers,
     whose pre-activation on the calibration points then has, channel by channel, the original's mean and the
     original's standard deviation, as far as a stretch in [1, OUTPUT_STRETCH_LIMIT] of the fit reaches."""
-    model = ZOO[name]()
-    data = random_inputs(model, 48, seed=5)
-    prepared = prepare(model, data, budgets=[0.4], methods=[Method(recovery="sequential")], holdout=0,
-                       batch_size=BATCH)
-    one_pass = prune(prepared, budget=0.4, method=Method(recovery="lstsq"))
-    refit = lambda match: sequential_replacements(  # noqa: E731
-        prepared.model, prepared.original, prepared.analysis, one_pass.selections, one_pass.replacements,
-        lambda: prepared.sensitivity_part.batches(BATCH), CPU, match_outputs=match)
-    matched, plain = refit(True), refit(False)
+    data, prepared, one_pass = _pruned(ZOO[name](), 48, seed=5)
+    matched, plain = (_refit(prepared, one_pass, match_outputs=match) for match in (True, False))
     layers = refit_layers(prepared.model, prepared.analysis, one_pass.selections, one_pass.replacements)
     outputs = [item for item in layers if item.layer.node in output_layers(prepared.model)]
     assert outputs, "an output layer is re-fitted"
@@ -370,15 +378,8 @@ def test_an_output_of_probabilities_is_fitted_where_they_change():
     """An output layer under a Sigmoid is fitted to the original's logits by σ'-weighted least squares on
     what it really receives: the rewritten model's logits equal that fit computed from the tensors, and its
     weighted error is below plain least squares' (sequential-ls), which fits the logits alike everywhere."""
-    model = _with_sigmoid(ZOO["residual"]())
-    data = random_inputs(model, 96, seed=6)
-    prepared = prepare(model, data, budgets=[0.4], methods=[Method(recovery="sequential")], holdout=0,
-                       batch_size=BATCH)
-    one_pass = prune(prepared, budget=0.4, method=Method(recovery="lstsq"))
-    refit = lambda match: sequential_replacements(  # noqa: E731
-        prepared.model, prepared.original, prepared.analysis, one_pass.selections, one_pass.replacements,
-        lambda: prepared.sensitivity_part.batches(BATCH), CPU, ridge=0, match_outputs=match)
-    scored, plain = refit(True), refit(False)
+    data, prepared, one_pass = _pruned(_with_sigmoid(ZOO["residual"]()), 96, seed=6)
+    scored, plain = (_refit(prepared, one_pass, ridge=0, match_outputs=match) for match in (True, False))
     item = next(item for item in refit_layers(prepared.model, prepared.analysis, one_pass.selections,
                                               one_pass.replacements) if item.layer.node == "logits")
     want = _tensors(prepared.original, [item.target], data)[item.target].astype(np.float64)
@@ -404,19 +405,15 @@ def test_scores_that_would_not_fit_in_memory_keep_the_stretched_fit(monkeypatch)
     from pfp_onnx.recovery import sequential
     from pfp_onnx.recovery.refit import kept_features
 
-    model = _with_sigmoid(ZOO["residual"]())
-    prepared = prepare(model, random_inputs(model, 48, seed=6), budgets=[0.4], methods=[Method(recovery="sequential")],
-                       holdout=0, batch_size=BATCH)
-    one_pass = prune(prepared, budget=0.4, method=Method(recovery="lstsq"))
+    _, prepared, one_pass = _pruned(_with_sigmoid(ZOO["residual"]()), 48, seed=6)
     layer = next(layer for layer in prepared.analysis.layers if layer.node == "logits")
     features = len(kept_features(prepared.analysis, one_pass.selections, layer)[0])
     tight = 4 * 8 * 10 * features * features - 1  # a byte short of a quarter for 10 Grams of [F, F]
-    refit = lambda limit, notes: sequential_replacements(  # noqa: E731
-        prepared.model, prepared.original, prepared.analysis, one_pass.selections, one_pass.replacements,
-        lambda: prepared.sensitivity_part.batches(BATCH), CPU, memory_limit=limit, notes=notes)
     notes: list[str] = []
-    short, roomy = refit(tight, notes), refit(tight + 1, [])
+    short, roomy = _refit(prepared, one_pass, memory_limit=tight, notes=notes), _refit(prepared, one_pass,
+                                                                                     memory_limit=tight + 1, notes=[])
     assert any(note.startswith("logits is fitted by least squares on its logits, not weighted") for note in notes)
     assert not np.array_equal(short[("logits", 1)], roomy[("logits", 1)])
     monkeypatch.setattr(sequential, "sigmoid_scored", lambda model: set())
-    np.testing.assert_array_equal(short[("logits", 1)], refit(tight, [])[("logits", 1)])
+    np.testing.assert_array_equal(short[("logits", 1)], _refit(prepared, one_pass, memory_limit=tight,
+                                                                notes=[])[("logits", 1)])
