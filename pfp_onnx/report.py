@@ -247,6 +247,11 @@ def render_verification(check: Verification) -> str:
                      f"(95% interval {low:.1%}–{high:.1%})")
     if check.accuracy_original is not None:
         lines.append(f"  accuracy: original {check.accuracy_original:.1%} → pruned {check.accuracy_pruned:.1%}")
+    for name, matches in check.detections.items():
+        low, high = check.detections_interval.get(name, (matches.f1, matches.f1))
+        lines.append(f"  detections on '{name}' (read as YOLOv8's): F1 {matches.f1:.1%} (95% interval {low:.1%}–"
+                     f"{high:.1%}); {matches.matched} of the original's {matches.matched + matches.missed} found, "
+                     f"{matches.extra} extra")
     return "\n".join(lines)
 
 

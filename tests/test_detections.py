@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 import pfp_onnx
 from pfp_onnx.detections import Matches, detect, f1_interval, is_yolo_layout, match, yolo_heads
 from pfp_onnx.fidelity import measure, warnings
+from pfp_onnx.report import render_verification
 from pfp_onnx.verify import verify
 from test_fidelity import CLASSES, CPU, _detector
 from test_cli import DATA, MODEL
@@ -149,5 +150,9 @@ def test_auto_fidelity_judges_a_yolo_head_by_its_detections():
     assert crushed.fidelity.value < 0.9, "a budget this small loses detections"
     assert any(f"keeps only {crushed.fidelity.value:.1%} of the original's detections" in alert
                for alert in crushed.warnings), crushed.warnings
+    shown = render_verification(pfp_onnx.evaluate(model, result.model, {"x": inputs}))
+    found = pfp_onnx.evaluate(model, result.model, {"x": inputs}).detections["output0"]
+    assert (f"detections on 'output0' (read as YOLOv8's): F1 {found.f1:.1%}" in shown
+            and f"{found.matched} of the original's {found.matched + found.missed} found, {found.extra} extra" in shown)
     plain = pfp_onnx.compress(_yolo_head(sigmoid=False), {"x": inputs}, budget=0.7, recovery="none", holdout=0.2)
     assert plain.report.fidelity.metric == "error"
