@@ -269,11 +269,12 @@ def sequential_replacements(model: onnx.ModelProto, original: onnx.ModelProto, a
                 wanted = runners["original"].run(batch_index, feeds)
                 for item in chunk:
                     node = item.layer.node
-                    accumulate_features(statistics[node], received[item.layer.input], conv=patches(item.layer))
-                    _accumulate_targets(moments[node], received[item.layer.input], wanted[item.target], item.layer)
                     if node in weighted:
                         weighted[node].update(layer_features(received[item.layer.input], conv=patches(item.layer)),
                                               _target_rows(wanted[item.target], item.layer))
+                        continue
+                    accumulate_features(statistics[node], received[item.layer.input], conv=patches(item.layer))
+                    _accumulate_targets(moments[node], received[item.layer.input], wanted[item.target], item.layer)
                 if advance is not None:
                     advance(len(next(iter(feeds.values()))))
             for side, cache in caches.items():
@@ -315,8 +316,12 @@ def statistics_bytes(layer: Layer, analysis: ChannelAnalysis, selections: Mappin
     """What re-fitting one layer holds at once: its kept features' float64 Gram with the scatter and the
     solve's copies of it (four [F', F'] matrices), and the cross moments with their scatter ([F', outputs])."""
     features = len(kept_features(analysis, selections, layer)[0])
-    outputs = layer.out_units if layer.conv is not None else layer.out_units * layer.kernel  # a head's width
-    return 8 * (4 * features * features + 2 * features * outputs)
+    return 8 * (4 * features * features + 2 * features * _out_width(layer))
+
+
+def _out_width(layer: Layer) -> int:
+    """The outputs a layer's fit solves for (a dense head's width is its units times its kernel)."""
+    return layer.out_units if layer.conv is not None else layer.out_units * layer.kernel
 
 
 def _fitting(schedule: list[list[RefitLayer]], analysis: ChannelAnalysis, selections: Mapping[int, Selection],
@@ -379,14 +384,14 @@ def _refitted(item: RefitLayer, weights, statistics: FeatureStatistics, moments:
     original's spread (OUTPUT_STRETCH_LIMIT)."""
     matrix, kept, scale, bias_key, bias_shape = weights
     anchor = item.alpha * matrix[:, kept] * scale
-    x_mean, y_mean = moments.means()
     if scores is not None:
         fitted, offset = scores.refit(anchor, ridge)
     else:
+        x_mean, y_mean = moments.means()
         fitted, offset = refit_to_targets(statistics.scatter, moments.cross_scatter(), x_mean, y_mean, anchor, ridge)
-    if stretch and scores is None:
-        fitted = fitted * output_stretch(fitted, statistics.scatter, moments)[:, None]
-        offset = y_mean - fitted @ x_mean
+        if stretch:
+            fitted = fitted * output_stretch(fitted, statistics.scatter, moments)[:, None]
+            offset = y_mean - fitted @ x_mean
     full = np.zeros_like(matrix)
     full[:, kept] = fitted / item.alpha / scale
     original = np.asarray(node.inputs[1].values)
@@ -481,8 +486,7 @@ def _fitting_scores(scored: set[str], layers: list[RefitLayer], analysis: Channe
     fitting = set()
     for item in layers:
         if item.layer.node in scored:
-            features = len(kept_features(analysis, selections, item.layer)[0])
-            outputs = item.layer.out_units if item.layer.conv is not None else item.layer.out_units * item.layer.kernel
+            features, outputs = len(kept_features(analysis, selections, item.layer)[0]), _out_width(item.layer)
             if 8 * outputs * features * features <= limit / 4:
                 fitting.add(item.layer.node)
             elif notes is not None:
