@@ -226,7 +226,17 @@ def test_whole_capture_on_the_grid_matches_the_numpy_path(name, monkeypatch):
     analysis = analyse_channel_groups(model)
     on_grid, without = _with_and_without_parts(model, analysis, monkeypatch)
     for group in analysis.prunable_groups:
-        np.testing.assert_allclose(on_grid[group.id], without[group.id], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(on_grid[group.id], without[group.id], rtol=_summation_rounding(model), atol=1e-7)
+
+
+def _summation_rounding(model: onnx.ModelProto) -> float:
+    """The worst relative float32 rounding of the model's widest conv sum, K terms summed in any order:
+    K · 2⁻²⁴ (at least 1e-5). unet_fpn's 288-term sums were seen to differ by 1.3e-5 between the two paths
+    (onnxruntime 1.31.1 on a 2-core machine), within its bound of 1.7e-5."""
+    weights = {item.name: item for item in model.graph.initializer}
+    widest = max(int(np.prod(weights[node.input[1]].dims[1:])) for node in model.graph.node
+                 if node.op_type == "Conv" and node.input[1] in weights)
+    return max(1e-5, widest * 2.0 ** -24)
 
 
 def _with_and_without_parts(model: onnx.ModelProto, analysis, monkeypatch):
