@@ -99,11 +99,6 @@ def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     return overlap / np.maximum(area(box) + area(boxes) - overlap, 1e-12)
 
 
-def match(original: np.ndarray, pruned: np.ndarray) -> Matches:
-    """Match a batch of [N, 4 + classes, anchors] outputs point by point."""
-    return sum(match_points(original, pruned), Matches(0, 0, 0))
-
-
 def f1_interval(points: list[Matches], *, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """A 95% percentile-bootstrap interval of the F1 over points (images): a page's detections stand or fall
     together, so the points, not the detections, are the independent draws; a few held-out pages make it wide."""

@@ -10,7 +10,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import pfp_onnx
-from pfp_onnx.detections import Matches, detect, f1_interval, is_yolo_layout, match, yolo_heads
+from pfp_onnx.detections import Matches, detect, f1_interval, is_yolo_layout, match_points, yolo_heads
 from pfp_onnx.fidelity import measure, warnings
 from pfp_onnx.report import render_verification
 from pfp_onnx.verify import verify
@@ -24,6 +24,11 @@ ANCHORS = [(50, 50, 20, 20, 0.9, 0.0),      # kept
            (150, 150, 10, 10, 0.3, 0.1),    # kept, above 0.25
            (200, 200, 10, 10, 0.2, 0.0),    # below 0.25
            (0, 0, 0, 0, 0.0, 0.0)]
+
+
+def match(original: np.ndarray, pruned: np.ndarray) -> Matches:
+    """A batch's matches, point by point, added up."""
+    return sum(match_points(original, pruned), Matches(0, 0, 0))
 
 
 def head(anchors) -> np.ndarray:

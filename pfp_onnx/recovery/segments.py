@@ -101,9 +101,9 @@ class ActivationCache:
             if name not in self._ids:
                 self._ids[name], self._next_id = self._next_id, self._next_id + 1
             identifier = self._ids[name]
-            value = np.array(value, order="C")  # a copy: onnxruntime's buffers are not ours to keep
+            value = np.asarray(value, order="C")
             if value.nbytes <= self._room:
-                self._held[identifier, batch] = value
+                self._held[identifier, batch] = value.copy()  # the caller's array stays the caller's
                 self._room -= value.nbytes
             else:
                 np.save(self._folder / f"{identifier}-{batch}.npy", value)  # 0-d stays 0-d
